@@ -1,0 +1,93 @@
+//! A proxy-wasm ABI 0.2.1 host on wasmtime that behaves like Envoy's.
+//!
+//! Envoy cannot be installed on the build machines, so the filters' integration
+//! tests, the benchmarks and the local dev proxy run the real `.wasm` files in
+//! this host. It reproduces the Envoy behaviour that filters can observe (see
+//! `shared/PROXY_WASM_HOST.md`): a canary VM then one VM per worker, each with
+//! its own root context; the HTTP filter chain with Envoy's callback order,
+//! Pause/resume and buffering; local replies that still pass through the
+//! encoder callbacks; header maps that are only reachable when Envoy allows
+//! it; callouts owned by the root context and answered asynchronously;
+//! shared data with CAS, shared queues, per-root ticks; metrics named as
+//! Envoy names them; captured logs; traps that fail the VM.
+//!
+//! Time is a clock the test controls: tests [`Host::advance`] it and never
+//! sleep. Callout answers, queue notifications and ticks are events delivered
+//! by [`Host::run_until_idle`] (called after every stream operation), never
+//! from inside a guest callback.
+//!
+//! ```no_run
+//! use wasm_host::{Host, PluginConfig, Reply};
+//! let host = Host::builder().workers(2).build();
+//! host.add_cluster("jwks", |req: &wasm_host::CallRequest| {
+//!     Reply::ok(200, br#"{"keys":[]}"#.to_vec())
+//! });
+//! let auth = host.load(PluginConfig::new(wasm_host::wasm_path("auth")).config_json(&serde_json::json!({}))).unwrap();
+//! let chain = host.chain(&[&auth]);
+//! let stream = host.stream(&chain);
+//! stream.request_headers(&[(":method", "GET"), (":path", "/"), (":authority", "api")], true);
+//! stream.respond(200, &[], b"ok");
+//! assert_eq!(stream.response().unwrap().status(), Some(200));
+//! ```
+
+mod abi;
+mod callout;
+mod host;
+mod hostcalls;
+mod plugin;
+mod stream;
+mod vm;
+mod wasi;
+
+pub use abi::{parse_pairs, serialize_pairs, Pairs, Status};
+pub use callout::{CallRequest, CallResponse, GrpcRequest, GrpcResponse, Reply};
+pub use host::{Host, HostBuilder, LogLevel, LogRecord, MetricKind, MetricValue};
+pub use plugin::{FailurePolicy, LoadError, Plugin, PluginConfig};
+pub use stream::{
+    Callback, Chain, Direction, LocalReply, Message, Stream, StreamOptions, TraceEntry,
+};
+
+use std::path::PathBuf;
+
+/// The command that builds every `.wasm` the tests load.
+pub const BUILD_COMMAND: &str = "scripts/build-filters.sh";
+
+/// Path of a filter built for `wasm32-wasip1` in release mode, e.g.
+/// `wasm_path("probe")` → `<target>/wasm32-wasip1/release/probe.wasm`.
+///
+/// Panics with the command that builds it when the file is missing: a test
+/// that needs a `.wasm` must fail loudly, never pass silently.
+pub fn wasm_path(name: &str) -> PathBuf {
+    let path = target_dir()
+        .join("wasm32-wasip1")
+        .join("release")
+        .join(format!("{name}.wasm"));
+    if !path.is_file() {
+        panic!(
+            "{} not found: build the filters first: {BUILD_COMMAND}",
+            path.display()
+        );
+    }
+    path
+}
+
+fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        let dir = PathBuf::from(dir);
+        if dir.is_absolute() {
+            return dir;
+        }
+        return workspace_root().join(dir);
+    }
+    workspace_root().join("target")
+}
+
+fn workspace_root() -> PathBuf {
+    // tests/host → workspace root.
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .ancestors()
+        .find(|p| p.join("Cargo.lock").is_file() || p.join("rust-toolchain.toml").is_file())
+        .map(PathBuf::from)
+        .unwrap_or(manifest)
+}

@@ -1,0 +1,10 @@
+//! Conformance of the host emulator with Envoy's proxy-wasm host, checked
+//! with the probe filter (tests/probes/probe). Build it first:
+//! scripts/build-filters.sh
+
+mod callouts;
+mod common;
+mod faults;
+mod lifecycle;
+mod state;
+mod streams;
