@@ -543,9 +543,7 @@ pub(crate) fn add_to_linker(l: &mut Linker<VmState>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_continue_stream",
-        |mut c: C<'_>, ty: i32| -> Result<i32> {
-            stream_op(&mut c, ty, Op::Continue)
-        },
+        |mut c: C<'_>, ty: i32| -> Result<i32> { stream_op(&mut c, ty, Op::Continue) },
     )?;
     l.func_wrap(
         "env",
