@@ -170,6 +170,7 @@ pub(crate) enum Cluster {
     Handler(HttpHandler),
     Http(SocketAddr),
     Grpc(GrpcHandler),
+    GrpcServer(SocketAddr),
 }
 
 /// What finally happened to a callout.
@@ -285,4 +286,111 @@ fn try_http_exchange(addr: SocketAddr, req: &CallRequest) -> std::io::Result<Cal
         body,
         trailers: Vec::new(),
     })
+}
+
+/// Performs a unary gRPC call against a real server over HTTP/2 (prior
+/// knowledge, one connection per call). Transport failures become
+/// `UNAVAILABLE` (14), an expired deadline `DEADLINE_EXCEEDED` (4).
+pub(crate) fn grpc_exchange(addr: SocketAddr, req: &GrpcRequest) -> Outcome {
+    let limit = if req.timeout_ms == 0 {
+        Duration::from_secs(30)
+    } else {
+        Duration::from_millis(u64::from(req.timeout_ms))
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return Outcome::GrpcStatus(14, format!("runtime: {e}")),
+    };
+    rt.block_on(async {
+        match tokio::time::timeout(limit, grpc_unary(addr, req)).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) => Outcome::GrpcStatus(14, e),
+            Err(_) => Outcome::GrpcStatus(4, "timeout".into()),
+        }
+    })
+}
+
+async fn grpc_unary(addr: SocketAddr, req: &GrpcRequest) -> Result<Outcome, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (client, conn) = h2::client::handshake(tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut client = client.ready().await.map_err(|e| e.to_string())?;
+    let mut builder = http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "http://{}/{}/{}",
+            req.cluster, req.service, req.method
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if req.timeout_ms > 0 {
+        builder = builder.header("grpc-timeout", format!("{}m", req.timeout_ms));
+    }
+    for (k, v) in &req.metadata {
+        builder = builder.header(k.as_str(), v.as_slice());
+    }
+    let request = builder.body(()).map_err(|e| e.to_string())?;
+    let (response, mut send) = client
+        .send_request(request, false)
+        .map_err(|e| e.to_string())?;
+    let mut frame = Vec::with_capacity(5 + req.message.len());
+    frame.push(0);
+    frame.extend_from_slice(&(req.message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&req.message);
+    send.send_data(bytes::Bytes::from(frame), true)
+        .map_err(|e| e.to_string())?;
+    let response = response.await.map_err(|e| e.to_string())?;
+    let (parts, mut body) = response.into_parts();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.map_err(|e| e.to_string())?;
+    let status_of = |m: &http::HeaderMap| {
+        m.get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok())
+    };
+    let message_of = |m: &http::HeaderMap| {
+        m.get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let (status, message) = match trailers
+        .as_ref()
+        .and_then(|t| status_of(t).map(|s| (s, message_of(t))))
+    {
+        Some(s) => s,
+        None => match status_of(&parts.headers) {
+            Some(s) => (s, message_of(&parts.headers)),
+            None if parts.status != http::StatusCode::OK => {
+                (14, format!("http status {}", parts.status))
+            }
+            None => (2, "missing grpc-status".into()),
+        },
+    };
+    if status != 0 {
+        return Ok(Outcome::GrpcStatus(status, message));
+    }
+    if data.len() < 5 {
+        return Err("response has no gRPC message".into());
+    }
+    let len = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
+    let message = data
+        .get(5..5 + len)
+        .ok_or("truncated gRPC message")?
+        .to_vec();
+    Ok(Outcome::Grpc(GrpcResponse { message }))
 }

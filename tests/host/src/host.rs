@@ -437,6 +437,16 @@ impl Host {
             .insert(name.to_string(), Cluster::Http(addr));
     }
 
+    /// Sends `dispatch_grpc_call`s to `name` to a real gRPC server (HTTP/2
+    /// without TLS), e.g. a rate limit service on loopback.
+    pub fn add_grpc_server(&self, name: &str, addr: std::net::SocketAddr) {
+        self.inner
+            .core
+            .lock()
+            .clusters
+            .insert(name.to_string(), Cluster::GrpcServer(addr));
+    }
+
     /// Answers `dispatch_grpc_call`s to `name` with a handler.
     pub fn add_grpc_cluster<F>(&self, name: &str, handler: F)
     where

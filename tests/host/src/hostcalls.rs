@@ -890,6 +890,7 @@ fn dispatch(
             (Cluster::Handler(h), Callout::Http(_)) => Handling::Http(h.clone()),
             (Cluster::Http(addr), Callout::Http(_)) => Handling::Real(*addr),
             (Cluster::Grpc(h), Callout::Grpc(_)) => Handling::Grpc(h.clone()),
+            (Cluster::GrpcServer(addr), Callout::Grpc(_)) => Handling::Real(*addr),
             _ => return None,
         }
     };
@@ -903,7 +904,7 @@ fn dispatch(
     let reply = match (handler, call) {
         (Handling::Http(h), Callout::Http(req)) => Some(h(&req)),
         (Handling::Grpc(h), Callout::Grpc(req)) => Some(h(&req)),
-        (Handling::Real(addr), Callout::Http(req)) => {
+        (Handling::Real(addr), call) => {
             let tx = core
                 .completion_tx
                 .lock()
@@ -911,7 +912,10 @@ fn dispatch(
                 .clone();
             core.in_flight.fetch_add(1, Ordering::SeqCst);
             std::thread::spawn(move || {
-                let outcome = callout::http_exchange(addr, &req);
+                let outcome = match call {
+                    Callout::Http(req) => callout::http_exchange(addr, &req),
+                    Callout::Grpc(req) => callout::grpc_exchange(addr, &req),
+                };
                 let _ = tx.send((plugin, worker, token, outcome));
             });
             None

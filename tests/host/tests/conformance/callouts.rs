@@ -327,3 +327,122 @@ fn grpc_timeout_is_deadline_exceeded() {
         vec![r#"ctx 2 grpc_response token=5 status=4 size=0 get_status=(4,Some("timeout"))"#]
     );
 }
+
+/// A gRPC server (HTTP/2, no TLS) on loopback that answers every call with
+/// `<path>|<request message>|<x-probe metadata>` and grpc-status 0, or with
+/// the given error status.
+fn grpc_server(error: Option<(u32, &'static str)>) -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            l.set_nonblocking(true).unwrap();
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            let (sock, _) = l.accept().await.unwrap();
+            let mut conn = h2::server::handshake(sock).await.unwrap();
+            while let Some(r) = conn.accept().await {
+                let (req, mut respond) = r.unwrap();
+                let path = req.uri().path().to_string();
+                let md = req
+                    .headers()
+                    .get("x-probe")
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .unwrap_or_default();
+                let mut body = req.into_body();
+                let mut data = Vec::new();
+                while let Some(c) = body.data().await {
+                    data.extend_from_slice(&c.unwrap());
+                }
+                let resp = http::Response::builder()
+                    .status(200)
+                    .header("content-type", "application/grpc")
+                    .body(())
+                    .unwrap();
+                let mut send = respond.send_response(resp, false).unwrap();
+                let mut trailers = http::HeaderMap::new();
+                match error {
+                    Some((code, msg)) => {
+                        trailers.insert("grpc-status", code.to_string().parse().unwrap());
+                        trailers.insert("grpc-message", msg.parse().unwrap());
+                    }
+                    None => {
+                        let out = format!("{path}|{}|{md}", String::from_utf8_lossy(&data[5..]));
+                        let mut frame = vec![0u8];
+                        frame.extend_from_slice(&(out.len() as u32).to_be_bytes());
+                        frame.extend_from_slice(out.as_bytes());
+                        send.send_data(bytes::Bytes::from(frame), false).unwrap();
+                        trailers.insert("grpc-status", "0".parse().unwrap());
+                    }
+                }
+                send.send_trailers(trailers).unwrap();
+            }
+        });
+    });
+    addr
+}
+
+fn grpc_probe(host: &Host) -> wasm_host::Plugin {
+    probe(
+        host,
+        json!({"request_headers": [
+        {"grpc_call": {"cluster": "rls", "service": "envoy.service.ratelimit.v3.RateLimitService", "method": "ShouldRateLimit", "message": "descriptor", "timeout_ms": 5000}}
+    ], "call_response": [{"get_body": "grpc_message"}]}),
+    )
+}
+
+#[test]
+fn real_grpc_server_on_loopback_answers() {
+    let host = Host::builder().workers(1).build();
+    host.add_grpc_server("rls", grpc_server(None));
+    let p = grpc_probe(&host);
+    let s = host.stream(&host.chain(&[&p]));
+    s.request_headers(GET, true);
+    assert!(host.wait_for_callouts(Duration::from_secs(10)));
+    assert_eq!(
+        starting(&host, "body="),
+        vec![r#"body="/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit|descriptor|1""#]
+    );
+    assert_eq!(
+        lines(&host, "grpc_response")[0],
+        "ctx 2 grpc_response token=5 status=0 size=73 get_status=(0,None)"
+    );
+}
+
+#[test]
+fn real_grpc_server_error_status_reaches_the_filter() {
+    let host = Host::builder().workers(1).build();
+    host.add_grpc_server("rls", grpc_server(Some((8, "over the limit"))));
+    let p = grpc_probe(&host);
+    let s = host.stream(&host.chain(&[&p]));
+    s.request_headers(GET, true);
+    assert!(host.wait_for_callouts(Duration::from_secs(10)));
+    assert_eq!(
+        lines(&host, "grpc_response"),
+        vec![
+            r#"ctx 2 grpc_response token=5 status=8 size=0 get_status=(8,Some("over the limit"))"#
+        ]
+    );
+}
+
+#[test]
+fn unreachable_grpc_server_is_unavailable() {
+    let host = Host::builder().workers(1).build();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    host.add_grpc_server("rls", dead);
+    let p = grpc_probe(&host);
+    let s = host.stream(&host.chain(&[&p]));
+    s.request_headers(GET, true);
+    assert!(host.wait_for_callouts(Duration::from_secs(10)));
+    let r = lines(&host, "grpc_response");
+    assert!(
+        r[0].starts_with("ctx 2 grpc_response token=5 status=14 size=0"),
+        "{r:?}"
+    );
+}
