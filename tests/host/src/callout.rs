@@ -112,7 +112,8 @@ pub enum Reply {
         message: String,
         delay: Duration,
     },
-    /// The connection is reset: the filter sees no headers and `get_status` = (11, "reset")... for HTTP.
+    /// The connection is reset. HTTP: the filter gets a response with no
+    /// headers and `get_status` gives (11, "reset"); gRPC: UNAVAILABLE (14).
     Reset { delay: Duration },
     /// Never answered: the call ends only by its timeout (or never, without one).
     Never,

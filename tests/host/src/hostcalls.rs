@@ -773,9 +773,10 @@ pub(crate) fn add_to_linker(l: &mut Linker<VmState>) -> Result<()> {
             let id = match st_.metric_by_name.get(&(name.clone(), ty)) {
                 Some(id) => *id,
                 None => {
-                    // Type in the low 2 bits, as Envoy: counters 4, 8…, gauges 5, 9…, histograms 6, 10…
-                    st_.next_metric += 1;
-                    let id = (st_.next_metric << 2) | ty;
+                    // Type in the low 2 bits, one sequence per type, as
+                    // Envoy: counters 4, 8…, gauges 5, 9…, histograms 6, 10…
+                    st_.next_metric[ty as usize] += 4;
+                    let id = st_.next_metric[ty as usize];
                     st_.metric_by_name.insert((name.clone(), ty), id);
                     st_.metric_by_id.insert(id, (name.clone(), ty));
                     id
@@ -894,12 +895,14 @@ fn dispatch(
             _ => return None,
         }
     };
-    // Tokens per VM: 4, 8, 12… for HTTP; gRPC calls share the counter, odd.
-    st_.next_call_token += 4;
+    // Tokens per VM as proxy-wasm-cpp-host numbers them: the callout type
+    // in the low 2 bits, +4 each time (HTTP 4, 8…; gRPC calls 5, 9…).
     let token = if grpc {
-        st_.next_call_token | 1
+        st_.next_grpc_token += 4;
+        st_.next_grpc_token
     } else {
-        st_.next_call_token
+        st_.next_http_token += 4;
+        st_.next_http_token
     };
     let reply = match (handler, call) {
         (Handling::Http(h), Callout::Http(req)) => Some(h(&req)),

@@ -53,8 +53,11 @@ pub(crate) struct VmState {
     pub(crate) status: (u32, Vec<u8>),
     pub(crate) metric_by_id: HashMap<u32, (String, u32)>,
     pub(crate) metric_by_name: HashMap<(String, u32), u32>,
-    pub(crate) next_metric: u32,
-    pub(crate) next_call_token: u32,
+    /// Last metric id per type (counter, gauge, histogram), as Envoy numbers them.
+    pub(crate) next_metric: [u32; 3],
+    /// Last HTTP call and gRPC call token.
+    pub(crate) next_http_token: u32,
+    pub(crate) next_grpc_token: u32,
     /// Stream operations queued by the running callback, applied after it returns.
     pub(crate) ops: Vec<(u64, Op)>,
     pub(crate) tick_generation: u64,
@@ -191,8 +194,9 @@ impl Vm {
             status: (0, Vec::new()),
             metric_by_id: HashMap::new(),
             metric_by_name: HashMap::new(),
-            next_metric: 0,
-            next_call_token: 0,
+            next_metric: [0, 1, 2],
+            next_http_token: 0,
+            next_grpc_token: 1,
             ops: Vec::new(),
             tick_generation: 0,
             tick_period_ns: 0,

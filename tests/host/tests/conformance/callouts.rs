@@ -446,3 +446,26 @@ fn unreachable_grpc_server_is_unavailable() {
         "{r:?}"
     );
 }
+
+#[test]
+fn http_and_grpc_tokens_are_separate_sequences() {
+    let host = Host::builder().workers(1).build();
+    host.add_cluster("idp", |_| Reply::Never);
+    host.add_grpc_cluster("rls", |_| Reply::Never);
+    let g = json!({"grpc_call": {"cluster": "rls", "service": "s", "method": "m", "message": "", "timeout_ms": 0}});
+    let p = probe(
+        &host,
+        json!({"request_headers": [call("idp", 0), g, call("idp", 0), g]}),
+    );
+    let s = host.stream(&host.chain(&[&p]));
+    s.request_headers(GET, true);
+    assert_eq!(
+        lines(&host, "_call="),
+        vec![
+            "http_call=Ok(4)",
+            "grpc_call=Ok(5)",
+            "http_call=Ok(8)",
+            "grpc_call=Ok(9)"
+        ]
+    );
+}

@@ -319,3 +319,24 @@ fn wasi_environment_and_randomness() {
     );
     assert_eq!(lines(&host, "random_ok="), vec!["random_ok=100"]);
 }
+
+#[test]
+fn metric_ids_carry_their_type_in_the_low_bits() {
+    let host = Host::builder().workers(1).canary(false).build();
+    probe(
+        &host,
+        json!({"configure": [
+            {"counter": ["c1", 1]}, {"gauge": ["g1", 1]}, {"counter": ["c2", 1]}, {"histogram": ["h1", 1]}, {"gauge": ["g2", 1]}
+        ]}),
+    );
+    assert_eq!(
+        lines(&host, "define "),
+        vec![
+            "define c1=4",
+            "define g1=5",
+            "define c2=8",
+            "define h1=6",
+            "define g2=9"
+        ]
+    );
+}

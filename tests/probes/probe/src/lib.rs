@@ -225,9 +225,11 @@ thread_local! {
 
 fn metric(name: &str, ty: MetricType) -> u32 {
     METRICS.with(|m| {
-        *m.borrow_mut()
-            .entry(name.to_string())
-            .or_insert_with(|| hostcalls::define_metric(ty, name).unwrap())
+        *m.borrow_mut().entry(name.to_string()).or_insert_with(|| {
+            let id = hostcalls::define_metric(ty, name).unwrap();
+            log(format!("define {name}={id}"));
+            id
+        })
     })
 }
 
