@@ -570,9 +570,14 @@ impl Engine {
     }
 
     fn pump(&mut self, dir: Direction) {
+        self.pump_from(dir, 0);
+    }
+
+    /// Delivers queued frames, filters from position `start` on, until none can move.
+    fn pump_from(&mut self, dir: Direction, start: usize) {
         loop {
             let mut progressed = false;
-            for pos in 0..self.n() {
+            for pos in start..self.n() {
                 loop {
                     if self.finished || self.dirs[dir.index()].halted {
                         return;
@@ -990,6 +995,10 @@ impl Engine {
                 self.forward(dir, pos, Frame::Trailers);
             }
         }
+        // As Envoy's iterate_from_current_filter: what was released goes on
+        // through the later filters first, then the resumed filter gets the
+        // data that was buffered for it while it was stopped.
+        self.pump_from(dir, pos + 1);
         self.pump(dir);
     }
 

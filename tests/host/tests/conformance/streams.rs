@@ -500,3 +500,42 @@ fn empty_chain_passes_through() {
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+#[test]
+fn on_resume_later_filters_get_headers_before_the_resumed_filter_gets_the_body() {
+    use Callback::*;
+    let host = Host::builder().workers(1).build();
+    host.add_cluster("authz", |_| {
+        wasm_host::Reply::ok(200, "").after(std::time::Duration::from_millis(5))
+    });
+    let a = host
+        .load(probe_config(json!({
+            "request_headers": [{"http_call": {"cluster": "authz", "headers": [[":method", "GET"], [":path", "/"], [":authority", "authz"]], "timeout_ms": 100}}, "pause"],
+            "call_response": [{"resume": "request"}]
+        })).name("a"))
+        .unwrap();
+    let b = host.load(probe_config(json!({})).name("b")).unwrap();
+    let s = host.stream(&host.chain(&[&a, &b]));
+    s.request_headers(
+        &[(":method", "POST"), (":path", "/"), (":authority", "h")],
+        false,
+    );
+    s.request_body(b"payload", true);
+    host.advance(std::time::Duration::from_millis(5));
+    let t: Vec<_> = callbacks(&s.trace())
+        .into_iter()
+        .map(|(f, c, _)| (f, c))
+        .collect();
+    assert_eq!(
+        t,
+        vec![
+            (0, ContextCreate),
+            (0, RequestHeaders),
+            (1, ContextCreate),
+            (1, RequestHeaders),
+            (0, RequestBody),
+            (1, RequestBody)
+        ]
+    );
+    assert_eq!(s.upstream_request().unwrap().body, b"payload");
+}
