@@ -1002,9 +1002,9 @@ impl Engine {
         self.pump(dir);
     }
 
-    /// Sends a local reply: if the client has no response headers yet, the
-    /// reply goes through the encoder callbacks of the filters that have a
-    /// context on this stream; afterwards Envoy can only reset the stream.
+    /// Sends a local reply: before the upstream response, through every
+    /// encoder filter (Envoy's sendLocalReplyViaFilterChain); while encoding,
+    /// directly to the client; after response headers went out, a reset.
     fn local_reply(
         &mut self,
         filter: usize,
@@ -1088,12 +1088,9 @@ impl Engine {
                 s.access[f] = Access::default();
             }
         }
-        // Filters with no context on this stream are not called for the reply.
-        for f in 0..n {
-            if self.ctx[f].is_none() {
-                self.skipped[f] = true;
-            }
-        }
+        // Envoy encodes a local reply through every encoder filter, from
+        // the first (encodeHeaders(nullptr, …)); a filter the request never
+        // reached gets its context created at response headers.
         let eos = body.is_empty();
         self.input(Direction::Response, Frame::Headers { eos });
         if !eos && !self.finished {

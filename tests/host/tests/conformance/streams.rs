@@ -260,8 +260,11 @@ fn local_reply_skips_the_rest_of_the_request_but_runs_encoders_and_log() {
         vec![r#"header :status=Some("403")"#]
     );
     let t = callbacks(&s.trace());
-    // b's own headers callback reports Continue but is forced to Stop; c never runs;
-    // no request body callbacks; encoders of b and a; then log and done.
+    // b's own headers callback reports Continue but is forced to Stop; no
+    // request body callbacks; the reply is encoded through every filter in
+    // reverse order, c included (its context is created at response
+    // headers, as Envoy's sendLocalReplyViaFilterChain starts from the first
+    // encoder); then log and done.
     assert_eq!(
         t,
         vec![
@@ -269,14 +272,19 @@ fn local_reply_skips_the_rest_of_the_request_but_runs_encoders_and_log() {
             (0, RequestHeaders, Some(true)),
             (1, ContextCreate, None),
             (1, RequestHeaders, Some(true)),
+            (2, ContextCreate, None),
+            (2, ResponseHeaders, Some(true)),
             (1, ResponseHeaders, Some(true)),
             (0, ResponseHeaders, Some(true)),
+            (2, ResponseBody, Some(true)),
             (1, ResponseBody, Some(true)),
             (0, ResponseBody, Some(true)),
             (0, Log, None),
             (1, Log, None),
+            (2, Log, None),
             (0, Done, None),
             (1, Done, None),
+            (2, Done, None),
         ]
     );
 }
