@@ -290,8 +290,10 @@ fn try_http_exchange(addr: SocketAddr, req: &CallRequest) -> std::io::Result<Cal
 }
 
 /// Performs a unary gRPC call against a real server over HTTP/2 (prior
-/// knowledge, one connection per call). Transport failures become
-/// `UNAVAILABLE` (14), an expired deadline `DEADLINE_EXCEEDED` (4).
+/// knowledge, one connection per call), mapping failures as Envoy's async
+/// client does: no connection or an expired deadline → UNAVAILABLE (14,
+/// the router's 503/504 local reply), a reset or an OK without a message →
+/// INTERNAL (13), a non-200 `:status` without `grpc-status` → CANCELLED (1).
 pub(crate) fn grpc_exchange(addr: SocketAddr, req: &GrpcRequest) -> Outcome {
     let limit = if req.timeout_ms == 0 {
         Duration::from_secs(30)
@@ -308,23 +310,26 @@ pub(crate) fn grpc_exchange(addr: SocketAddr, req: &GrpcRequest) -> Outcome {
     rt.block_on(async {
         match tokio::time::timeout(limit, grpc_unary(addr, req)).await {
             Ok(Ok(outcome)) => outcome,
-            Ok(Err(e)) => Outcome::GrpcStatus(14, e),
-            Err(_) => Outcome::GrpcStatus(4, "timeout".into()),
+            Ok(Err(e)) => e,
+            Err(_) => Outcome::GrpcStatus(14, "upstream request timeout".into()),
         }
     })
 }
 
-async fn grpc_unary(addr: SocketAddr, req: &GrpcRequest) -> Result<Outcome, String> {
+async fn grpc_unary(addr: SocketAddr, req: &GrpcRequest) -> Result<Outcome, Outcome> {
+    let unavailable =
+        |e: &dyn std::fmt::Display| Outcome::GrpcStatus(14, format!("upstream connect error: {e}"));
+    let internal = |e: &dyn std::fmt::Display| Outcome::GrpcStatus(13, e.to_string());
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| unavailable(&e))?;
     let (client, conn) = h2::client::handshake(tcp)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| unavailable(&e))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let mut client = client.ready().await.map_err(|e| e.to_string())?;
+    let mut client = client.ready().await.map_err(|e| internal(&e))?;
     let mut builder = http::Request::builder()
         .method("POST")
         .uri(format!(
@@ -339,25 +344,25 @@ async fn grpc_unary(addr: SocketAddr, req: &GrpcRequest) -> Result<Outcome, Stri
     for (k, v) in &req.metadata {
         builder = builder.header(k.as_str(), v.as_slice());
     }
-    let request = builder.body(()).map_err(|e| e.to_string())?;
+    let request = builder.body(()).map_err(|e| internal(&e))?;
     let (response, mut send) = client
         .send_request(request, false)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| internal(&e))?;
     let mut frame = Vec::with_capacity(5 + req.message.len());
     frame.push(0);
     frame.extend_from_slice(&(req.message.len() as u32).to_be_bytes());
     frame.extend_from_slice(&req.message);
     send.send_data(bytes::Bytes::from(frame), true)
-        .map_err(|e| e.to_string())?;
-    let response = response.await.map_err(|e| e.to_string())?;
+        .map_err(|e| internal(&e))?;
+    let response = response.await.map_err(|e| internal(&e))?;
     let (parts, mut body) = response.into_parts();
     let mut data = Vec::new();
     while let Some(chunk) = body.data().await {
-        let chunk = chunk.map_err(|e| e.to_string())?;
+        let chunk = chunk.map_err(|e| internal(&e))?;
         let _ = body.flow_control().release_capacity(chunk.len());
         data.extend_from_slice(&chunk);
     }
-    let trailers = body.trailers().await.map_err(|e| e.to_string())?;
+    let trailers = body.trailers().await.map_err(|e| internal(&e))?;
     let status_of = |m: &http::HeaderMap| {
         m.get("grpc-status")
             .and_then(|v| v.to_str().ok())
@@ -385,13 +390,13 @@ async fn grpc_unary(addr: SocketAddr, req: &GrpcRequest) -> Result<Outcome, Stri
     if status != 0 {
         return Ok(Outcome::GrpcStatus(status, message));
     }
+    // OK without a message is INTERNAL in Envoy's async client.
     if data.len() < 5 {
-        return Err("response has no gRPC message".into());
+        return Ok(Outcome::GrpcStatus(13, String::new()));
     }
     let len = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
-    let message = data
-        .get(5..5 + len)
-        .ok_or("truncated gRPC message")?
-        .to_vec();
+    let Some(message) = data.get(5..5 + len).map(<[u8]>::to_vec) else {
+        return Ok(Outcome::GrpcStatus(13, "truncated gRPC message".into()));
+    };
     Ok(Outcome::Grpc(GrpcResponse { message }))
 }

@@ -721,8 +721,10 @@ impl Host {
                     .pending_calls
                     .remove(&(plugin, worker, token));
                 if let Some(pending) = pending {
+                    // A timed-out gRPC call comes back as the router's local
+                    // reply: 504 mapped to UNAVAILABLE.
                     let outcome = if pending.grpc {
-                        Outcome::GrpcStatus(4, "timeout".into())
+                        Outcome::GrpcStatus(14, "upstream request timeout".into())
                     } else {
                         Outcome::Response(crate::CallResponse::local(
                             504,

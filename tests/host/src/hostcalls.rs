@@ -566,9 +566,8 @@ pub(crate) fn add_to_linker(l: &mut Linker<VmState>) -> Result<()> {
             let details = read_string(&mut c, dp, dl)?.replace(' ', "_");
             let body = read(&mut c, bp, bl)?;
             let headers = parse_pairs(&read(&mut c, hp, hl)?).unwrap_or_default();
-            let Some(l) = link(&c) else {
-                return st(Status::BadArgument);
-            };
+            // Without a stream (a root context) Envoy does nothing and says Ok.
+            let Some(l) = link(&c) else { return ok() };
             let op = Op::LocalReply {
                 filter: l.filter,
                 status: code as u32,
@@ -770,18 +769,12 @@ pub(crate) fn add_to_linker(l: &mut Linker<VmState>) -> Result<()> {
             };
             let ty = ty as u32;
             let st_ = c.data_mut();
-            let id = match st_.metric_by_name.get(&(name.clone(), ty)) {
-                Some(id) => *id,
-                None => {
-                    // Type in the low 2 bits, one sequence per type, as
-                    // Envoy: counters 4, 8…, gauges 5, 9…, histograms 6, 10…
-                    st_.next_metric[ty as usize] += 4;
-                    let id = st_.next_metric[ty as usize];
-                    st_.metric_by_name.insert((name.clone(), ty), id);
-                    st_.metric_by_id.insert(id, (name.clone(), ty));
-                    id
-                }
-            };
+            // Type in the low 2 bits, one sequence per type, as Envoy: counters
+            // 4, 8…, gauges 5, 9…, histograms 6, 10…; defining a name again
+            // gives a new id for the same stat.
+            st_.next_metric[ty as usize] += 4;
+            let id = st_.next_metric[ty as usize];
+            st_.metric_by_id.insert(id, (name.clone(), ty));
             st_.core.lock().metrics.entry(name).or_insert(Metric {
                 kind,
                 value: 0,

@@ -1002,9 +1002,9 @@ impl Engine {
         self.pump(dir);
     }
 
-    /// Sends a local reply: before the upstream response, through every
-    /// encoder filter (Envoy's sendLocalReplyViaFilterChain); while encoding,
-    /// directly to the client; after response headers went out, a reset.
+    /// Sends a local reply: before the upstream response, through the encoder
+    /// chain (Envoy's sendLocalReplyViaFilterChain); while encoding, directly
+    /// to the client; after response headers went out, a reset.
     fn local_reply(
         &mut self,
         filter: usize,
@@ -1033,31 +1033,15 @@ impl Engine {
             self.finish();
             return;
         }
-        let mut h: Pairs = vec![(":status".into(), status.to_string().into_bytes())];
-        h.extend(
-            headers
-                .into_iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v)),
-        );
-        if !body.is_empty() {
-            h.push(("content-length".into(), body.len().to_string().into_bytes()));
-            if !h.iter().any(|(k, _)| k == "content-type") {
-                h.push(("content-type".into(), b"text/plain".to_vec()));
-            }
-        }
-        if let Some(g) = grpc_status {
-            let is_grpc = self.shared.lock().maps[0]
-                .as_ref()
-                .and_then(|m| {
-                    m.iter()
-                        .find(|(k, _)| k == "content-type")
-                        .map(|(_, v)| v.starts_with(b"application/grpc"))
-                })
-                .unwrap_or(false);
-            if is_grpc {
-                h.push(("grpc-status".into(), g.to_string().into_bytes()));
-            }
-        }
+        let is_grpc = self.shared.lock().maps[0]
+            .as_ref()
+            .and_then(|m| {
+                m.iter()
+                    .find(|(k, _)| k == "content-type")
+                    .map(|(_, v)| v.starts_with(b"application/grpc"))
+            })
+            .unwrap_or(false);
+        let (h, body) = local_reply_message(status, headers, body, grpc_status, is_grpc);
         if self.response_started {
             // Sent while encoding, before the client got headers: Envoy
             // replaces the response directly, without the encoder filters.
@@ -1088,9 +1072,15 @@ impl Engine {
                 s.access[f] = Access::default();
             }
         }
-        // Envoy encodes a local reply through every encoder filter, from
-        // the first (encodeHeaders(nullptr, …)); a filter the request never
-        // reached gets its context created at response headers.
+        // Envoy encodes a local reply through every encoder filter, from the
+        // first (encodeHeaders(nullptr, …)), but a wasm filter whose context
+        // was never created (the request did not reach it) returns Continue
+        // without calling into its VM.
+        for f in 0..n {
+            if self.ctx[f].is_none() {
+                self.skipped[f] = true;
+            }
+        }
         let eos = body.is_empty();
         self.input(Direction::Response, Frame::Headers { eos });
         if !eos && !self.finished {
@@ -1125,6 +1115,23 @@ impl Engine {
             }
         }
         for f in 0..n {
+            // Envoy's Context::log creates the context of a filter the
+            // request never reached, so every filter logs.
+            if self.ctx[f].is_none() && self.plugins[f].lock_vm(self.worker).failed().is_none() {
+                let link = StreamLink {
+                    stream: self.shared.clone(),
+                    filter: f,
+                };
+                let r = self.plugins[f].lock_vm(self.worker).create_context(link);
+                self.trace.push(TraceEntry {
+                    filter: f,
+                    callback: Callback::ContextCreate,
+                    continued: None,
+                });
+                if let Ok(id) = r {
+                    self.ctx[f] = Some(id);
+                }
+            }
             let Some(ctx) = self.ctx[f] else { continue };
             let r = self.plugins[f].lock_vm(self.worker).on_log(ctx);
             if r.is_ok() {
@@ -1273,5 +1280,142 @@ pub(crate) fn property(
         ["connection", "mtls"] => Some(vec![u8::from(d.mtls)]),
         ["connection", "id"] => Some(d.connection_id.to_le_bytes().to_vec()),
         _ => None,
+    }
+}
+
+/// gRPC status for an HTTP status, as Envoy's `Grpc::Utility::httpToGrpcStatus`.
+fn http_to_grpc_status(code: u32) -> u32 {
+    match code {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+/// Builds a local reply as Envoy's `Utility::prepareLocalReply` /
+/// `encodeLocalReply` do: `:status`, the filter's headers, then
+/// `content-length` and a default `content-type: text/plain` for a body; an
+/// empty body drops both. To a gRPC request the reply is trailers-only:
+/// `:status 200`, `application/grpc`, `grpc-status` and the body as a
+/// percent-encoded `grpc-message`.
+pub(crate) fn local_reply_message(
+    status: u32,
+    headers: Pairs,
+    body: Vec<u8>,
+    grpc_status: Option<u32>,
+    is_grpc: bool,
+) -> (Pairs, Vec<u8>) {
+    let mut h: Pairs = vec![(":status".into(), status.to_string().into_bytes())];
+    h.extend(
+        headers
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v)),
+    );
+    let set = |h: &mut Pairs, k: &str, v: Vec<u8>| {
+        h.retain(|(n, _)| n != k);
+        h.push((k.to_string(), v));
+    };
+    if is_grpc {
+        h[0].1 = b"200".to_vec();
+        set(&mut h, "content-type", b"application/grpc".to_vec());
+        if !h.iter().any(|(k, _)| k == "grpc-status") {
+            let g = grpc_status.unwrap_or_else(|| http_to_grpc_status(status));
+            h.push(("grpc-status".into(), g.to_string().into_bytes()));
+        }
+        if !body.is_empty() {
+            let mut msg = Vec::with_capacity(body.len());
+            for &b in &body {
+                if (0x20..0x7f).contains(&b) && b != b'%' {
+                    msg.push(b);
+                } else {
+                    msg.extend_from_slice(format!("%{b:02X}").as_bytes());
+                }
+            }
+            set(&mut h, "grpc-message", msg);
+        }
+        h.retain(|(k, _)| k != "content-length");
+        return (h, Vec::new());
+    }
+    if body.is_empty() {
+        h.retain(|(k, _)| k != "content-length" && k != "content-type");
+    } else {
+        set(
+            &mut h,
+            "content-length",
+            body.len().to_string().into_bytes(),
+        );
+        if !h.iter().any(|(k, _)| k == "content-type") {
+            h.push(("content-type".into(), b"text/plain".to_vec()));
+        }
+    }
+    (h, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(v: &[(&str, &str)]) -> Pairs {
+        v.iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn local_reply_headers_follow_envoy() {
+        let (h, b) = local_reply_message(
+            403,
+            p(&[("content-type", "application/json")]),
+            b"{}".to_vec(),
+            None,
+            false,
+        );
+        assert_eq!(
+            h,
+            p(&[
+                (":status", "403"),
+                ("content-type", "application/json"),
+                ("content-length", "2")
+            ])
+        );
+        assert_eq!(b, b"{}");
+        let (h, _) = local_reply_message(500, vec![], b"oops".to_vec(), None, false);
+        assert_eq!(
+            h,
+            p(&[
+                (":status", "500"),
+                ("content-length", "4"),
+                ("content-type", "text/plain")
+            ])
+        );
+        let (h, b) = local_reply_message(
+            204,
+            p(&[("content-type", "x/y"), ("content-length", "9")]),
+            vec![],
+            None,
+            false,
+        );
+        assert_eq!(h, p(&[(":status", "204")]));
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn local_reply_to_grpc_is_trailers_only() {
+        let (h, b) = local_reply_message(429, vec![], b"slow down 100%".to_vec(), None, true);
+        assert_eq!(
+            h,
+            p(&[
+                (":status", "200"),
+                ("content-type", "application/grpc"),
+                ("grpc-status", "14"),
+                ("grpc-message", "slow down 100%25")
+            ])
+        );
+        assert!(b.is_empty());
+        let (h, _) = local_reply_message(503, vec![], vec![], Some(14), true);
+        assert!(h.contains(&("grpc-status".to_string(), b"14".to_vec())));
     }
 }

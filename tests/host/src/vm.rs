@@ -52,7 +52,6 @@ pub(crate) struct VmState {
     pub(crate) call: Option<CallData>,
     pub(crate) status: (u32, Vec<u8>),
     pub(crate) metric_by_id: HashMap<u32, (String, u32)>,
-    pub(crate) metric_by_name: HashMap<(String, u32), u32>,
     /// Last metric id per type (counter, gauge, histogram), as Envoy numbers them.
     pub(crate) next_metric: [u32; 3],
     /// Last HTTP call and gRPC call token.
@@ -193,7 +192,6 @@ impl Vm {
             call: None,
             status: (0, Vec::new()),
             metric_by_id: HashMap::new(),
-            metric_by_name: HashMap::new(),
             next_metric: [0, 1, 2],
             next_http_token: 0,
             next_grpc_token: 1,

@@ -312,7 +312,7 @@ fn grpc_call_success_and_failure() {
 }
 
 #[test]
-fn grpc_timeout_is_deadline_exceeded() {
+fn grpc_timeout_is_unavailable_as_the_routers_504() {
     let host = Host::builder().workers(1).build();
     host.add_grpc_cluster("rls", |_| Reply::Never);
     let p = probe(
@@ -324,7 +324,9 @@ fn grpc_timeout_is_deadline_exceeded() {
     host.advance(Duration::from_millis(20));
     assert_eq!(
         lines(&host, "grpc_response"),
-        vec![r#"ctx 2 grpc_response token=5 status=4 size=0 get_status=(4,Some("timeout"))"#]
+        vec![
+            r#"ctx 2 grpc_response token=5 status=14 size=0 get_status=(14,Some("upstream request timeout"))"#
+        ]
     );
 }
 

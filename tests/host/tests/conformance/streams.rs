@@ -261,10 +261,10 @@ fn local_reply_skips_the_rest_of_the_request_but_runs_encoders_and_log() {
     );
     let t = callbacks(&s.trace());
     // b's own headers callback reports Continue but is forced to Stop; no
-    // request body callbacks; the reply is encoded through every filter in
-    // reverse order, c included (its context is created at response
-    // headers, as Envoy's sendLocalReplyViaFilterChain starts from the first
-    // encoder); then log and done.
+    // request body callbacks. Envoy encodes the reply through the whole
+    // encoder chain, but c's wasm context was never created, so Envoy's
+    // Context::encodeHeaders returns Continue without calling its VM; its
+    // Context::log then creates the context, so c still logs.
     assert_eq!(
         t,
         vec![
@@ -272,15 +272,13 @@ fn local_reply_skips_the_rest_of_the_request_but_runs_encoders_and_log() {
             (0, RequestHeaders, Some(true)),
             (1, ContextCreate, None),
             (1, RequestHeaders, Some(true)),
-            (2, ContextCreate, None),
-            (2, ResponseHeaders, Some(true)),
             (1, ResponseHeaders, Some(true)),
             (0, ResponseHeaders, Some(true)),
-            (2, ResponseBody, Some(true)),
             (1, ResponseBody, Some(true)),
             (0, ResponseBody, Some(true)),
             (0, Log, None),
             (1, Log, None),
+            (2, ContextCreate, None),
             (2, Log, None),
             (0, Done, None),
             (1, Done, None),
@@ -546,4 +544,65 @@ fn on_resume_later_filters_get_headers_before_the_resumed_filter_gets_the_body()
         ]
     );
     assert_eq!(s.upstream_request().unwrap().body, b"payload");
+}
+
+#[test]
+fn local_reply_to_a_grpc_request_is_trailers_only() {
+    let host = Host::builder().workers(1).build();
+    let p = probe(
+        &host,
+        json!({"request_headers": [{"send_local_response": {"status": 429, "body": "rate limited", "headers": []}}]}),
+    );
+    let s = host.stream(&host.chain(&[&p]));
+    s.request_headers(
+        &[
+            (":method", "POST"),
+            (":path", "/pkg.Svc/Get"),
+            (":authority", "h"),
+            ("content-type", "application/grpc"),
+        ],
+        false,
+    );
+    let r = s.response().unwrap();
+    assert_eq!(r.status(), Some(200));
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/grpc")
+    );
+    assert_eq!(r.header("grpc-status").as_deref(), Some("14"));
+    assert_eq!(r.header("grpc-message").as_deref(), Some("rate limited"));
+    assert!(r.body.is_empty());
+    assert!(s.is_complete());
+}
+
+#[test]
+fn local_reply_with_empty_body_has_no_content_headers() {
+    let host = Host::builder().workers(1).build();
+    let p = probe(
+        &host,
+        json!({"request_headers": [{"send_local_response": {"status": 401, "body": "", "headers": [["content-type", "application/json"], ["www-authenticate", "Bearer"]]}}]}),
+    );
+    let s = host.stream(&host.chain(&[&p]));
+    s.request_headers(GET, true);
+    let r = s.response().unwrap();
+    assert_eq!(
+        r.headers,
+        vec![
+            (":status".to_string(), b"401".to_vec()),
+            ("www-authenticate".to_string(), b"Bearer".to_vec())
+        ]
+    );
+}
+
+#[test]
+fn local_response_from_a_root_context_is_a_no_op() {
+    let host = Host::builder().workers(1).canary(false).build();
+    probe(
+        &host,
+        json!({"configure": [{"send_local_response": {"status": 500, "body": "", "headers": []}}]}),
+    );
+    assert_eq!(
+        lines(&host, "local_response="),
+        vec!["local_response=Ok(())"]
+    );
 }
