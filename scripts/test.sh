@@ -12,7 +12,8 @@ rustup show active-toolchain
 rustup target add wasm32-wasip1 >/dev/null
 rustup component add rustfmt clippy >/dev/null
 
-wasm=$(scripts/wasm-crates.sh | tr '\n' ' ')
+wasm=$(scripts/wasm-crates.sh filters | tr '\n' ' ')
+cores=$(scripts/wasm-crates.sh cores | tr '\n' ' ')
 excl=$(echo "$wasm" | sed 's/-p /--exclude /g')
 
 step "cargo fmt --check"
@@ -23,7 +24,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "clippy (wasm32-wasip1)"
 # shellcheck disable=SC2086
-cargo clippy --target wasm32-wasip1 --release --locked $wasm -- -D warnings
+cargo clippy --target wasm32-wasip1 --release --locked $wasm $cores -- -D warnings
 
 step "build filters (wasm32-wasip1)"
 scripts/build-filters.sh --locked
@@ -31,3 +32,22 @@ scripts/build-filters.sh --locked
 step "tests"
 # shellcheck disable=SC2086
 cargo test --workspace $excl --locked
+
+if [ -n "$cores" ]; then
+  step "core crates on wasm32 (wasm-bindgen-test under Node)"
+  # 32-bit usize, no clock, no randomness: the core crates' unit tests run
+  # compiled for wasm32 too. The runner must match the wasm-bindgen version
+  # in Cargo.lock.
+  rustup target add wasm32-unknown-unknown >/dev/null
+  want=$(python3 -c '
+import re
+lock = open("Cargo.lock").read()
+m = re.search(r"name = \"wasm-bindgen\"\nversion = \"([^\"]+)\"", lock)
+print(m.group(1) if m else "")')
+  if ! wasm-bindgen-test-runner --version 2>/dev/null | grep -q " $want\b"; then
+    cargo install wasm-bindgen-cli --version "$want"
+  fi
+  # shellcheck disable=SC2086
+  CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+    cargo test --target wasm32-unknown-unknown --locked $cores
+fi
