@@ -49,5 +49,5 @@ print(m.group(1) if m else "")')
   fi
   # shellcheck disable=SC2086
   CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
-    cargo test --target wasm32-unknown-unknown --locked $cores
+    cargo test --target wasm32-unknown-unknown --lib --locked $cores
 fi
