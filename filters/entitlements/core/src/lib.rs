@@ -2,9 +2,10 @@
 //! entitlements filter evaluates per HTTP request and the sidecar per
 //! channel subscription.
 //!
-//! This first part holds the two inputs every rule matches on: request
-//! paths, normalised before any rule sees them ([`path`]), and channel
-//! subjects and patterns in the NATS syntax of DESIGN.md ([`channel`]).
+//! Request paths are normalised before any rule sees them ([`path`]);
+//! channels follow the NATS syntax of DESIGN.md ([`channel`]); rules match
+//! with templates that capture values ([`template`]) and test the verified
+//! identity ([`identity`]); [`policy`] compiles and evaluates them.
 #![cfg_attr(
     test,
     allow(
@@ -16,4 +17,7 @@
 )]
 
 pub mod channel;
+pub mod identity;
 pub mod path;
+pub mod policy;
+pub mod template;

@@ -1,0 +1,121 @@
+//! The verified identity a decision is made about (what auth put in the
+//! `x-auth-*` headers), and claim paths into its verified payload.
+
+use serde_json::Value;
+
+/// The caller, as auth verified it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Identity {
+    /// `x-auth-subject` (the token's `sub`).
+    pub subject: Option<String>,
+    /// `x-auth-issuer`.
+    pub issuer: Option<String>,
+    /// `x-auth-tenant`.
+    pub tenant: Option<String>,
+    /// `x-auth-roles`, split on commas.
+    pub roles: Vec<String>,
+    /// The verified payload (`x-auth-claims`), `Null` when absent.
+    pub claims: Value,
+}
+
+impl Identity {
+    /// Splits an `x-auth-roles` value: comma separated, blanks trimmed, empties dropped.
+    pub fn parse_roles(header: &str) -> Vec<String> {
+        header
+            .split(',')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// A dotted path into the claims, e.g. `realm_access.roles`. Arrays are
+/// walked through: `orgs.id` on `{"orgs":[{"id":"a"},{"id":"b"}]}` gives
+/// `a` and `b`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimPath(Vec<String>);
+
+impl ClaimPath {
+    pub fn parse(path: &str) -> Result<ClaimPath, String> {
+        if path.is_empty() {
+            return Err("claim path is empty".into());
+        }
+        let segs: Vec<String> = path.split('.').map(str::to_string).collect();
+        if segs.iter().any(String::is_empty) {
+            return Err(format!("claim path {path:?} has an empty segment"));
+        }
+        Ok(ClaimPath(segs))
+    }
+
+    /// Every scalar the path reaches, as text (strings as they are,
+    /// numbers and booleans printed); arrays at any level are flattened.
+    pub fn values(&self, claims: &Value) -> Vec<String> {
+        let mut here: Vec<&Value> = vec![claims];
+        for seg in &self.0 {
+            let mut next = Vec::new();
+            for v in here {
+                match v {
+                    Value::Object(m) => next.extend(m.get(seg)),
+                    Value::Array(a) => next.extend(a.iter().filter_map(|e| e.get(seg))),
+                    _ => {}
+                }
+            }
+            here = next;
+        }
+        let mut out = Vec::new();
+        for v in here {
+            push_scalars(v, &mut out);
+        }
+        out
+    }
+}
+
+fn push_scalars(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::String(s) => out.push(s.clone()),
+        Value::Number(n) => out.push(n.to_string()),
+        Value::Bool(b) => out.push(b.to_string()),
+        Value::Array(a) => a.iter().for_each(|e| push_scalars(e, out)),
+        Value::Null | Value::Object(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn claim_paths_walk_objects_and_arrays() {
+        let c = json!({
+            "realm_access": {"roles": ["trader", "viewer"]},
+            "markets": ["EU-ETS", "CAISO"],
+            "plan": "pro", "seats": 5, "active": true,
+            "orgs": [{"id": "a"}, {"id": "b", "x": null}],
+        });
+        let v = |p: &str| ClaimPath::parse(p).unwrap().values(&c);
+        assert_eq!(v("realm_access.roles"), vec!["trader", "viewer"]);
+        assert_eq!(v("markets"), vec!["EU-ETS", "CAISO"]);
+        assert_eq!(v("plan"), vec!["pro"]);
+        assert_eq!(v("seats"), vec!["5"]);
+        assert_eq!(v("active"), vec!["true"]);
+        assert_eq!(v("orgs.id"), vec!["a", "b"]);
+        assert!(v("orgs.x").is_empty());
+        assert!(v("nope.deeper").is_empty());
+        assert!(v("realm_access").is_empty(), "an object is not a value");
+        assert!(ClaimPath::parse("a..b").is_err());
+        assert!(ClaimPath::parse("").is_err());
+    }
+
+    #[test]
+    fn roles_header_is_split_on_commas() {
+        assert_eq!(
+            Identity::parse_roles(" trader, viewer,,admin "),
+            vec!["trader", "viewer", "admin"]
+        );
+        assert!(Identity::parse_roles("").is_empty());
+    }
+}
