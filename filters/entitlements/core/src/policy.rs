@@ -69,6 +69,12 @@ pub struct MatchConfig {
     #[serde(default)]
     pub hosts: Vec<String>,
     pub path: Option<PathMatchConfig>,
+    /// Request headers (lower-case names), all of which must match.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, ValueMatchConfig>,
+    /// Query parameters (decoded), all of which must match.
+    #[serde(default)]
+    pub query: std::collections::BTreeMap<String, ValueMatchConfig>,
     /// Channel template, e.g. `pricing.curves.{market}.>`.
     pub channel: Option<String>,
     /// For channel rules: `subscribe` and/or `publish`. Default `subscribe`.
@@ -84,6 +90,17 @@ pub enum PathMatchConfig {
     Prefix(String),
     Template(String),
     Regex(String),
+}
+
+/// How a header or query value matches (exactly one). `present: false`
+/// matches when the header or parameter is absent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum ValueMatchConfig {
+    Exact(String),
+    Prefix(String),
+    Regex(String),
+    Present(bool),
 }
 
 /// What a client does with a channel.
@@ -155,6 +172,37 @@ enum PathMatch {
     Regex(Regex),
 }
 
+enum ValueMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+    Present(bool),
+}
+
+impl ValueMatch {
+    fn compile(c: ValueMatchConfig, rule: &str, field: &str) -> Result<ValueMatch, PolicyError> {
+        Ok(match c {
+            ValueMatchConfig::Exact(v) => ValueMatch::Exact(v),
+            ValueMatchConfig::Prefix(v) => ValueMatch::Prefix(v),
+            ValueMatchConfig::Present(b) => ValueMatch::Present(b),
+            ValueMatchConfig::Regex(re) => ValueMatch::Regex(
+                Regex::new(&format!("^(?:{re})$"))
+                    .map_err(|e| rule_err(rule, field, e.to_string()))?,
+            ),
+        })
+    }
+
+    fn matches(&self, value: Option<&str>) -> bool {
+        match (self, value) {
+            (ValueMatch::Present(want), v) => v.is_some() == *want,
+            (_, None) => false,
+            (ValueMatch::Exact(e), Some(v)) => v == e,
+            (ValueMatch::Prefix(p), Some(v)) => v.starts_with(p.as_str()),
+            (ValueMatch::Regex(re), Some(v)) => re.is_match(v),
+        }
+    }
+}
+
 enum Attr {
     Subject,
     Issuer,
@@ -182,6 +230,8 @@ enum Target {
         methods: Vec<String>,
         hosts: Vec<String>,
         path: Option<PathMatch>,
+        headers: Vec<(String, ValueMatch)>,
+        query: Vec<(String, ValueMatch)>,
     },
     Channel {
         template: ChannelTemplate,
@@ -210,6 +260,69 @@ pub struct HttpRequest<'a> {
     pub method: &'a str,
     pub host: &'a str,
     pub path: &'a str,
+    /// The raw query (without `?`), if any.
+    pub query: Option<&'a str>,
+    /// Request headers, names lower-case; the first value of a name counts.
+    pub headers: &'a [(String, String)],
+}
+
+impl<'a> HttpRequest<'a> {
+    /// A request with no query and no headers.
+    pub fn new(method: &'a str, host: &'a str, path: &'a str) -> HttpRequest<'a> {
+        HttpRequest {
+            method,
+            host,
+            path,
+            query: None,
+            headers: &[],
+        }
+    }
+
+    fn header(&self, name: &str) -> Option<&'a str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The first value of a query parameter, percent- and `+`-decoded; `None`
+/// if absent or not decodable to UTF-8.
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if form_decode(k)? == name {
+            Some(form_decode(v))
+        } else {
+            None
+        }
+    })?
+}
+
+fn form_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        match c {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = b
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok());
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
 }
 
 /// What is being decided.
@@ -327,11 +440,16 @@ fn compile_rule(r: RuleConfig) -> Result<Rule, PolicyError> {
     let m = r.matcher;
     let target = match m.channel {
         Some(ch) => {
-            if !m.methods.is_empty() || !m.hosts.is_empty() || m.path.is_some() {
+            if !m.methods.is_empty()
+                || !m.hosts.is_empty()
+                || m.path.is_some()
+                || !m.headers.is_empty()
+                || !m.query.is_empty()
+            {
                 return Err(rule_err(
                     &id,
                     "match",
-                    "a channel rule cannot also match methods, hosts or paths",
+                    "a channel rule cannot also match methods, hosts, paths, headers or query",
                 ));
             }
             let template =
@@ -373,10 +491,29 @@ fn compile_rule(r: RuleConfig) -> Result<Rule, PolicyError> {
                 )),
             };
             let hosts = m.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+            let mut headers = Vec::with_capacity(m.headers.len());
+            for (name, vm) in m.headers {
+                let field = format!("match.headers.{name}");
+                if name.is_empty() || name.bytes().any(|b| b.is_ascii_uppercase()) {
+                    return Err(rule_err(
+                        &id,
+                        &field,
+                        "header names are non-empty and lower case",
+                    ));
+                }
+                headers.push((name, ValueMatch::compile(vm, &id, &field)?));
+            }
+            let mut query = Vec::with_capacity(m.query.len());
+            for (name, vm) in m.query {
+                let field = format!("match.query.{name}");
+                query.push((name, ValueMatch::compile(vm, &id, &field)?));
+            }
             Target::Http {
                 methods: m.methods,
                 hosts,
                 path,
+                headers,
+                query,
             }
         }
     };
@@ -506,6 +643,8 @@ impl Rule {
                     methods,
                     hosts,
                     path,
+                    headers,
+                    query,
                 },
                 Request::Http(r),
             ) => {
@@ -518,6 +657,10 @@ impl Rule {
                         Some(PathMatch::Template(t)) => t.matches(r.path, caps),
                         Some(PathMatch::Regex(re)) => re.is_match(r.path),
                     }
+                    && headers.iter().all(|(n, m)| m.matches(r.header(n)))
+                    && query
+                        .iter()
+                        .all(|(n, m)| m.matches(r.query.and_then(|q| query_param(q, n)).as_deref()))
             }
             (Target::Channel { template, actions }, Request::Channel { pattern, action }) => {
                 actions.contains(action) && template.covers(pattern, caps)
@@ -600,11 +743,7 @@ mod tests {
     }
 
     fn get<'a>(path: &'a str) -> Request<'a> {
-        Request::Http(HttpRequest {
-            method: "GET",
-            host: "api.254carbon.test",
-            path,
-        })
+        Request::Http(HttpRequest::new("GET", "api.254carbon.test", path))
     }
 
     fn carbon() -> Policy {
@@ -763,7 +902,7 @@ mod tests {
             {"id": "re", "effect": "allow", "match": {"path": {"regex": "/api/v[0-9]+/instruments"}}}
         ]}));
         let id = Identity::default();
-        let req = |method, host, path| Request::Http(HttpRequest { method, host, path });
+        let req = |method, host, path| Request::Http(HttpRequest::new(method, host, path));
         assert_eq!(p.evaluate(&id, &req("GET", "x", "/health")).rule, "exact");
         assert!(!p.evaluate(&id, &req("GET", "x", "/health/")).allowed);
         assert_eq!(
@@ -794,6 +933,51 @@ mod tests {
                 .allowed,
             "regex is anchored"
         );
+    }
+
+    #[test]
+    fn header_and_query_matching() {
+        let p = policy(json!({"rules": [
+            {"id": "api-key", "effect": "allow", "match": {"headers": {"x-api-key": {"prefix": "k_"}, "x-debug": {"present": false}}}},
+            {"id": "export", "effect": "allow", "match": {"query": {"format": {"regex": "csv|parquet"}, "as of": {"exact": "2026-11-26 00:00"}}}}
+        ]}));
+        let id = Identity::default();
+        let h = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let with = |headers: &[(String, String)], query: Option<&str>| {
+            let r = HttpRequest {
+                query,
+                headers,
+                ..HttpRequest::new("GET", "h", "/x")
+            };
+            p.evaluate(&id, &Request::Http(r)).rule.to_string()
+        };
+        assert_eq!(with(&h(&[("x-api-key", "k_123")]), None), "api-key");
+        assert_eq!(
+            with(&h(&[("x-api-key", "k_123"), ("x-debug", "1")]), None),
+            "default"
+        );
+        assert_eq!(with(&h(&[("x-api-key", "nope")]), None), "default");
+        assert_eq!(
+            with(&[], Some("format=csv&as+of=2026-11-26%2000%3A00")),
+            "export"
+        );
+        assert_eq!(
+            with(&[], Some("format=xlsx&as+of=2026-11-26%2000%3A00")),
+            "default"
+        );
+        assert_eq!(with(&[], Some("format=csv")), "default");
+        assert_eq!(query_param("a=1&b=%zz&c", "b").as_deref(), Some("%zz"));
+        assert_eq!(query_param("a=1&c", "c").as_deref(), Some(""));
+        assert_eq!(query_param("a=%ff", "a"), None, "not UTF-8");
+        assert!(err(json!({"rules": [{"id": "u", "effect": "allow", "match": {"headers": {"X-Key": {"present": true}}}}]}))
+            .starts_with("rule \"u\": match.headers.X-Key:"));
+        assert!(err(json!({"rules": [{"id": "r", "effect": "allow", "match": {"query": {"f": {"regex": "("}}}}]}))
+            .starts_with("rule \"r\": match.query.f:"));
     }
 
     #[test]
