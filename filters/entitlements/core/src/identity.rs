@@ -2,6 +2,7 @@
 //! `x-auth-*` headers), and claim paths into its verified payload.
 
 use serde_json::Value;
+use std::borrow::Cow;
 
 /// The caller, as auth verified it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -50,7 +51,7 @@ impl ClaimPath {
 
     /// Every scalar the path reaches, as text (strings as they are,
     /// numbers and booleans printed); arrays at any level are flattened.
-    pub fn values(&self, claims: &Value) -> Vec<String> {
+    pub fn values<'c>(&self, claims: &'c Value) -> Vec<Cow<'c, str>> {
         let mut here: Vec<&Value> = vec![claims];
         for seg in &self.0 {
             let mut next = Vec::new();
@@ -71,11 +72,11 @@ impl ClaimPath {
     }
 }
 
-fn push_scalars(v: &Value, out: &mut Vec<String>) {
+fn push_scalars<'c>(v: &'c Value, out: &mut Vec<Cow<'c, str>>) {
     match v {
-        Value::String(s) => out.push(s.clone()),
-        Value::Number(n) => out.push(n.to_string()),
-        Value::Bool(b) => out.push(b.to_string()),
+        Value::String(s) => out.push(Cow::Borrowed(s)),
+        Value::Number(n) => out.push(Cow::Owned(n.to_string())),
+        Value::Bool(b) => out.push(Cow::Borrowed(if *b { "true" } else { "false" })),
         Value::Array(a) => a.iter().for_each(|e| push_scalars(e, out)),
         Value::Null | Value::Object(_) => {}
     }

@@ -673,15 +673,17 @@ impl Rule {
 
 impl Condition {
     fn holds(&self, id: &Identity, caps: &Captures) -> bool {
-        let values: Vec<String> = match &self.attr {
-            Attr::Subject => id.subject.iter().cloned().collect(),
-            Attr::Issuer => id.issuer.iter().cloned().collect(),
-            Attr::Tenant => id.tenant.iter().cloned().collect(),
-            Attr::Roles => id.roles.clone(),
+        // Borrowed from the identity: no copy per evaluation (claims that are
+        // numbers or booleans are the only values formatted).
+        let values: Vec<std::borrow::Cow<'_, str>> = match &self.attr {
+            Attr::Subject => id.subject.as_deref().map(Into::into).into_iter().collect(),
+            Attr::Issuer => id.issuer.as_deref().map(Into::into).into_iter().collect(),
+            Attr::Tenant => id.tenant.as_deref().map(Into::into).into_iter().collect(),
+            Attr::Roles => id.roles.iter().map(|r| r.as_str().into()).collect(),
             Attr::Claim(p) => p.values(&id.claims),
         };
         let single =
-            |want: &str| values.len() == 1 && values.first().map(String::as_str) == Some(want);
+            |want: &str| values.len() == 1 && values.first().map(|v| v.as_ref()) == Some(want);
         let any = |f: &dyn Fn(&str) -> bool| values.iter().any(|v| f(v));
         let captured;
         let operand = match &self.operand {
