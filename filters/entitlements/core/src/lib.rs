@@ -16,6 +16,7 @@
     )
 )]
 
+pub mod cache;
 pub mod channel;
 pub mod identity;
 pub mod path;

@@ -252,6 +252,11 @@ pub struct Policy {
     default: Effect,
     shadow: bool,
     rules: Vec<Rule>,
+    /// What a decision can depend on besides method, host, path and the
+    /// plain identity attributes: the cache key carries exactly these.
+    key_headers: Vec<String>,
+    key_query: Vec<String>,
+    uses_claims: bool,
 }
 
 /// An HTTP request as the engine sees it (path already normalised).
@@ -346,6 +351,55 @@ pub struct Decision<'p> {
     pub shadow_denied: Option<&'p str>,
 }
 
+/// The identity as it arrived (raw header values), for cache keys: a
+/// cache hit needs neither the roles split nor the claims decoded.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IdentityKey<'a> {
+    pub subject: Option<&'a str>,
+    pub issuer: Option<&'a str>,
+    pub tenant: Option<&'a str>,
+    pub roles: Option<&'a str>,
+    /// The encoded payload, as received.
+    pub claims: Option<&'a str>,
+}
+
+fn key_field(out: &mut Vec<u8>, v: Option<&str>) {
+    match v {
+        None => out.push(0),
+        Some(v) => {
+            out.push(1);
+            out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+            out.extend_from_slice(v.as_bytes());
+        }
+    }
+}
+
+/// What decided: a rule, by position in the policy, or the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Decider {
+    Rule(usize),
+    Default,
+}
+
+impl Decider {
+    /// Index into per-rule tables of `rules + 1` entries, the default last.
+    pub fn slot(self, rules: usize) -> usize {
+        match self {
+            Decider::Rule(i) => i.min(rules),
+            Decider::Default => rules,
+        }
+    }
+}
+
+/// A decision with rules by position: small, `Copy`, and what the
+/// decision cache keeps. Meaningful only for the policy that produced it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub allowed: bool,
+    pub rule: Decider,
+    pub shadow_denied: Option<Decider>,
+}
+
 fn rule_err(rule: &str, field: &str, reason: impl Into<String>) -> PolicyError {
     PolicyError::Rule {
         rule: rule.to_string(),
@@ -375,10 +429,23 @@ impl Policy {
             }
             rules.push(compile_rule(r)?);
         }
+        let mut key_headers = std::collections::BTreeSet::new();
+        let mut key_query = std::collections::BTreeSet::new();
+        let mut uses_claims = false;
+        for r in &rules {
+            if let Target::Http { headers, query, .. } = &r.target {
+                key_headers.extend(headers.iter().map(|(n, _)| n.clone()));
+                key_query.extend(query.iter().map(|(n, _)| n.clone()));
+            }
+            uses_claims |= r.when.iter().any(|c| matches!(c.attr, Attr::Claim(_)));
+        }
         Ok(Policy {
             default: cfg.default,
             shadow: cfg.shadow,
             rules,
+            key_headers: key_headers.into_iter().collect(),
+            key_query: key_query.into_iter().collect(),
+            uses_claims,
         })
     }
 
@@ -393,39 +460,119 @@ impl Policy {
 
     /// Decides a request for an identity.
     pub fn evaluate(&self, identity: &Identity, request: &Request<'_>) -> Decision<'_> {
+        self.explain(self.decide(identity, request))
+    }
+
+    /// Decides a request for an identity, naming rules by position (what
+    /// the decision cache stores; [`Policy::explain`] gives the ids).
+    pub fn decide(&self, identity: &Identity, request: &Request<'_>) -> Verdict {
         let mut caps = Captures::new();
-        let mut enforced: Option<&Rule> = None; // first matching enforced deny, else first allow
-        let mut all: Option<&Rule> = None; // the same over every rule, shadow ones included
-        for rule in &self.rules {
+        // First matching enforced deny, else first enforced allow; and the
+        // same over every rule, shadow ones included.
+        let mut enforced: Option<(usize, Effect)> = None;
+        let mut all: Option<(usize, Effect)> = None;
+        for (i, rule) in self.rules.iter().enumerate() {
             caps.clear();
             if !rule.applies(identity, request, &mut caps) {
                 continue;
             }
-            let better = |cur: Option<&Rule>| match cur {
+            let better = |cur: Option<(usize, Effect)>| match cur {
                 None => true,
-                Some(c) => c.effect == Effect::Allow && rule.effect == Effect::Deny,
+                Some((_, e)) => e == Effect::Allow && rule.effect == Effect::Deny,
             };
             if !rule.shadow && better(enforced) {
-                enforced = Some(rule);
+                enforced = Some((i, rule.effect));
             }
             if better(all) {
-                all = Some(rule);
+                all = Some((i, rule.effect));
             }
         }
-        let effect_of = |r: Option<&Rule>| r.map_or(self.default, |r| r.effect);
-        let enforced_allows = effect_of(enforced) == Effect::Allow;
-        let all_allows = effect_of(all) == Effect::Allow;
+        let decider =
+            |r: Option<(usize, Effect)>| r.map_or(Decider::Default, |(i, _)| Decider::Rule(i));
+        let allows =
+            |r: Option<(usize, Effect)>| r.map_or(self.default, |(_, e)| e) == Effect::Allow;
         if self.shadow {
-            return Decision {
+            return Verdict {
                 allowed: true,
-                rule: id_of(all),
-                shadow_denied: (!all_allows).then(|| id_of(all)),
+                rule: decider(all),
+                shadow_denied: (!allows(all)).then(|| decider(all)),
             };
         }
+        Verdict {
+            allowed: allows(enforced),
+            rule: decider(enforced),
+            shadow_denied: (allows(enforced) && !allows(all)).then(|| decider(all)),
+        }
+    }
+
+    /// A verdict with the rules named by id.
+    pub fn explain(&self, v: Verdict) -> Decision<'_> {
         Decision {
-            allowed: enforced_allows,
-            rule: id_of(enforced),
-            shadow_denied: (enforced_allows && !all_allows).then(|| id_of(all)),
+            allowed: v.allowed,
+            rule: self.rule_id(v.rule),
+            shadow_denied: v.shadow_denied.map(|d| self.rule_id(d)),
+        }
+    }
+
+    /// The id of a rule, `"default"` for the default (or an index out of range).
+    pub fn rule_id(&self, d: Decider) -> &str {
+        match d {
+            Decider::Rule(i) => self.rules.get(i).map_or("default", |r| r.id.as_str()),
+            Decider::Default => "default",
+        }
+    }
+
+    /// Whether any condition reads `claims.*` (if none, the payload need
+    /// not be decoded, and is not part of the cache key).
+    pub fn uses_claims(&self) -> bool {
+        self.uses_claims
+    }
+
+    /// Writes the decision cache key of an HTTP request into `out`
+    /// (cleared first): every input the policy's decision depends on,
+    /// each length-prefixed so that no two different inputs share a key.
+    pub fn http_key(&self, out: &mut Vec<u8>, id: &IdentityKey<'_>, r: &HttpRequest<'_>) {
+        out.clear();
+        out.push(b'H');
+        key_field(out, Some(r.method));
+        key_field(out, Some(r.host));
+        key_field(out, Some(r.path));
+        for h in &self.key_headers {
+            key_field(out, r.header(h));
+        }
+        for q in &self.key_query {
+            match r.query.map(|query| query_param(query, q)) {
+                Some(Some(v)) => key_field(out, Some(&v)),
+                _ => key_field(out, None),
+            }
+        }
+        self.identity_key(out, id);
+    }
+
+    /// Writes the decision cache key of a channel request into `out`.
+    pub fn channel_key(
+        &self,
+        out: &mut Vec<u8>,
+        id: &IdentityKey<'_>,
+        pattern: &str,
+        action: ChannelAction,
+    ) {
+        out.clear();
+        out.push(match action {
+            ChannelAction::Subscribe => b'S',
+            ChannelAction::Publish => b'P',
+        });
+        key_field(out, Some(pattern));
+        self.identity_key(out, id);
+    }
+
+    fn identity_key(&self, out: &mut Vec<u8>, id: &IdentityKey<'_>) {
+        key_field(out, id.subject);
+        key_field(out, id.issuer);
+        key_field(out, id.tenant);
+        key_field(out, id.roles);
+        if self.uses_claims {
+            key_field(out, id.claims);
         }
     }
 
@@ -610,10 +757,6 @@ fn compile_condition(
         op: c.op,
         operand,
     })
-}
-
-fn id_of(r: Option<&Rule>) -> &str {
-    r.map_or("default", |r| r.id.as_str())
 }
 
 fn host_matches(pattern: &str, host: &str) -> bool {
@@ -1077,5 +1220,153 @@ mod tests {
             r(json!({"id": "q", "effect": "allow", "match": {"actions": ["publish"]}}))
                 .starts_with("rule \"q\": match.actions:")
         );
+    }
+
+    #[test]
+    fn cache_keys_hold_exactly_what_the_decision_depends_on() {
+        let with_header = policy(json!({"rules": [
+            {"id": "h", "effect": "allow", "match": {"headers": {"x-desk": {"exact": "power"}}, "query": {"fmt": {"exact": "csv"}}},
+             "when": [{"attr": "roles", "op": "contains", "value": "trader"}]}
+        ]}));
+        let key =
+            |p: &Policy, headers: &[(String, String)], query: Option<&str>, id: IdentityKey<'_>| {
+                let mut r = HttpRequest::new("GET", "api", "/x");
+                r.headers = headers;
+                r.query = query;
+                let mut out = Vec::new();
+                p.http_key(&mut out, &id, &r);
+                out
+            };
+        let h = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let alice = IdentityKey {
+            subject: Some("alice"),
+            roles: Some("trader"),
+            claims: Some("e30"),
+            ..IdentityKey::default()
+        };
+        let base = key(
+            &with_header,
+            &h(&[("x-desk", "power")]),
+            Some("fmt=csv"),
+            alice,
+        );
+        // A header or parameter no rule reads does not split the cache...
+        assert_eq!(
+            base,
+            key(
+                &with_header,
+                &h(&[("x-desk", "power"), ("x-other", "1")]),
+                Some("fmt=csv&t=123"),
+                alice
+            )
+        );
+        // ...nor do claims when no condition reads them.
+        assert_eq!(
+            base,
+            key(
+                &with_header,
+                &h(&[("x-desk", "power")]),
+                Some("fmt=csv"),
+                IdentityKey {
+                    claims: Some("other"),
+                    ..alice
+                }
+            )
+        );
+        // Everything read does.
+        assert_ne!(
+            base,
+            key(
+                &with_header,
+                &h(&[("x-desk", "gas")]),
+                Some("fmt=csv"),
+                alice
+            )
+        );
+        assert_ne!(base, key(&with_header, &h(&[]), Some("fmt=csv"), alice));
+        assert_ne!(
+            base,
+            key(
+                &with_header,
+                &h(&[("x-desk", "power")]),
+                Some("fmt=json"),
+                alice
+            )
+        );
+        assert_ne!(
+            base,
+            key(
+                &with_header,
+                &h(&[("x-desk", "power")]),
+                Some("fmt=csv"),
+                IdentityKey {
+                    roles: Some("viewer"),
+                    ..alice
+                }
+            )
+        );
+        // Field boundaries are unambiguous: ("ab", "c") is not ("a", "bc").
+        let a = IdentityKey {
+            subject: Some("ab"),
+            issuer: Some("c"),
+            ..IdentityKey::default()
+        };
+        let b = IdentityKey {
+            subject: Some("a"),
+            issuer: Some("bc"),
+            ..IdentityKey::default()
+        };
+        assert_ne!(
+            key(&with_header, &[], None, a),
+            key(&with_header, &[], None, b)
+        );
+        let absent = IdentityKey { subject: None, ..a };
+        let empty = IdentityKey {
+            subject: Some(""),
+            ..a
+        };
+        assert_ne!(
+            key(&with_header, &[], None, absent),
+            key(&with_header, &[], None, empty)
+        );
+        // Claims count once a condition reads them.
+        let p = carbon();
+        assert!(p.uses_claims());
+        assert_ne!(
+            key(&p, &[], None, alice),
+            key(
+                &p,
+                &[],
+                None,
+                IdentityKey {
+                    claims: Some("other"),
+                    ..alice
+                }
+            )
+        );
+    }
+
+    #[test]
+    fn verdicts_name_rules_by_position() {
+        let p = carbon();
+        let alice = who("acme", &["viewer"], json!({"markets": ["EU-ETS"]}));
+        let v = p.decide(&alice, &get("/api/v1/curves/EU-ETS/DEC26"));
+        assert_eq!(
+            v,
+            Verdict {
+                allowed: true,
+                rule: Decider::Rule(0),
+                shadow_denied: None
+            }
+        );
+        assert_eq!(p.explain(v).rule, "curves-read");
+        assert_eq!(Decider::Rule(0).slot(p.len()), 0);
+        assert_eq!(Decider::Default.slot(p.len()), p.len());
+        assert_eq!(p.rule_id(Decider::Rule(99)), "default");
     }
 }

@@ -1,0 +1,208 @@
+//! A bounded cache of decisions, one per VM (per Envoy worker) or per
+//! sidecar, keyed by what a decision depends on (see [`Policy::http_key`]).
+//!
+//! Two generations of at most `capacity / 2` entries each: inserts go to
+//! the young one; when it is full, the old one is dropped (those entries
+//! count as evictions) and the young one becomes old. A hit in the old
+//! generation moves the entry back to the young one. Every operation is
+//! O(1), memory is bounded by `capacity` entries of at most `max_key_bytes`
+//! each, and frequently used keys survive like in an LRU. The cache belongs
+//! to one policy version (versions only grow): a lookup or insert with a
+//! newer version empties it; one with an older version is ignored.
+//!
+//! [`Policy::http_key`]: crate::policy::Policy::http_key
+
+use crate::policy::Verdict;
+use std::collections::HashMap;
+
+/// Counters a filter exports as metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    /// Entries dropped because the cache was full.
+    pub evictions: u64,
+    /// Keys longer than `max_key_bytes`: decided without the cache.
+    pub oversized: u64,
+}
+
+pub struct DecisionCache {
+    half: usize,
+    max_key_bytes: usize,
+    version: u64,
+    young: HashMap<Box<[u8]>, Verdict>,
+    old: HashMap<Box<[u8]>, Verdict>,
+    stats: CacheStats,
+}
+
+impl DecisionCache {
+    /// A cache of at most `capacity` entries (0 disables it) whose keys
+    /// are at most `max_key_bytes` long.
+    pub fn new(capacity: usize, max_key_bytes: usize) -> DecisionCache {
+        DecisionCache {
+            half: capacity.div_ceil(2),
+            max_key_bytes,
+            version: 0,
+            young: HashMap::new(),
+            old: HashMap::new(),
+            stats: CacheStats::default(),
+        }
+    }
+
+    /// The verdict cached for `key` under policy `version`. Counts a hit,
+    /// a miss, or an oversized key.
+    pub fn get(&mut self, version: u64, key: &[u8]) -> Option<Verdict> {
+        if self.half == 0 {
+            return None;
+        }
+        if key.len() > self.max_key_bytes {
+            self.stats.oversized += 1;
+            return None;
+        }
+        if !self.at_version(version) {
+            self.stats.misses += 1;
+            return None;
+        }
+        if let Some(v) = self.young.get(key) {
+            self.stats.hits += 1;
+            return Some(*v);
+        }
+        match self.old.remove_entry(key) {
+            Some((k, v)) => {
+                self.stats.hits += 1;
+                self.insert_young(k, v);
+                Some(v)
+            }
+            None => {
+                self.stats.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Remembers the verdict for `key` under policy `version` (after a
+    /// [`get`](Self::get) miss; ignored for oversized keys or an older version).
+    pub fn put(&mut self, version: u64, key: &[u8], verdict: Verdict) {
+        if self.half == 0 || key.len() > self.max_key_bytes || !self.at_version(version) {
+            return;
+        }
+        self.insert_young(key.into(), verdict);
+    }
+
+    /// Moves to a newer policy version (emptying the cache); false for an
+    /// older one, whose verdicts are neither served nor kept.
+    fn at_version(&mut self, version: u64) -> bool {
+        if version > self.version {
+            self.young.clear();
+            self.old.clear();
+            self.version = version;
+        }
+        version == self.version
+    }
+
+    fn insert_young(&mut self, key: Box<[u8]>, verdict: Verdict) {
+        if self.young.len() >= self.half && !self.young.contains_key(&key) {
+            self.stats.evictions += self.old.len() as u64;
+            self.old = std::mem::take(&mut self.young);
+            self.old.retain(|k, _| **k != *key);
+        }
+        self.young.insert(key, verdict);
+    }
+
+    /// Entries held now.
+    pub fn len(&self) -> usize {
+        self.young.len() + self.old.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Decider;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    fn v(i: usize) -> Verdict {
+        Verdict {
+            allowed: i % 2 == 0,
+            rule: Decider::Rule(i),
+            shadow_denied: None,
+        }
+    }
+
+    #[test]
+    fn hit_after_put_and_miss_before() {
+        let mut c = DecisionCache::new(8, 64);
+        assert_eq!(c.get(1, b"a"), None);
+        c.put(1, b"a", v(3));
+        assert_eq!(c.get(1, b"a"), Some(v(3)));
+        assert_eq!(
+            c.stats(),
+            CacheStats {
+                hits: 1,
+                misses: 1,
+                ..CacheStats::default()
+            }
+        );
+    }
+
+    #[test]
+    fn never_holds_more_than_capacity_and_counts_evictions() {
+        let mut c = DecisionCache::new(10, 64);
+        for i in 0..1000usize {
+            let k = i.to_le_bytes();
+            assert_eq!(c.get(1, &k), None);
+            c.put(1, &k, v(i));
+            assert!(c.len() <= 10, "{} entries", c.len());
+        }
+        // 1000 distinct keys, at most 10 held: the rest were evicted.
+        assert_eq!(c.stats().evictions as usize + c.len(), 1000);
+        assert_eq!(c.get(1, &999usize.to_le_bytes()), Some(v(999)));
+        assert_eq!(c.get(1, &0usize.to_le_bytes()), None);
+    }
+
+    #[test]
+    fn a_key_in_use_survives_generations() {
+        let mut c = DecisionCache::new(4, 64);
+        c.put(1, b"hot", v(0));
+        for i in 0..100usize {
+            let k = i.to_le_bytes();
+            c.get(1, &k);
+            c.put(1, &k, v(i));
+            assert_eq!(c.get(1, b"hot"), Some(v(0)), "lost after {i} inserts");
+        }
+    }
+
+    #[test]
+    fn a_new_policy_version_empties_it() {
+        let mut c = DecisionCache::new(8, 64);
+        c.get(1, b"a");
+        c.put(1, b"a", v(0));
+        assert_eq!(c.get(2, b"a"), None);
+        assert!(c.is_empty());
+        // A late put for the previous version is ignored.
+        c.put(1, b"a", v(0));
+        assert_eq!(c.get(2, b"a"), None);
+    }
+
+    #[test]
+    fn oversized_keys_and_capacity_zero_bypass_it() {
+        let mut c = DecisionCache::new(8, 4);
+        c.put(1, b"toolong", v(0));
+        assert_eq!(c.get(1, b"toolong"), None);
+        assert_eq!(c.stats().oversized, 1);
+        assert!(c.is_empty());
+        let mut off = DecisionCache::new(0, 64);
+        off.put(0, b"a", v(0));
+        assert_eq!(off.get(0, b"a"), None);
+        assert_eq!(off.stats(), CacheStats::default());
+    }
+}
