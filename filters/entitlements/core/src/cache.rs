@@ -132,7 +132,7 @@ mod tests {
 
     fn v(i: usize) -> Verdict {
         Verdict {
-            allowed: i % 2 == 0,
+            allowed: i.is_multiple_of(2),
             rule: Decider::Rule(i),
             shadow_denied: None,
         }
