@@ -14,6 +14,10 @@ use regex_lite::Regex;
 use serde::Deserialize;
 use std::collections::HashSet;
 
+/// Rule ids the engine and its users report themselves: `default` when no
+/// rule matched, `invalid_identity` when the identity could not be read.
+pub const RESERVED_IDS: &[&str] = &["default", "invalid_identity"];
+
 /// Allow or deny.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -424,6 +428,13 @@ impl Policy {
             if r.id.is_empty() {
                 return Err(rule_err(&format!("#{i}"), "id", "must not be empty"));
             }
+            if RESERVED_IDS.contains(&r.id.as_str()) {
+                return Err(rule_err(
+                    &r.id,
+                    "id",
+                    "reserved (the engine reports it itself)",
+                ));
+            }
             if !ids.insert(r.id.clone()) {
                 return Err(rule_err(&r.id, "id", "duplicate rule id"));
             }
@@ -520,6 +531,11 @@ impl Policy {
             Decider::Rule(i) => self.rules.get(i).map_or("default", |r| r.id.as_str()),
             Decider::Default => "default",
         }
+    }
+
+    /// The request headers some rule reads (lower-case, sorted).
+    pub fn headers_read(&self) -> &[String] {
+        &self.key_headers
     }
 
     /// Whether any condition reads `claims.*` (if none, the payload need
@@ -1216,6 +1232,7 @@ mod tests {
             json!({"id": "j", "effect": "allow", "match": {"channel": "a.>", "methods": ["GET"]}})
         )
         .starts_with("rule \"j\": match:"));
+        assert!(r(json!({"id": "default", "effect": "allow"})).contains("reserved"));
         assert!(
             r(json!({"id": "q", "effect": "allow", "match": {"actions": ["publish"]}}))
                 .starts_with("rule \"q\": match.actions:")

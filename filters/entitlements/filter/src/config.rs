@@ -1,0 +1,268 @@
+//! The plugin configuration: parsed with unknown fields refused, then
+//! compiled (the policy, path options, remote source); every error names
+//! the field.
+
+use entitlements_core::path::{EscapedSlashes, PathOptions, DEFAULT_MAX_PATH_BYTES};
+use entitlements_core::policy::{Policy, PolicyConfig};
+use serde::Deserialize;
+use std::time::Duration;
+
+/// The JSON plugin configuration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// The policy, inline. Required unless `remote` is set; with `remote`,
+    /// it serves until the first fetch succeeds.
+    pub policy: Option<PolicyConfig>,
+    /// Fetch the policy from an HTTP endpoint and refresh it on a timer.
+    pub remote: Option<RemoteConfig>,
+    /// Names of the identity headers auth sets.
+    #[serde(default)]
+    pub identity_headers: IdentityHeaders,
+    /// Path normalisation before matching.
+    #[serde(default)]
+    pub path: PathConfig,
+    /// The per-worker decision cache.
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// Largest `x-auth-claims` value decoded (bytes, encoded); a larger
+    /// one is refused like a malformed one.
+    #[serde(default = "default_max_claims_bytes")]
+    pub max_claims_bytes: usize,
+}
+
+/// Where the policy is fetched from.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteConfig {
+    /// Envoy cluster serving the policy.
+    pub cluster: String,
+    /// Request path, e.g. `/policies/entitlements.json`.
+    pub path: String,
+    /// `:authority` of the request; default: the cluster name.
+    pub authority: Option<String>,
+    /// Time between fetches after a success (ms). Default 30 000.
+    #[serde(default = "default_refresh_ms")]
+    pub refresh_interval_ms: u64,
+    /// Time before another attempt after a failure (ms). Default 5 000.
+    #[serde(default = "default_retry_ms")]
+    pub retry_interval_ms: u64,
+    /// Timeout of one fetch (ms). Default 5 000.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Largest policy document accepted (bytes). Default 1 MiB.
+    #[serde(default = "default_max_policy_bytes")]
+    pub max_bytes: usize,
+    /// Shared-data key under which the workers share the fetched policy;
+    /// default derived from cluster and path.
+    pub shared_key: Option<String>,
+}
+
+/// Identity header names (DESIGN.md's defaults).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityHeaders {
+    pub subject: String,
+    pub issuer: String,
+    pub tenant: String,
+    pub roles: String,
+    pub claims: String,
+}
+
+impl Default for IdentityHeaders {
+    fn default() -> Self {
+        IdentityHeaders {
+            subject: "x-auth-subject".into(),
+            issuer: "x-auth-issuer".into(),
+            tenant: "x-auth-tenant".into(),
+            roles: "x-auth-roles".into(),
+            claims: "x-auth-claims".into(),
+        }
+    }
+}
+
+/// Path handling.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PathConfig {
+    /// `reject` (default), `decode` or `keep` for `%2F` / `%5C`.
+    pub escaped_slashes: EscapedSlashesConfig,
+    /// Longest path accepted, bytes. Default 8192.
+    pub max_bytes: usize,
+    /// Send the normalised path upstream, so the upstream sees what the
+    /// rules saw. Default true.
+    pub rewrite: bool,
+}
+
+impl Default for PathConfig {
+    fn default() -> Self {
+        PathConfig {
+            escaped_slashes: EscapedSlashesConfig::Reject,
+            max_bytes: DEFAULT_MAX_PATH_BYTES,
+            rewrite: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EscapedSlashesConfig {
+    Reject,
+    Decode,
+    Keep,
+}
+
+/// The decision cache.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Entries per worker; 0 disables the cache. Default 10 000.
+    pub max_entries: usize,
+    /// Requests whose key is longer are decided without the cache. Default 4096.
+    pub max_key_bytes: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_entries: 10_000,
+            max_key_bytes: 4096,
+        }
+    }
+}
+
+fn default_max_claims_bytes() -> usize {
+    16 * 1024
+}
+fn default_refresh_ms() -> u64 {
+    30_000
+}
+fn default_retry_ms() -> u64 {
+    5_000
+}
+fn default_timeout_ms() -> u64 {
+    5_000
+}
+fn default_max_policy_bytes() -> usize {
+    1024 * 1024
+}
+
+/// The compiled configuration.
+pub struct Settings {
+    pub policy: Option<Policy>,
+    pub remote: Option<Remote>,
+    pub headers: IdentityHeaders,
+    pub path: PathOptions,
+    pub rewrite_path: bool,
+    pub cache_entries: usize,
+    pub cache_key_bytes: usize,
+    pub max_claims_bytes: usize,
+}
+
+pub struct Remote {
+    pub cluster: String,
+    pub path: String,
+    pub authority: String,
+    pub refresh: Duration,
+    pub retry: Duration,
+    pub timeout: Duration,
+    pub max_bytes: usize,
+    pub shared_key: String,
+}
+
+fn header_name(field: &str, v: &str) -> Result<(), String> {
+    if v.is_empty()
+        || v.bytes()
+            .any(|b| b.is_ascii_uppercase() || !b.is_ascii_graphic())
+    {
+        return Err(format!("{field}: {v:?} is not a lower-case header name"));
+    }
+    Ok(())
+}
+
+impl Settings {
+    /// Parses and compiles the plugin configuration.
+    pub fn from_json(bytes: &[u8]) -> Result<Settings, String> {
+        let cfg: FilterConfig =
+            serde_json::from_slice(bytes).map_err(|e| format!("configuration: {e}"))?;
+        Settings::compile(cfg)
+    }
+
+    pub fn compile(cfg: FilterConfig) -> Result<Settings, String> {
+        if cfg.policy.is_none() && cfg.remote.is_none() {
+            return Err("policy: required unless remote is set".into());
+        }
+        let policy = match cfg.policy {
+            Some(p) => Some(Policy::compile(p).map_err(|e| format!("policy: {e}"))?),
+            None => None,
+        };
+        let remote = match cfg.remote {
+            None => None,
+            Some(r) => {
+                if r.cluster.is_empty() {
+                    return Err("remote.cluster: must not be empty".into());
+                }
+                if !r.path.starts_with('/') {
+                    return Err(format!("remote.path: {:?} must start with '/'", r.path));
+                }
+                for (field, v) in [
+                    ("remote.refresh_interval_ms", r.refresh_interval_ms),
+                    ("remote.retry_interval_ms", r.retry_interval_ms),
+                    ("remote.timeout_ms", r.timeout_ms),
+                ] {
+                    if v == 0 || v > u64::from(u32::MAX) {
+                        return Err(format!("{field}: {v} is not between 1 and {}", u32::MAX));
+                    }
+                }
+                if r.max_bytes == 0 {
+                    return Err("remote.max_bytes: must be positive".into());
+                }
+                let shared_key = r.shared_key.unwrap_or_else(|| {
+                    format!("254carbon.entitlements.policy|{}|{}", r.cluster, r.path)
+                });
+                if shared_key.is_empty() {
+                    return Err("remote.shared_key: must not be empty".into());
+                }
+                Some(Remote {
+                    authority: r.authority.unwrap_or_else(|| r.cluster.clone()),
+                    cluster: r.cluster,
+                    path: r.path,
+                    refresh: Duration::from_millis(r.refresh_interval_ms),
+                    retry: Duration::from_millis(r.retry_interval_ms),
+                    timeout: Duration::from_millis(r.timeout_ms),
+                    max_bytes: r.max_bytes,
+                    shared_key,
+                })
+            }
+        };
+        let h = &cfg.identity_headers;
+        header_name("identity_headers.subject", &h.subject)?;
+        header_name("identity_headers.issuer", &h.issuer)?;
+        header_name("identity_headers.tenant", &h.tenant)?;
+        header_name("identity_headers.roles", &h.roles)?;
+        header_name("identity_headers.claims", &h.claims)?;
+        if cfg.path.max_bytes == 0 {
+            return Err("path.max_bytes: must be positive".into());
+        }
+        if cfg.cache.max_entries > 0 && cfg.cache.max_key_bytes == 0 {
+            return Err("cache.max_key_bytes: must be positive when the cache is on".into());
+        }
+        Ok(Settings {
+            policy,
+            remote,
+            headers: cfg.identity_headers,
+            path: PathOptions {
+                escaped_slashes: match cfg.path.escaped_slashes {
+                    EscapedSlashesConfig::Reject => EscapedSlashes::Reject,
+                    EscapedSlashesConfig::Decode => EscapedSlashes::Decode,
+                    EscapedSlashesConfig::Keep => EscapedSlashes::Keep,
+                },
+                max_bytes: cfg.path.max_bytes,
+            },
+            rewrite_path: cfg.path.rewrite,
+            cache_entries: cfg.cache.max_entries,
+            cache_key_bytes: cfg.cache.max_key_bytes,
+            max_claims_bytes: cfg.max_claims_bytes,
+        })
+    }
+}

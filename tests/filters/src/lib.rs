@@ -1,0 +1,67 @@
+//! Helpers for the filters' integration tests (`tests/`): requests with
+//! identity headers, and loading the built `.wasm` files.
+
+use base64::Engine as _;
+use serde_json::Value;
+use wasm_host::{Host, LoadError, Plugin, PluginConfig};
+
+/// The entitlements filter with this plugin configuration.
+pub fn entitlements_config(config: &Value) -> PluginConfig {
+    PluginConfig::new(wasm_host::wasm_path("entitlements"))
+        .name("entitlements")
+        .root_id("entitlements")
+        .vm_id("entitlements")
+        .config_json(config)
+}
+
+pub fn load_entitlements(host: &Host, config: &Value) -> Result<Plugin, LoadError> {
+    host.load(entitlements_config(config))
+}
+
+/// base64url (no padding) of a JSON value: an `x-auth-claims` header.
+pub fn claims_header(claims: &Value) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string())
+}
+
+/// A request as it leaves auth: pseudo-headers plus identity headers.
+pub struct Req {
+    pub headers: Vec<(String, String)>,
+}
+
+impl Req {
+    pub fn new(method: &str, path: &str) -> Req {
+        Req {
+            headers: vec![
+                (":method".into(), method.into()),
+                (":path".into(), path.into()),
+                (":authority".into(), "api.254carbon.test".into()),
+                (":scheme".into(), "https".into()),
+            ],
+        }
+    }
+
+    pub fn get(path: &str) -> Req {
+        Req::new("GET", path)
+    }
+
+    pub fn header(mut self, k: &str, v: &str) -> Req {
+        self.headers.push((k.into(), v.into()));
+        self
+    }
+
+    /// Identity headers as auth sets them.
+    pub fn identity(self, subject: &str, tenant: &str, roles: &[&str], claims: &Value) -> Req {
+        self.header("x-auth-subject", subject)
+            .header("x-auth-issuer", "https://idp.254carbon.test/realms/carbon")
+            .header("x-auth-tenant", tenant)
+            .header("x-auth-roles", &roles.join(","))
+            .header("x-auth-claims", &claims_header(claims))
+    }
+
+    pub fn pairs(&self) -> Vec<(&str, &str)> {
+        self.headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
+    }
+}
