@@ -19,6 +19,7 @@
 pub mod cache;
 pub mod channel;
 pub mod identity;
+mod index;
 pub mod path;
 pub mod policy;
 pub mod template;

@@ -9,6 +9,7 @@
 
 use crate::channel::Pattern;
 use crate::identity::{ClaimPath, Identity};
+use crate::index::{ones, prefix_segments, regex_literal_prefix, PathIndex};
 use crate::template::{Captures, ChannelTemplate, PathTemplate};
 use regex_lite::Regex;
 use serde::Deserialize;
@@ -173,7 +174,8 @@ enum PathMatch {
     Exact(String),
     Prefix(String),
     Template(PathTemplate),
-    Regex(Regex),
+    /// The regex, and the literal text every match starts with.
+    Regex(Regex, String),
 }
 
 enum ValueMatch {
@@ -261,6 +263,10 @@ pub struct Policy {
     key_headers: Vec<String>,
     key_query: Vec<String>,
     uses_claims: bool,
+    /// HTTP rules by the path segments they need.
+    index: PathIndex,
+    /// Channel rules, in order.
+    channel_rules: Vec<usize>,
 }
 
 /// An HTTP request as the engine sees it (path already normalised).
@@ -450,9 +456,26 @@ impl Policy {
             }
             uses_claims |= r.when.iter().any(|c| matches!(c.attr, Attr::Claim(_)));
         }
+        let mut index = PathIndex::new(rules.len());
+        let mut channel_rules = Vec::new();
+        for (i, r) in rules.iter().enumerate() {
+            match &r.target {
+                Target::Channel { .. } => channel_rules.push(i),
+                Target::Http { path, .. } => match path {
+                    None => index.insert(i, std::iter::empty()),
+                    Some(PathMatch::Exact(p) | PathMatch::Prefix(p)) => {
+                        index.insert(i, prefix_segments(p))
+                    }
+                    Some(PathMatch::Template(t)) => index.insert(i, t.leading_literals()),
+                    Some(PathMatch::Regex(_, prefix)) => index.insert(i, prefix_segments(prefix)),
+                },
+            }
+        }
         Ok(Policy {
             default: cfg.default,
             shadow: cfg.shadow,
+            index,
+            channel_rules,
             rules,
             key_headers: key_headers.into_iter().collect(),
             key_query: key_query.into_iter().collect(),
@@ -477,15 +500,28 @@ impl Policy {
     /// Decides a request for an identity, naming rules by position (what
     /// the decision cache stores; [`Policy::explain`] gives the ids).
     pub fn decide(&self, identity: &Identity, request: &Request<'_>) -> Verdict {
+        self.decide_with(identity, request, true)
+    }
+
+    /// [`Policy::decide`] without the path index: every rule is looked at.
+    /// The reference the index is tested against, and a benchmark baseline.
+    pub fn decide_scan(&self, identity: &Identity, request: &Request<'_>) -> Verdict {
+        self.decide_with(identity, request, false)
+    }
+
+    fn decide_with(&self, identity: &Identity, request: &Request<'_>, indexed: bool) -> Verdict {
         let mut caps = Captures::new();
         // First matching enforced deny, else first enforced allow; and the
         // same over every rule, shadow ones included.
         let mut enforced: Option<(usize, Effect)> = None;
         let mut all: Option<(usize, Effect)> = None;
-        for (i, rule) in self.rules.iter().enumerate() {
+        let mut consider = |i: usize| {
+            let Some(rule) = self.rules.get(i) else {
+                return;
+            };
             caps.clear();
             if !rule.applies(identity, request, &mut caps) {
-                continue;
+                return;
             }
             let better = |cur: Option<(usize, Effect)>| match cur {
                 None => true,
@@ -497,6 +533,15 @@ impl Policy {
             if better(all) {
                 all = Some((i, rule.effect));
             }
+        };
+        match request {
+            _ if !indexed => (0..self.rules.len()).for_each(consider),
+            Request::Http(r) => {
+                let mut candidates = Vec::new();
+                self.index.candidates(r.path, &mut candidates);
+                ones(&candidates).for_each(&mut consider);
+            }
+            Request::Channel { .. } => self.channel_rules.iter().for_each(|&i| consider(i)),
         }
         let decider =
             |r: Option<(usize, Effect)>| r.map_or(Decider::Default, |(i, _)| Decider::Rule(i));
@@ -651,6 +696,7 @@ fn compile_rule(r: RuleConfig) -> Result<Rule, PolicyError> {
                 Some(PathMatchConfig::Regex(re)) => Some(PathMatch::Regex(
                     Regex::new(&format!("^(?:{re})$"))
                         .map_err(|e| rule_err(&id, "match.path.regex", e.to_string()))?,
+                    regex_literal_prefix(&re),
                 )),
             };
             let hosts = m.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
@@ -814,7 +860,9 @@ impl Rule {
                         Some(PathMatch::Exact(p)) => r.path == p,
                         Some(PathMatch::Prefix(p)) => r.path.starts_with(p.as_str()),
                         Some(PathMatch::Template(t)) => t.matches(r.path, caps),
-                        Some(PathMatch::Regex(re)) => re.is_match(r.path),
+                        Some(PathMatch::Regex(re, prefix)) => {
+                            r.path.starts_with(prefix.as_str()) && re.is_match(r.path)
+                        }
                     }
                     && headers.iter().all(|(n, m)| m.matches(r.header(n)))
                     && query

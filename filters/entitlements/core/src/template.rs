@@ -94,6 +94,15 @@ impl PathTemplate {
         names(&self.0)
     }
 
+    /// The literal segments before the first wildcard or capture: every
+    /// path the template matches starts with them.
+    pub fn leading_literals(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map_while(|p| match p {
+            Part::Lit(l) => Some(l.as_str()),
+            _ => None,
+        })
+    }
+
     /// Matches a normalised path; on success appends the captures.
     pub fn matches(&self, path: &str, caps: &mut Captures) -> bool {
         let Some(rest) = path.strip_prefix('/') else {

@@ -9,7 +9,9 @@
 )]
 
 use entitlements_core::channel::{Pattern, Subject};
+use entitlements_core::identity::Identity;
 use entitlements_core::path::{normalize, EscapedSlashes, PathOptions};
+use entitlements_core::policy::{HttpRequest, Policy, Request};
 use entitlements_core::template::{ChannelTemplate, PathTemplate};
 use proptest::prelude::*;
 
@@ -227,6 +229,71 @@ proptest! {
                     "{:?} ({:?}) -> {:?}", raw, mode, n.path);
                 prop_assert!(!n.path.split('/').any(|s| s == ".."));
             }
+        }
+    }
+}
+
+/// A path matcher over a tiny segment alphabet, so that rules overlap.
+fn path_matcher() -> impl Strategy<Value = serde_json::Value> {
+    let seg = || prop::sample::select(vec!["a", "b", "c", "ab"]);
+    let segs = |max| prop::collection::vec(seg(), 0..max).prop_map(|v| format!("/{}", v.join("/")));
+    prop_oneof![
+        segs(4).prop_map(|p| serde_json::json!({"exact": p})),
+        (segs(4), prop::sample::select(vec!["", "/", "a"]))
+            .prop_map(|(p, tail)| serde_json::json!({"prefix": format!("{p}{tail}")})),
+        (
+            prop::collection::vec(prop::sample::select(vec!["a", "b", "{x}", "*"]), 0..3),
+            any::<bool>()
+        )
+            .prop_map(|(v, rest)| {
+                let v: Vec<String> = v
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        if *s == "{x}" {
+                            format!("{{x{i}}}")
+                        } else {
+                            s.to_string()
+                        }
+                    })
+                    .collect();
+                let mut t = format!("/{}", v.join("/"));
+                if rest {
+                    t = format!("{}/**", t.trim_end_matches('/'));
+                }
+                serde_json::json!({"template": t})
+            }),
+        prop::sample::select(vec![
+            "/a/.*", "/a/b?/c", "/(a|b)/c", "/a|/b/.*", "/ab*/.*", "/a/[bc]+", ".*"
+        ])
+        .prop_map(|r| serde_json::json!({"regex": r})),
+    ]
+}
+
+proptest! {
+    #![proptest_config(config(512))]
+
+    #[test]
+    fn the_path_index_never_changes_a_decision(
+        rules in prop::collection::vec((path_matcher(), any::<bool>(), any::<bool>()), 1..12),
+        paths in prop::collection::vec(prop::collection::vec(prop::sample::select(vec!["a", "b", "c", "ab", ""]), 0..5), 1..12),
+    ) {
+        let rules: Vec<serde_json::Value> = rules
+            .into_iter()
+            .enumerate()
+            .map(|(i, (path, deny, shadow))| serde_json::json!({
+                "id": format!("r{i}"),
+                "effect": if deny { "deny" } else { "allow" },
+                "shadow": shadow,
+                "match": {"path": path},
+            }))
+            .collect();
+        let p = Policy::from_json(serde_json::json!({"rules": rules}).to_string().as_bytes()).unwrap();
+        let who = Identity::default();
+        for segs in paths {
+            let path = format!("/{}", segs.join("/"));
+            let req = Request::Http(HttpRequest::new("GET", "h", &path));
+            prop_assert_eq!(p.decide(&who, &req), p.decide_scan(&who, &req), "{}", path);
         }
     }
 }

@@ -1,0 +1,200 @@
+//! A small bench harness shared by the project's bench binaries.
+//!
+//! Cases are warmed up, then sampled in turn (case 1, case 2, … then again)
+//! so that noise from a shared machine falls on all of them alike. Each
+//! sample times `per_sample` calls and records µs per call; the table gives
+//! min / median / max over the samples and the ratio of each median to a
+//! reference case of the same run. `--quick` on the command line shortens
+//! the run. Results are also written as JSON to `target/bench/<name>.json`.
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+pub mod fixtures;
+
+/// One case's samples, µs per call.
+pub struct Row {
+    pub name: String,
+    pub samples_us: Vec<f64>,
+}
+
+impl Row {
+    fn sorted(&self) -> Vec<f64> {
+        let mut v = self.samples_us.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v
+    }
+
+    pub fn median(&self) -> f64 {
+        let v = self.sorted();
+        match v.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => v.get(n / 2).copied().unwrap_or(f64::NAN),
+            n => match (v.get(n / 2 - 1), v.get(n / 2)) {
+                (Some(a), Some(b)) => (a + b) / 2.0,
+                _ => f64::NAN,
+            },
+        }
+    }
+
+    pub fn min(&self) -> f64 {
+        self.sorted().first().copied().unwrap_or(f64::NAN)
+    }
+
+    pub fn max(&self) -> f64 {
+        self.sorted().last().copied().unwrap_or(f64::NAN)
+    }
+}
+
+/// Sampling plan.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub samples: usize,
+    pub per_sample: usize,
+}
+
+impl Plan {
+    /// `full` normally, `quick` with `--quick` on the command line.
+    pub fn from_args(full: Plan, quick: Plan) -> Plan {
+        if std::env::args().any(|a| a == "--quick") {
+            quick
+        } else {
+            full
+        }
+    }
+}
+
+/// A named case: one call of the code under measurement.
+pub type Case<'a> = (&'a str, Box<dyn FnMut() + 'a>);
+
+/// Warms up every case, then samples them interleaved.
+pub fn run(plan: Plan, cases: &mut [Case<'_>]) -> Vec<Row> {
+    for (_, f) in cases.iter_mut() {
+        for _ in 0..plan.per_sample {
+            f();
+        }
+    }
+    let mut rows: Vec<Row> = cases
+        .iter()
+        .map(|(n, _)| Row {
+            name: (*n).to_string(),
+            samples_us: Vec::with_capacity(plan.samples),
+        })
+        .collect();
+    for _ in 0..plan.samples {
+        for (row, (_, f)) in rows.iter_mut().zip(cases.iter_mut()) {
+            let t = Instant::now();
+            for _ in 0..plan.per_sample {
+                f();
+            }
+            row.samples_us
+                .push(t.elapsed().as_secs_f64() * 1e6 / plan.per_sample as f64);
+        }
+    }
+    rows
+}
+
+/// A markdown table; `refs` are the rows (by index) each median is divided by.
+pub fn table(title: &str, rows: &[Row], refs: &[usize]) -> String {
+    let mut out = format!("\n### {title}\n\n| case | min µs | median µs | max µs |");
+    for &r in refs {
+        let name = rows.get(r).map_or("?", |r| r.name.as_str());
+        let _ = write!(out, " median / {name} |");
+    }
+    out.push_str("\n|---|---:|---:|---:|");
+    for _ in refs {
+        out.push_str("---:|");
+    }
+    out.push('\n');
+    for row in rows {
+        let _ = write!(
+            out,
+            "| {} | {:.3} | {:.3} | {:.3} |",
+            row.name,
+            row.min(),
+            row.median(),
+            row.max()
+        );
+        for &r in refs {
+            let base = rows.get(r).map_or(f64::NAN, Row::median);
+            let _ = write!(out, " {:.2}× |", row.median() / base);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Writes `target/bench/<name>.json` (relative to the workspace root,
+/// found from `manifest_dir`); returns the path written.
+pub fn write_json(manifest_dir: &str, name: &str, plan: Plan, rows: &[Row]) -> Option<String> {
+    let rows_json: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{{\"name\":{:?},\"min\":{:.4},\"median\":{:.4},\"max\":{:.4},\"samples\":[{}]}}",
+                r.name,
+                r.min(),
+                r.median(),
+                r.max(),
+                r.samples_us
+                    .iter()
+                    .map(|x| format!("{x:.4}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        })
+        .collect();
+    let json = format!(
+        "{{\"bench\":{name:?},\"samples\":{},\"calls_per_sample\":{},\"unit\":\"us_per_call\",\"rows\":[{}]}}\n",
+        plan.samples,
+        plan.per_sample,
+        rows_json.join(",")
+    );
+    let mut dir = std::path::PathBuf::from(manifest_dir);
+    while !dir.join("Cargo.lock").is_file() {
+        if !dir.pop() {
+            return None;
+        }
+    }
+    let dir = dir.join("target").join("bench");
+    std::fs::create_dir_all(&dir).ok()?;
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, json).ok()?;
+    Some(path.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_min_max() {
+        let r = Row {
+            name: "x".into(),
+            samples_us: vec![3.0, 1.0, 2.0, 10.0],
+        };
+        assert_eq!((r.min(), r.median(), r.max()), (1.0, 2.5, 10.0));
+    }
+
+    #[test]
+    fn runs_every_case_and_tabulates_ratios() {
+        let mut n = 0u64;
+        let mut m = 0u64;
+        let rows = {
+            let mut cases: Vec<Case<'_>> =
+                vec![("a", Box::new(|| n += 1)), ("b", Box::new(|| m += 2))];
+            run(
+                Plan {
+                    samples: 3,
+                    per_sample: 5,
+                },
+                &mut cases,
+            )
+        };
+        assert_eq!((n, m), (20, 40)); // warm-up + 3 samples, 5 calls each
+        assert_eq!(rows.len(), 2);
+        assert!(rows.iter().all(|r| r.samples_us.len() == 3));
+        let t = table("t", &rows, &[0]);
+        assert!(t.contains("| a |") && t.contains("median / a"));
+    }
+}
