@@ -6,6 +6,8 @@
 //! every call, so the cache keeps evicting); the hit path (cache key and
 //! lookup). `cargo bench -p entitlements-core --bench decision [-- --quick]`
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
 use benchkit::fixtures::{entitlements_policy, CLAIMS};
 use benchkit::Plan;
 use entitlements_core::cache::DecisionCache;
@@ -78,7 +80,7 @@ fn main() {
                 "cache miss: key + lookup + evaluate + insert",
                 Box::new(|| {
                     i += 1;
-                    if i % paths.len() == 0 {
+                    if i.is_multiple_of(paths.len()) {
                         version += 1; // start over so that every lookup misses
                     }
                     let mut r = req;
