@@ -67,8 +67,16 @@ impl Plan {
 /// A named case: one call of the code under measurement.
 pub type Case<'a> = (&'a str, Box<dyn FnMut() + 'a>);
 
-/// Warms up every case, then samples them interleaved.
+/// Warms up every case, then samples them interleaved. With `BENCH_ONLY`
+/// set in the environment, only the cases whose name contains it run (for
+/// profiling one case under `perf`).
 pub fn run(plan: Plan, cases: &mut [Case<'_>]) -> Vec<Row> {
+    let only = std::env::var("BENCH_ONLY").ok();
+    let mut selected: Vec<&mut Case<'_>> = cases
+        .iter_mut()
+        .filter(|(n, _)| only.as_deref().is_none_or(|o| n.contains(o)))
+        .collect();
+    let cases = &mut selected[..];
     for (_, f) in cases.iter_mut() {
         for _ in 0..plan.per_sample {
             f();

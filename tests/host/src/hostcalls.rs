@@ -810,11 +810,13 @@ pub(crate) fn add_to_linker(l: &mut Linker<VmState>) -> Result<()> {
         "env",
         "proxy_record_metric",
         |c: C<'_>, id: i32, v: i64| -> Result<i32> {
-            let Some((name, ty)) = c.data().metric_by_id.get(&(id as u32)).cloned() else {
+            let data = c.data();
+            let Some((name, ty)) = data.metric_by_id.get(&(id as u32)) else {
                 return st(Status::NotFound);
             };
-            let mut s = c.data().core.lock();
-            let Some(m) = s.metrics.get_mut(&name) else {
+            let ty = *ty;
+            let mut s = data.core.lock();
+            let Some(m) = s.metrics.get_mut(name) else {
                 return st(Status::NotFound);
             };
             match ty {
@@ -829,11 +831,13 @@ pub(crate) fn add_to_linker(l: &mut Linker<VmState>) -> Result<()> {
         "env",
         "proxy_increment_metric",
         |c: C<'_>, id: i32, delta: i64| -> Result<i32> {
-            let Some((name, ty)) = c.data().metric_by_id.get(&(id as u32)).cloned() else {
+            let data = c.data();
+            let Some((name, ty)) = data.metric_by_id.get(&(id as u32)) else {
                 return st(Status::NotFound);
             };
-            let mut s = c.data().core.lock();
-            let Some(m) = s.metrics.get_mut(&name) else {
+            let ty = *ty;
+            let mut s = data.core.lock();
+            let Some(m) = s.metrics.get_mut(name) else {
                 return st(Status::NotFound);
             };
             match ty {

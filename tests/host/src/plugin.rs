@@ -198,6 +198,11 @@ pub(crate) fn engine() -> &'static Engine {
         let mut cfg = wasmtime::Config::new();
         cfg.epoch_interruption(true);
         cfg.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        // `WASM_HOST_PERFMAP=1`: write /tmp/perf-<pid>.map so that `perf
+        // report` names the guest's functions (profiling filters in benches).
+        if std::env::var_os("WASM_HOST_PERFMAP").is_some_and(|v| v == "1") {
+            cfg.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = match Engine::new(&cfg) {
             Ok(e) => e,
             Err(e) => panic!("cannot create the wasmtime engine: {e}"),

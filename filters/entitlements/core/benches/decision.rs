@@ -6,7 +6,12 @@
 //! every call, so the cache keeps evicting); the hit path (cache key and
 //! lookup). `cargo bench -p entitlements-core --bench decision [-- --quick]`
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use benchkit::fixtures::{entitlements_policy, CLAIMS};
 use benchkit::Plan;

@@ -13,7 +13,12 @@
 //! [`Policy::http_key`]: crate::policy::Policy::http_key
 
 use crate::policy::Verdict;
-use std::collections::HashMap;
+use hashbrown::HashTable;
+use std::hash::{BuildHasher, RandomState};
+
+/// An entry: the key's hash (computed once per lookup, with a per-cache
+/// random SipHash key, so clients cannot aim collisions), the key, the verdict.
+type Entry = (u64, Box<[u8]>, Verdict);
 
 /// Counters a filter exports as metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -30,8 +35,9 @@ pub struct DecisionCache {
     half: usize,
     max_key_bytes: usize,
     version: u64,
-    young: HashMap<Box<[u8]>, Verdict>,
-    old: HashMap<Box<[u8]>, Verdict>,
+    hasher: RandomState,
+    young: HashTable<Entry>,
+    old: HashTable<Entry>,
     stats: CacheStats,
 }
 
@@ -43,8 +49,9 @@ impl DecisionCache {
             half: capacity.div_ceil(2),
             max_key_bytes,
             version: 0,
-            young: HashMap::new(),
-            old: HashMap::new(),
+            hasher: RandomState::new(),
+            young: HashTable::new(),
+            old: HashTable::new(),
             stats: CacheStats::default(),
         }
     }
@@ -63,17 +70,21 @@ impl DecisionCache {
             self.stats.misses += 1;
             return None;
         }
-        if let Some(v) = self.young.get(key) {
+        let hash = self.hasher.hash_one(key);
+        let eq = |e: &Entry| e.0 == hash && *e.1 == *key;
+        if let Some(e) = self.young.find(hash, eq) {
             self.stats.hits += 1;
-            return Some(*v);
+            return Some(e.2);
         }
-        match self.old.remove_entry(key) {
-            Some((k, v)) => {
+        match self.old.find_entry(hash, eq) {
+            Ok(e) => {
+                let (entry, _) = e.remove();
                 self.stats.hits += 1;
-                self.insert_young(k, v);
+                let v = entry.2;
+                self.insert_young(entry);
                 Some(v)
             }
-            None => {
+            Err(_) => {
                 self.stats.misses += 1;
                 None
             }
@@ -86,7 +97,14 @@ impl DecisionCache {
         if self.half == 0 || key.len() > self.max_key_bytes || !self.at_version(version) {
             return;
         }
-        self.insert_young(key.into(), verdict);
+        let hash = self.hasher.hash_one(key);
+        if self
+            .young
+            .find(hash, |e| e.0 == hash && *e.1 == *key)
+            .is_none()
+        {
+            self.insert_young((hash, key.into(), verdict));
+        }
     }
 
     /// Moves to a newer policy version (emptying the cache); false for an
@@ -100,13 +118,17 @@ impl DecisionCache {
         version == self.version
     }
 
-    fn insert_young(&mut self, key: Box<[u8]>, verdict: Verdict) {
-        if self.young.len() >= self.half && !self.young.contains_key(&key) {
+    /// Inserts an entry known not to be in the young generation.
+    fn insert_young(&mut self, entry: Entry) {
+        if self.young.len() >= self.half {
             self.stats.evictions += self.old.len() as u64;
             self.old = std::mem::take(&mut self.young);
-            self.old.retain(|k, _| **k != *key);
+            let (hash, key) = (entry.0, &entry.1);
+            if let Ok(dup) = self.old.find_entry(hash, |e| e.0 == hash && e.1 == *key) {
+                dup.remove();
+            }
         }
-        self.young.insert(key, verdict);
+        self.young.insert_unique(entry.0, entry, |e| e.0);
     }
 
     /// Entries held now.

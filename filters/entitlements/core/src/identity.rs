@@ -49,6 +49,11 @@ impl ClaimPath {
         Ok(ClaimPath(segs))
     }
 
+    /// The top-level claim the path starts in.
+    pub fn root(&self) -> &str {
+        self.0.first().map_or("", String::as_str)
+    }
+
     /// Every scalar the path reaches, as text (strings as they are,
     /// numbers and booleans printed); arrays at any level are flattened.
     pub fn values<'c>(&self, claims: &'c Value) -> Vec<Cow<'c, str>> {
@@ -70,6 +75,43 @@ impl ClaimPath {
         }
         out
     }
+}
+
+/// Parses a verified payload (a JSON object), keeping only the top-level
+/// claims in `roots` (sorted) and skipping the rest without building them:
+/// a policy reads a few claims of a payload that may carry many.
+pub fn decode_claims(json: &[u8], roots: &[String]) -> Result<Value, String> {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keep<'r>(&'r [String]);
+    impl<'de> Visitor<'de> for Keep<'_> {
+        type Value = serde_json::Map<String, Value>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = serde_json::Map::new();
+            while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                if self.0.binary_search_by(|r| r.as_str().cmp(&key)).is_ok() {
+                    out.insert(key.into_owned(), map.next_value::<Value>()?);
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(out)
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for Keep<'_> {
+        type Value = serde_json::Map<String, Value>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let map = Keep(roots)
+        .deserialize(&mut de)
+        .map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())?;
+    Ok(Value::Object(map))
 }
 
 fn push_scalars<'c>(v: &'c Value, out: &mut Vec<Cow<'c, str>>) {
@@ -109,6 +151,28 @@ mod tests {
         assert!(v("realm_access").is_empty(), "an object is not a value");
         assert!(ClaimPath::parse("a..b").is_err());
         assert!(ClaimPath::parse("").is_err());
+    }
+
+    #[test]
+    fn decoding_keeps_only_the_claims_read() {
+        let roots = vec!["entitlements".to_string(), "plan".to_string()];
+        let v = decode_claims(
+            br#"{"sub":"a","entitlements":{"markets":["EU-ETS"]},"big":[1,2,{"x":"y"}],"plan":"pro"}"#,
+            &roots,
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"entitlements": {"markets": ["EU-ETS"]}, "plan": "pro"})
+        );
+        // Escaped keys are compared decoded.
+        assert_eq!(
+            decode_claims(br#"{"pl\u0061n":"x"}"#, &roots).unwrap(),
+            json!({"plan": "x"})
+        );
+        assert!(decode_claims(b"[1,2]", &roots).is_err());
+        assert!(decode_claims(b"{\"plan\":1} trailing", &roots).is_err());
+        assert!(decode_claims(b"{\"plan\":", &roots).is_err());
     }
 
     #[test]

@@ -263,6 +263,8 @@ pub struct Policy {
     key_headers: Vec<String>,
     key_query: Vec<String>,
     uses_claims: bool,
+    /// Top-level claims some condition reads (sorted).
+    claim_roots: Vec<String>,
     /// HTTP rules by the path segments they need.
     index: PathIndex,
     /// Channel rules, in order.
@@ -449,7 +451,13 @@ impl Policy {
         let mut key_headers = std::collections::BTreeSet::new();
         let mut key_query = std::collections::BTreeSet::new();
         let mut uses_claims = false;
+        let mut claim_roots = std::collections::BTreeSet::new();
         for r in &rules {
+            for c in &r.when {
+                if let Attr::Claim(p) = &c.attr {
+                    claim_roots.insert(p.root().to_string());
+                }
+            }
             if let Target::Http { headers, query, .. } = &r.target {
                 key_headers.extend(headers.iter().map(|(n, _)| n.clone()));
                 key_query.extend(query.iter().map(|(n, _)| n.clone()));
@@ -480,6 +488,7 @@ impl Policy {
             key_headers: key_headers.into_iter().collect(),
             key_query: key_query.into_iter().collect(),
             uses_claims,
+            claim_roots: claim_roots.into_iter().collect(),
         })
     }
 
@@ -576,6 +585,12 @@ impl Policy {
             Decider::Rule(i) => self.rules.get(i).map_or("default", |r| r.id.as_str()),
             Decider::Default => "default",
         }
+    }
+
+    /// The top-level claims some condition reads (sorted): what
+    /// [`decode_claims`](crate::identity::decode_claims) needs to keep.
+    pub fn claim_roots(&self) -> &[String] {
+        &self.claim_roots
     }
 
     /// The request headers some rule reads (lower-case, sorted).

@@ -7,13 +7,24 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status};
 use std::time::{Duration, UNIX_EPOCH};
 
-/// A request header as UTF-8: `Ok(None)` if absent, `Err(())` if not UTF-8
-/// or not readable.
-pub fn request_header(name: &str) -> Result<Option<String>, ()> {
-    match hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name) {
-        Ok(Some(b)) => String::from_utf8(b).map(Some).map_err(|_| ()),
-        Ok(None) => Ok(None),
-        Err(_) => Err(()),
+/// The request headers, read in one host call (one copy of the map
+/// instead of a call per header). Names come from Envoy's codecs, which
+/// only accept token characters, so the SDK's UTF-8 conversion of names
+/// cannot fail; values stay bytes until [`RequestHeaders::get`] checks them.
+pub struct RequestHeaders(Vec<(String, Vec<u8>)>);
+
+impl RequestHeaders {
+    pub fn read() -> RequestHeaders {
+        RequestHeaders(hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default())
+    }
+
+    /// The first value of `name` as UTF-8: `Ok(None)` if absent, `Err(())`
+    /// if not UTF-8.
+    pub fn get(&self, name: &str) -> Result<Option<&str>, ()> {
+        match self.0.iter().find(|(k, _)| k == name) {
+            None => Ok(None),
+            Some((_, v)) => std::str::from_utf8(v).map(Some).map_err(|_| ()),
+        }
     }
 }
 

@@ -17,7 +17,7 @@ mod remote;
 use base64::Engine as _;
 use config::Settings;
 use entitlements_core::cache::DecisionCache;
-use entitlements_core::identity::Identity;
+use entitlements_core::identity::{decode_claims, Identity};
 use entitlements_core::path::normalize;
 use entitlements_core::policy::{Decider, HttpRequest, IdentityKey, Policy, Request, Verdict};
 use metrics::Metrics;
@@ -33,6 +33,13 @@ proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
     proxy_wasm::set_root_context(|_| Box::new(Root::default()));
 }}
+
+/// base64url, padded or not (RFC 7515 says unpadded; be lenient).
+const BASE64URL: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
 
 /// What every stream of this VM shares.
 struct State {
@@ -154,59 +161,46 @@ struct Stream {
 impl Context for Stream {}
 
 /// The identity headers as received.
-struct RawIdentity {
-    subject: Option<String>,
-    issuer: Option<String>,
-    tenant: Option<String>,
-    roles: Option<String>,
-    claims: Option<String>,
+struct RawIdentity<'h> {
+    subject: Option<&'h str>,
+    issuer: Option<&'h str>,
+    tenant: Option<&'h str>,
+    roles: Option<&'h str>,
+    claims: Option<&'h str>,
 }
 
-impl RawIdentity {
+impl RawIdentity<'_> {
     fn key(&self) -> IdentityKey<'_> {
         IdentityKey {
-            subject: self.subject.as_deref(),
-            issuer: self.issuer.as_deref(),
-            tenant: self.tenant.as_deref(),
-            roles: self.roles.as_deref(),
-            claims: self.claims.as_deref(),
+            subject: self.subject,
+            issuer: self.issuer,
+            tenant: self.tenant,
+            roles: self.roles,
+            claims: self.claims,
         }
     }
 
     /// The identity the engine evaluates; the claims decoded only if the
     /// policy reads them. `Err` names what was malformed.
-    fn decode(&self, with_claims: bool, max_claims: usize) -> Result<Identity, &'static str> {
-        let claims = match (&self.claims, with_claims) {
+    fn decode(&self, policy: &Policy, max_claims: usize) -> Result<Identity, &'static str> {
+        let claims = match (self.claims, policy.uses_claims()) {
             (Some(c), true) => {
                 if c.len() > max_claims {
                     return Err("claims header too large");
                 }
-                let engine = base64::engine::GeneralPurpose::new(
-                    &base64::alphabet::URL_SAFE,
-                    base64::engine::GeneralPurposeConfig::new()
-                        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
-                );
-                let raw = engine
+                let raw = BASE64URL
                     .decode(c.trim())
                     .map_err(|_| "claims header is not base64url")?;
-                let v: serde_json::Value =
-                    serde_json::from_slice(&raw).map_err(|_| "claims header is not JSON")?;
-                if !v.is_object() {
-                    return Err("claims header is not a JSON object");
-                }
-                v
+                decode_claims(&raw, policy.claim_roots())
+                    .map_err(|_| "claims header is not a JSON object")?
             }
             _ => serde_json::Value::Null,
         };
         Ok(Identity {
-            subject: self.subject.clone(),
-            issuer: self.issuer.clone(),
-            tenant: self.tenant.clone(),
-            roles: self
-                .roles
-                .as_deref()
-                .map(Identity::parse_roles)
-                .unwrap_or_default(),
+            subject: self.subject.map(str::to_string),
+            issuer: self.issuer.map(str::to_string),
+            tenant: self.tenant.map(str::to_string),
+            roles: self.roles.map(Identity::parse_roles).unwrap_or_default(),
             claims,
         })
     }
@@ -240,34 +234,41 @@ impl HttpContext for Stream {
         };
 
         // The request, with the path normalised.
-        let header = |n: &str| host::request_header(n).ok().flatten();
+        let headers = host::RequestHeaders::read();
+        let header = |n: &str| headers.get(n).ok().flatten();
         let method = header(":method").unwrap_or_default();
         let authority = header(":authority").unwrap_or_default();
-        let raw_path = match host::request_header(":path") {
+        let raw_path = match headers.get(":path") {
             Ok(Some(p)) => p,
             _ => {
                 return invalid_path(s, "path is missing or not UTF-8");
             }
         };
-        let target = match normalize(&raw_path, &s.settings.path) {
+        let target = match normalize(raw_path, &s.settings.path) {
             Ok(t) => t,
             Err(e) => return invalid_path(s, &e.to_string()),
         };
         if s.settings.rewrite_path {
-            let normal = target.to_string();
-            if normal != raw_path {
-                host::set_request_header(":path", &normal);
+            let unchanged = match &target.query {
+                None => raw_path == target.path,
+                Some(q) => {
+                    raw_path.len() == target.path.len() + 1 + q.len()
+                        && raw_path.starts_with(target.path.as_str())
+                }
+            };
+            if !unchanged {
+                host::set_request_header(":path", &target.to_string());
             }
         }
         let mut read_headers = Vec::with_capacity(policy.headers_read().len());
         for name in policy.headers_read() {
             if let Some(v) = header(name) {
-                read_headers.push((name.clone(), v));
+                read_headers.push((name.clone(), v.to_string()));
             }
         }
         let request = HttpRequest {
-            method: &method,
-            host: &authority,
+            method,
+            host: authority,
             path: &target.path,
             query: target.query.as_deref(),
             headers: &read_headers,
@@ -275,7 +276,7 @@ impl HttpContext for Stream {
 
         // The identity, as auth set it.
         let h = &s.settings.headers;
-        let id_header = |n: &str| host::request_header(n);
+        let id_header = |n: &str| headers.get(n);
         let raw = match (
             id_header(&h.subject),
             id_header(&h.issuer),
@@ -293,29 +294,32 @@ impl HttpContext for Stream {
             _ => return invalid_identity(s, "an identity header is not UTF-8"),
         };
 
-        // Decide, through the cache.
-        policy.http_key(&mut s.key, &raw.key(), &request);
-        let verdict = match s.cache.get(s.version, &s.key) {
+        // Decide, through the cache (if on).
+        let cached = s.settings.cache_entries > 0;
+        if cached {
+            policy.http_key(&mut s.key, &raw.key(), &request);
+        }
+        let hit = if cached {
+            s.cache.get(s.version, &s.key)
+        } else {
+            None
+        };
+        let verdict = match hit {
             Some(v) => v,
             None => {
-                let identity = match raw.decode(policy.uses_claims(), s.settings.max_claims_bytes) {
+                let identity = match raw.decode(&policy, s.settings.max_claims_bytes) {
                     Ok(i) => i,
                     Err(why) => return invalid_identity(s, why),
                 };
                 let v = policy.decide(&identity, &Request::Http(request));
-                s.cache.put(s.version, &s.key, v);
+                if cached {
+                    s.cache.put(s.version, &s.key, v);
+                }
                 v
             }
         };
         s.metrics.flush_cache(s.cache.stats());
-        report(
-            s,
-            &policy,
-            verdict,
-            &method,
-            &target.path,
-            raw.subject.as_deref(),
-        );
+        report(s, &policy, verdict, method, &target.path, raw.subject);
         if verdict.allowed {
             Action::Continue
         } else {
