@@ -3,10 +3,10 @@
 //! the decision, a 200 response, end of stream.
 //!
 //! Rows: a no-op filter (the emulator's cost of one filter, the reference);
-//! entitlements answering from its cache; entitlements missing its cache
-//! (a new path every request: key, lookup, claims decoded, evaluation,
-//! insert); and entitlements with the cache off (decoded and evaluated,
-//! no key, no insert).
+//! entitlements answering from its decision cache; missing the decision
+//! cache (a new path every request, the caller's decoded identity cached);
+//! missing both caches (a new caller and path every request: claims
+//! decoded, evaluated, two inserts); and with both caches off.
 //! `cargo bench -p filter-tests --bench entitlements [-- --quick]`
 #![allow(
     clippy::unwrap_used,
@@ -40,7 +40,7 @@ fn main() {
     let cached = load_entitlements(&host, &json!({"policy": policy})).unwrap();
     let uncached = load_entitlements(
         &host,
-        &json!({"policy": policy, "cache": {"max_entries": 0}}),
+        &json!({"policy": policy, "cache": {"max_entries": 0, "max_identities": 0}}),
     )
     .unwrap();
     let claims = claims_header(&serde_json::from_str(CLAIMS).unwrap());
@@ -88,6 +88,20 @@ fn main() {
         s.respond(200, &[("content-type", "application/json")], b"");
         debug_assert_eq!(s.response().and_then(|r| r.status()), Some(200));
     };
+    // A new caller and a new path on every request: both the identity and
+    // the decision cache miss (claims decoded every time).
+    let subjects: Vec<String> = (0..100_000).map(|i| format!("caller-{i}")).collect();
+    let mut j = 0usize;
+    let mut stranger_request = request.clone();
+    let mut one_stranger = |chain: &Chain| {
+        j = (j + 1) % paths.len();
+        stranger_request[1] = (":path", paths[j].as_str());
+        stranger_request[7] = ("x-auth-subject", subjects[j].as_str());
+        let s = host.stream(chain);
+        s.request_headers(&stranger_request, true);
+        s.respond(200, &[("content-type", "application/json")], b"");
+        debug_assert_eq!(s.response().and_then(|r| r.status()), Some(200));
+    };
     let c_noop = host.chain(&[&noop]);
     let c_hit = host.chain(&[&cached]);
     let c_miss = host.chain(&[&uncached]);
@@ -97,11 +111,15 @@ fn main() {
             ("1 no-op filter", Box::new(|| one(&c_noop))),
             ("entitlements, cache hit", Box::new(|| one(&c_hit))),
             (
-                "entitlements, cache miss (new path each time)",
+                "entitlements, decision cache miss (new path, same caller)",
                 Box::new(|| one_miss(&c_hit)),
             ),
             (
-                "entitlements, cache off (miss path)",
+                "entitlements, both caches miss (new path, new caller)",
+                Box::new(|| one_stranger(&c_hit)),
+            ),
+            (
+                "entitlements, no caches (decode + evaluate)",
                 Box::new(|| one(&c_miss)),
             ),
         ],

@@ -395,6 +395,11 @@ fn repeated_decisions_come_from_the_cache_and_the_bound_shows_in_metrics() {
         "evictions {}",
         c("cache.evictions")
     );
+    // One caller: decoded once, then found in the identity cache.
+    assert_eq!(
+        (c("identity_cache.misses"), c("identity_cache.hits")),
+        (1, 13)
+    );
     // A key over the bound is decided without the cache.
     let p = load_entitlements(
         &host,
@@ -411,6 +416,53 @@ fn repeated_decisions_come_from_the_cache_and_the_bound_shows_in_metrics() {
     );
     assert_eq!(s.response().unwrap().status(), Some(200));
     assert_eq!(c("cache.oversized"), 1);
+}
+
+#[test]
+fn the_identity_cache_is_bounded_and_counts_evictions() {
+    let host = Host::builder().workers(1).build();
+    let p = load_entitlements(
+        &host,
+        &json!({"policy": policy(), "cache": {"max_identities": 4}}),
+    )
+    .unwrap();
+    let chain = host.chain(&[&p]).with_upstream(upstream_ok);
+    for i in 0..20 {
+        let s = host.stream(&chain);
+        s.request_headers(
+            &Req::get("/api/v1/curves/EU-ETS/DEC26")
+                .identity(&format!("user-{i}"), "acme", &[], &alice())
+                .pairs(),
+            true,
+        );
+        assert_eq!(s.response().unwrap().status(), Some(200));
+    }
+    let c = |n: &str| host.counter(&format!("wasmcustom.entitlements.{n}"));
+    assert_eq!(c("identity_cache.misses"), 20);
+    assert!(
+        c("identity_cache.evictions") >= 16,
+        "{}",
+        c("identity_cache.evictions")
+    );
+    // With the identity cache off, decisions are still cached by the raw identity.
+    let p = load_entitlements(
+        &host,
+        &json!({"policy": policy(), "cache": {"max_identities": 0}}),
+    )
+    .unwrap();
+    let chain = host.chain(&[&p]).with_upstream(upstream_ok);
+    let hits = c("cache.hits");
+    for _ in 0..3 {
+        let s = host.stream(&chain);
+        s.request_headers(
+            &Req::get("/api/v1/curves/EU-ETS/DEC26")
+                .identity("bob", "acme", &[], &alice())
+                .pairs(),
+            true,
+        );
+        assert_eq!(s.response().unwrap().status(), Some(200));
+    }
+    assert_eq!(c("cache.hits") - hits, 2);
 }
 
 #[test]

@@ -1,5 +1,6 @@
-//! A bounded cache of decisions, one per VM (per Envoy worker) or per
-//! sidecar, keyed by what a decision depends on (see [`Policy::http_key`]).
+//! A bounded cache keyed by bytes, one per VM (per Envoy worker) or per
+//! sidecar: of decisions, keyed by what a decision depends on (see
+//! [`Policy::http_key`]), and of decoded identities.
 //!
 //! Two generations of at most `capacity / 2` entries each: inserts go to
 //! the young one; when it is full, the old one is dropped (those entries
@@ -18,7 +19,7 @@ use std::hash::{BuildHasher, RandomState};
 
 /// An entry: the key's hash (computed once per lookup, with a per-cache
 /// random SipHash key, so clients cannot aim collisions), the key, the verdict.
-type Entry = (u64, Box<[u8]>, Verdict);
+type Entry<V> = (u64, Box<[u8]>, V);
 
 /// Counters a filter exports as metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -31,21 +32,24 @@ pub struct CacheStats {
     pub oversized: u64,
 }
 
-pub struct DecisionCache {
+/// The cache of decisions.
+pub type DecisionCache = BoundedCache<Verdict>;
+
+pub struct BoundedCache<V> {
     half: usize,
     max_key_bytes: usize,
     version: u64,
     hasher: RandomState,
-    young: HashTable<Entry>,
-    old: HashTable<Entry>,
+    young: HashTable<Entry<V>>,
+    old: HashTable<Entry<V>>,
     stats: CacheStats,
 }
 
-impl DecisionCache {
+impl<V: Clone> BoundedCache<V> {
     /// A cache of at most `capacity` entries (0 disables it) whose keys
     /// are at most `max_key_bytes` long.
-    pub fn new(capacity: usize, max_key_bytes: usize) -> DecisionCache {
-        DecisionCache {
+    pub fn new(capacity: usize, max_key_bytes: usize) -> BoundedCache<V> {
+        BoundedCache {
             half: capacity.div_ceil(2),
             max_key_bytes,
             version: 0,
@@ -56,9 +60,9 @@ impl DecisionCache {
         }
     }
 
-    /// The verdict cached for `key` under policy `version`. Counts a hit,
+    /// The value cached for `key` under policy `version`. Counts a hit,
     /// a miss, or an oversized key.
-    pub fn get(&mut self, version: u64, key: &[u8]) -> Option<Verdict> {
+    pub fn get(&mut self, version: u64, key: &[u8]) -> Option<V> {
         if self.half == 0 {
             return None;
         }
@@ -71,16 +75,16 @@ impl DecisionCache {
             return None;
         }
         let hash = self.hasher.hash_one(key);
-        let eq = |e: &Entry| e.0 == hash && *e.1 == *key;
+        let eq = |e: &Entry<V>| e.0 == hash && *e.1 == *key;
         if let Some(e) = self.young.find(hash, eq) {
             self.stats.hits += 1;
-            return Some(e.2);
+            return Some(e.2.clone());
         }
         match self.old.find_entry(hash, eq) {
             Ok(e) => {
                 let (entry, _) = e.remove();
                 self.stats.hits += 1;
-                let v = entry.2;
+                let v = entry.2.clone();
                 self.insert_young(entry);
                 Some(v)
             }
@@ -91,9 +95,9 @@ impl DecisionCache {
         }
     }
 
-    /// Remembers the verdict for `key` under policy `version` (after a
+    /// Remembers the value for `key` under policy `version` (after a
     /// [`get`](Self::get) miss; ignored for oversized keys or an older version).
-    pub fn put(&mut self, version: u64, key: &[u8], verdict: Verdict) {
+    pub fn put(&mut self, version: u64, key: &[u8], value: V) {
         if self.half == 0 || key.len() > self.max_key_bytes || !self.at_version(version) {
             return;
         }
@@ -103,7 +107,7 @@ impl DecisionCache {
             .find(hash, |e| e.0 == hash && *e.1 == *key)
             .is_none()
         {
-            self.insert_young((hash, key.into(), verdict));
+            self.insert_young((hash, key.into(), value));
         }
     }
 
@@ -119,7 +123,7 @@ impl DecisionCache {
     }
 
     /// Inserts an entry known not to be in the young generation.
-    fn insert_young(&mut self, entry: Entry) {
+    fn insert_young(&mut self, entry: Entry<V>) {
         if self.young.len() >= self.half {
             self.stats.evictions += self.old.len() as u64;
             self.old = std::mem::take(&mut self.young);

@@ -608,6 +608,14 @@ impl Policy {
     /// (cleared first): every input the policy's decision depends on,
     /// each length-prefixed so that no two different inputs share a key.
     pub fn http_key(&self, out: &mut Vec<u8>, id: &IdentityKey<'_>, r: &HttpRequest<'_>) {
+        self.http_request_key(out, r);
+        self.identity_key(out, id);
+    }
+
+    /// Writes the request half of [`Policy::http_key`] into `out` (cleared
+    /// first): for callers that key identities separately (the filter
+    /// appends the id of the decoded identity).
+    pub fn http_request_key(&self, out: &mut Vec<u8>, r: &HttpRequest<'_>) {
         out.clear();
         out.push(b'H');
         key_field(out, Some(r.method));
@@ -622,7 +630,6 @@ impl Policy {
                 _ => key_field(out, None),
             }
         }
-        self.identity_key(out, id);
     }
 
     /// Writes the decision cache key of a channel request into `out`.
@@ -642,7 +649,9 @@ impl Policy {
         self.identity_key(out, id);
     }
 
-    fn identity_key(&self, out: &mut Vec<u8>, id: &IdentityKey<'_>) {
+    /// Appends the identity half of a cache key to `out`: the identity
+    /// headers, and the claims if a condition reads them.
+    pub fn identity_key(&self, out: &mut Vec<u8>, id: &IdentityKey<'_>) {
         key_field(out, id.subject);
         key_field(out, id.issuer);
         key_field(out, id.tenant);

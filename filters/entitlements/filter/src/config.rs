@@ -120,6 +120,9 @@ pub struct CacheConfig {
     pub max_entries: usize,
     /// Requests whose key is longer are decided without the cache. Default 4096.
     pub max_key_bytes: usize,
+    /// Decoded identities kept per worker; 0 decodes the identity headers
+    /// on every decision-cache miss. Default 1024.
+    pub max_identities: usize,
 }
 
 impl Default for CacheConfig {
@@ -127,6 +130,7 @@ impl Default for CacheConfig {
         CacheConfig {
             max_entries: 10_000,
             max_key_bytes: 4096,
+            max_identities: 1024,
         }
     }
 }
@@ -156,6 +160,7 @@ pub struct Settings {
     pub rewrite_path: bool,
     pub cache_entries: usize,
     pub cache_key_bytes: usize,
+    pub identity_entries: usize,
     pub max_claims_bytes: usize,
 }
 
@@ -244,7 +249,9 @@ impl Settings {
         if cfg.path.max_bytes == 0 {
             return Err("path.max_bytes: must be positive".into());
         }
-        if cfg.cache.max_entries > 0 && cfg.cache.max_key_bytes == 0 {
+        if (cfg.cache.max_entries > 0 || cfg.cache.max_identities > 0)
+            && cfg.cache.max_key_bytes == 0
+        {
             return Err("cache.max_key_bytes: must be positive when the cache is on".into());
         }
         Ok(Settings {
@@ -262,6 +269,7 @@ impl Settings {
             rewrite_path: cfg.path.rewrite,
             cache_entries: cfg.cache.max_entries,
             cache_key_bytes: cfg.cache.max_key_bytes,
+            identity_entries: cfg.cache.max_identities,
             max_claims_bytes: cfg.max_claims_bytes,
         })
     }

@@ -16,7 +16,7 @@ mod remote;
 
 use base64::Engine as _;
 use config::Settings;
-use entitlements_core::cache::DecisionCache;
+use entitlements_core::cache::{BoundedCache, DecisionCache};
 use entitlements_core::identity::{decode_claims, Identity};
 use entitlements_core::path::normalize;
 use entitlements_core::policy::{Decider, HttpRequest, IdentityKey, Policy, Request, Verdict};
@@ -49,6 +49,11 @@ struct State {
     policy: Option<Rc<Policy>>,
     version: u64,
     cache: DecisionCache,
+    /// Decoded identities by their raw headers, each with an id that is
+    /// never reused (decision keys carry the id).
+    identities: BoundedCache<(u64, Rc<Identity>)>,
+    next_identity: u64,
+    id_key: Vec<u8>,
     metrics: Metrics,
     /// Reused buffer for cache keys.
     key: Vec<u8>,
@@ -62,6 +67,9 @@ impl State {
             policy: None,
             version: 0,
             cache,
+            identities: BoundedCache::new(settings.identity_entries, settings.cache_key_bytes),
+            next_identity: 0,
+            id_key: Vec::with_capacity(512),
             metrics: Metrics::define(),
             key: Vec::with_capacity(256),
             remote: remote::RemoteState::default(),
@@ -294,10 +302,43 @@ impl HttpContext for Stream {
             _ => return invalid_identity(s, "an identity header is not UTF-8"),
         };
 
-        // Decide, through the cache (if on).
+        // The caller: decoded once and kept (bounded) under an id, so that
+        // decision keys stay short and a decision miss does not decode again.
+        s.id_key.clear();
+        policy.identity_key(&mut s.id_key, &raw.key());
+        let interned =
+            s.settings.identity_entries > 0 && s.id_key.len() <= s.settings.cache_key_bytes;
+        let known = if interned {
+            s.identities.get(s.version, &s.id_key)
+        } else {
+            None
+        };
+        let (id, identity) = match known {
+            Some(k) => k,
+            None => {
+                let identity = match raw.decode(&policy, s.settings.max_claims_bytes) {
+                    Ok(i) => Rc::new(i),
+                    Err(why) => return invalid_identity(s, why),
+                };
+                s.next_identity += 1;
+                if interned {
+                    s.identities
+                        .put(s.version, &s.id_key, (s.next_identity, identity.clone()));
+                }
+                (s.next_identity, identity)
+            }
+        };
+
+        // Decide, through the decision cache (if on).
         let cached = s.settings.cache_entries > 0;
         if cached {
-            policy.http_key(&mut s.key, &raw.key(), &request);
+            policy.http_request_key(&mut s.key, &request);
+            if interned {
+                s.key.extend_from_slice(&id.to_le_bytes());
+            } else {
+                let State { key, id_key, .. } = &mut *s;
+                key.extend_from_slice(id_key);
+            }
         }
         let hit = if cached {
             s.cache.get(s.version, &s.key)
@@ -307,10 +348,6 @@ impl HttpContext for Stream {
         let verdict = match hit {
             Some(v) => v,
             None => {
-                let identity = match raw.decode(&policy, s.settings.max_claims_bytes) {
-                    Ok(i) => i,
-                    Err(why) => return invalid_identity(s, why),
-                };
                 let v = policy.decide(&identity, &Request::Http(request));
                 if cached {
                     s.cache.put(s.version, &s.key, v);
@@ -318,6 +355,7 @@ impl HttpContext for Stream {
                 v
             }
         };
+        s.metrics.flush_identities(s.identities.stats());
         s.metrics.flush_cache(s.cache.stats());
         report(s, &policy, verdict, method, &target.path, raw.subject);
         if verdict.allowed {

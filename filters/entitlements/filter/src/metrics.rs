@@ -18,6 +18,9 @@ pub struct Metrics {
     cache_misses: Option<u32>,
     cache_evictions: Option<u32>,
     cache_oversized: Option<u32>,
+    identity_hits: Option<u32>,
+    identity_misses: Option<u32>,
+    identity_evictions: Option<u32>,
     pub policy_reloads: Option<u32>,
     pub policy_fetches: Option<u32>,
     pub policy_not_modified: Option<u32>,
@@ -30,6 +33,7 @@ pub struct Metrics {
     defined: HashMap<String, Option<u32>>,
     /// Cache counters already exported.
     flushed: CacheStats,
+    flushed_identities: CacheStats,
 }
 
 fn counter(name: &str) -> Option<u32> {
@@ -49,6 +53,9 @@ impl Metrics {
             cache_misses: counter("cache.misses"),
             cache_evictions: counter("cache.evictions"),
             cache_oversized: counter("cache.oversized"),
+            identity_hits: counter("identity_cache.hits"),
+            identity_misses: counter("identity_cache.misses"),
+            identity_evictions: counter("identity_cache.evictions"),
             policy_reloads: counter("policy.reloads"),
             policy_fetches: counter("policy.fetches"),
             policy_not_modified: counter("policy.not_modified"),
@@ -58,6 +65,7 @@ impl Metrics {
             rules: Vec::new(),
             defined: HashMap::new(),
             flushed: CacheStats::default(),
+            flushed_identities: CacheStats::default(),
         }
     }
 
@@ -85,6 +93,16 @@ impl Metrics {
     /// [`Decider::slot`]: entitlements_core::policy::Decider::slot
     pub fn rule(&self, slot: usize) -> Option<u32> {
         self.rules.get(slot).copied().flatten()
+    }
+
+    /// Exports what the identity cache counted since the last call (its
+    /// oversized keys show in the decision cache's `oversized`).
+    pub fn flush_identities(&mut self, now: CacheStats) {
+        let was = self.flushed_identities;
+        host::increment(self.identity_hits, now.hits - was.hits);
+        host::increment(self.identity_misses, now.misses - was.misses);
+        host::increment(self.identity_evictions, now.evictions - was.evictions);
+        self.flushed_identities = now;
     }
 
     /// Exports what the cache counted since the last call.
