@@ -1,0 +1,20 @@
+//! JWT verification for the auth filter, without proxy-wasm: parsing
+//! ([`jwt`]), key sets ([`jwk`]), signatures ([`verify`], RSA in [`rsa`]),
+//! claim rules ([`claims`]), and the reasons a token is refused
+//! ([`error`]). Time is always passed in.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+pub mod claims;
+pub mod error;
+pub mod jwk;
+pub mod jwt;
+pub mod rsa;
+pub mod verify;
