@@ -1,0 +1,238 @@
+//! A bounded cache keyed by bytes, one per VM (per Envoy worker) or per
+//! sidecar: entitlements keeps decisions and decoded identities in it,
+//! auth verified tokens.
+//!
+//! Two generations of at most `capacity / 2` entries each: inserts go to
+//! the young one; when it is full, the old one is dropped (those entries
+//! count as evictions) and the young one becomes old. A hit in the old
+//! generation moves the entry back to the young one. Every operation is
+//! O(1), memory is bounded by `capacity` entries of at most `max_key_bytes`
+//! each, and frequently used keys survive like in an LRU. The cache belongs
+//! to one policy version (versions only grow): a lookup or insert with a
+//! newer version empties it; one with an older version is ignored.
+
+use hashbrown::HashTable;
+use std::hash::{BuildHasher, RandomState};
+
+/// An entry: the key's hash (computed once per lookup, with a per-cache
+/// random SipHash key, so clients cannot aim collisions), the key, the verdict.
+type Entry<V> = (u64, Box<[u8]>, V);
+
+/// Counters a filter exports as metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    /// Entries dropped because the cache was full.
+    pub evictions: u64,
+    /// Keys longer than `max_key_bytes`: decided without the cache.
+    pub oversized: u64,
+}
+
+pub struct BoundedCache<V> {
+    half: usize,
+    max_key_bytes: usize,
+    version: u64,
+    hasher: RandomState,
+    young: HashTable<Entry<V>>,
+    old: HashTable<Entry<V>>,
+    stats: CacheStats,
+}
+
+impl<V: Clone> BoundedCache<V> {
+    /// A cache of at most `capacity` entries (0 disables it) whose keys
+    /// are at most `max_key_bytes` long.
+    pub fn new(capacity: usize, max_key_bytes: usize) -> BoundedCache<V> {
+        BoundedCache {
+            half: capacity.div_ceil(2),
+            max_key_bytes,
+            version: 0,
+            hasher: RandomState::new(),
+            young: HashTable::new(),
+            old: HashTable::new(),
+            stats: CacheStats::default(),
+        }
+    }
+
+    /// The value cached for `key` under policy `version`. Counts a hit,
+    /// a miss, or an oversized key.
+    pub fn get(&mut self, version: u64, key: &[u8]) -> Option<V> {
+        if self.half == 0 {
+            return None;
+        }
+        if key.len() > self.max_key_bytes {
+            self.stats.oversized += 1;
+            return None;
+        }
+        if !self.at_version(version) {
+            self.stats.misses += 1;
+            return None;
+        }
+        let hash = self.hasher.hash_one(key);
+        let eq = |e: &Entry<V>| e.0 == hash && *e.1 == *key;
+        if let Some(e) = self.young.find(hash, eq) {
+            self.stats.hits += 1;
+            return Some(e.2.clone());
+        }
+        match self.old.find_entry(hash, eq) {
+            Ok(e) => {
+                let (entry, _) = e.remove();
+                self.stats.hits += 1;
+                let v = entry.2.clone();
+                self.insert_young(entry);
+                Some(v)
+            }
+            Err(_) => {
+                self.stats.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Remembers the value for `key` under policy `version` (after a
+    /// [`get`](Self::get) miss; ignored for oversized keys or an older version).
+    pub fn put(&mut self, version: u64, key: &[u8], value: V) {
+        if self.half == 0 || key.len() > self.max_key_bytes || !self.at_version(version) {
+            return;
+        }
+        let hash = self.hasher.hash_one(key);
+        if self
+            .young
+            .find(hash, |e| e.0 == hash && *e.1 == *key)
+            .is_none()
+        {
+            self.insert_young((hash, key.into(), value));
+        }
+    }
+
+    /// Moves to a newer policy version (emptying the cache); false for an
+    /// older one, whose verdicts are neither served nor kept.
+    fn at_version(&mut self, version: u64) -> bool {
+        if version > self.version {
+            self.young.clear();
+            self.old.clear();
+            self.version = version;
+        }
+        version == self.version
+    }
+
+    /// Inserts an entry known not to be in the young generation.
+    fn insert_young(&mut self, entry: Entry<V>) {
+        if self.young.len() >= self.half {
+            self.stats.evictions += self.old.len() as u64;
+            self.old = std::mem::take(&mut self.young);
+            let (hash, key) = (entry.0, &entry.1);
+            if let Ok(dup) = self.old.find_entry(hash, |e| e.0 == hash && e.1 == *key) {
+                dup.remove();
+            }
+        }
+        self.young.insert_unique(entry.0, entry, |e| e.0);
+    }
+
+    /// Entries held now.
+    pub fn len(&self) -> usize {
+        self.young.len() + self.old.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Decider {
+        Rule(usize),
+    }
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct Verdict {
+        allowed: bool,
+        rule: Decider,
+        shadow_denied: Option<Decider>,
+    }
+    type DecisionCache = BoundedCache<Verdict>;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    fn v(i: usize) -> Verdict {
+        Verdict {
+            allowed: i.is_multiple_of(2),
+            rule: Decider::Rule(i),
+            shadow_denied: None,
+        }
+    }
+
+    #[test]
+    fn hit_after_put_and_miss_before() {
+        let mut c = DecisionCache::new(8, 64);
+        assert_eq!(c.get(1, b"a"), None);
+        c.put(1, b"a", v(3));
+        assert_eq!(c.get(1, b"a"), Some(v(3)));
+        assert_eq!(
+            c.stats(),
+            CacheStats {
+                hits: 1,
+                misses: 1,
+                ..CacheStats::default()
+            }
+        );
+    }
+
+    #[test]
+    fn never_holds_more_than_capacity_and_counts_evictions() {
+        let mut c = DecisionCache::new(10, 64);
+        for i in 0..1000usize {
+            let k = i.to_le_bytes();
+            assert_eq!(c.get(1, &k), None);
+            c.put(1, &k, v(i));
+            assert!(c.len() <= 10, "{} entries", c.len());
+        }
+        // 1000 distinct keys, at most 10 held: the rest were evicted.
+        assert_eq!(c.stats().evictions as usize + c.len(), 1000);
+        assert_eq!(c.get(1, &999usize.to_le_bytes()), Some(v(999)));
+        assert_eq!(c.get(1, &0usize.to_le_bytes()), None);
+    }
+
+    #[test]
+    fn a_key_in_use_survives_generations() {
+        let mut c = DecisionCache::new(4, 64);
+        c.put(1, b"hot", v(0));
+        for i in 0..100usize {
+            let k = i.to_le_bytes();
+            c.get(1, &k);
+            c.put(1, &k, v(i));
+            assert_eq!(c.get(1, b"hot"), Some(v(0)), "lost after {i} inserts");
+        }
+    }
+
+    #[test]
+    fn a_new_policy_version_empties_it() {
+        let mut c = DecisionCache::new(8, 64);
+        c.get(1, b"a");
+        c.put(1, b"a", v(0));
+        assert_eq!(c.get(2, b"a"), None);
+        assert!(c.is_empty());
+        // A late put for the previous version is ignored.
+        c.put(1, b"a", v(0));
+        assert_eq!(c.get(2, b"a"), None);
+    }
+
+    #[test]
+    fn oversized_keys_and_capacity_zero_bypass_it() {
+        let mut c = DecisionCache::new(8, 4);
+        c.put(1, b"toolong", v(0));
+        assert_eq!(c.get(1, b"toolong"), None);
+        assert_eq!(c.stats().oversized, 1);
+        assert!(c.is_empty());
+        let mut off = DecisionCache::new(0, 64);
+        off.put(0, b"a", v(0));
+        assert_eq!(off.get(0, b"a"), None);
+        assert_eq!(off.stats(), CacheStats::default());
+    }
+}
