@@ -13,8 +13,10 @@
 )]
 
 pub mod claims;
+pub mod config;
 pub mod error;
 pub mod jwk;
 pub mod jwt;
 pub mod rsa;
+pub mod source;
 pub mod verify;
