@@ -10,7 +10,7 @@
 //! good policy.
 
 mod config;
-mod host;
+use filter_shell as host;
 mod metrics;
 mod remote;
 

@@ -1,9 +1,9 @@
 //! The filter's metrics, defined once per VM (Envoy exposes them as
 //! `wasmcustom.entitlements.*`; all workers add to the same counters).
 
-use crate::host;
 use entitlements_core::cache::CacheStats;
 use entitlements_core::policy::Policy;
+use filter_shell as host;
 use proxy_wasm::types::MetricType;
 use std::collections::HashMap;
 

@@ -10,8 +10,9 @@
 //! keeps the last good policy and is tried again after `retry_interval_ms`.
 
 use crate::config::Remote;
-use crate::{host, State};
+use crate::State;
 use entitlements_core::policy::Policy;
+use filter_shell as host;
 use proxy_wasm::types::LogLevel;
 use std::time::Duration;
 

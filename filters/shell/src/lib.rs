@@ -1,7 +1,8 @@
-//! Every call into the host, in one place. Request data is read as bytes
-//! and checked here (the SDK's string getters panic on invalid UTF-8, and
-//! a panic traps the VM for every request on the worker); host errors are
-//! returned or logged, never unwrapped.
+//! Every call the filters make into the host, in one place. Request data
+//! is read as bytes and checked here (the SDK's string getters panic on
+//! invalid UTF-8, and a panic traps the VM for every request on the
+//! worker); host errors are returned or logged, never unwrapped. Calls that
+//! touch a stream act on the current (or effective) context.
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status};
@@ -32,7 +33,7 @@ pub fn set_request_header(name: &str, value: &str) {
     if let Err(s) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value)) {
         log(
             LogLevel::Warn,
-            &format!("entitlements: cannot set {name}: {s:?}"),
+            &format!("cannot set request header {name}: {s:?}"),
         );
     }
 }
@@ -67,7 +68,7 @@ pub fn send_json(status: u32, extra: &[(&str, &str)], body: &str) {
     if let Err(s) = hostcalls::send_http_response(status, headers, Some(body.as_bytes())) {
         log(
             LogLevel::Error,
-            &format!("entitlements: local reply {status} failed: {s:?}"),
+            &format!("local reply {status} failed: {s:?}"),
         );
     }
 }
@@ -87,7 +88,7 @@ pub fn set_tick_period(d: Duration) {
     if let Err(s) = hostcalls::set_tick_period(d) {
         log(
             LogLevel::Error,
-            &format!("entitlements: cannot set the tick period: {s:?}"),
+            &format!("cannot set the tick period: {s:?}"),
         );
     }
 }
@@ -118,7 +119,7 @@ pub fn define(kind: MetricType, name: &str) -> Option<u32> {
         Err(s) => {
             log(
                 LogLevel::Warn,
-                &format!("entitlements: metric {name}: {s:?}"),
+                &format!("metric {name}: {s:?}"),
             );
             None
         }
@@ -134,5 +135,44 @@ pub fn increment(id: Option<u32>, by: u64) {
 pub fn record(id: Option<u32>, value: u64) {
     if let Some(id) = id {
         let _ = hostcalls::record_metric(id, value);
+    }
+}
+
+/// Removes a request header (no-op if absent).
+pub fn remove_request_header(name: &str) {
+    if let Err(s) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None) {
+        log(
+            LogLevel::Warn,
+            &format!("cannot remove request header {name}: {s:?}"),
+        );
+    }
+}
+
+/// Acts on stream `context_id` from now until the callback returns (the
+/// root resuming or answering a request it made wait); false if the stream
+/// is gone.
+pub fn set_effective_context(context_id: u32) -> bool {
+    hostcalls::set_effective_context(context_id).is_ok()
+}
+
+/// Resumes the (effective) paused request.
+pub fn resume_request() {
+    let _ = hostcalls::resume_http_request();
+}
+
+/// Sends a local reply with arbitrary headers and body.
+pub fn send_reply(status: u32, headers: &[(&str, &str)], body: &[u8]) {
+    if let Err(s) = hostcalls::send_http_response(status, headers.to_vec(), Some(body)) {
+        log(
+            LogLevel::Error,
+            &format!("local reply {status} failed: {s:?}"),
+        );
+    }
+}
+
+impl RequestHeaders {
+    /// Every header name, for removing a family of them.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(k, _)| k.as_str())
     }
 }
