@@ -14,17 +14,20 @@ use std::time::{Duration, UNIX_EPOCH};
 /// cannot fail; values stay bytes until [`RequestHeaders::get`] checks them.
 pub struct RequestHeaders(Vec<(String, Vec<u8>)>);
 
+/// A header value that is not UTF-8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotUtf8;
+
 impl RequestHeaders {
     pub fn read() -> RequestHeaders {
         RequestHeaders(hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default())
     }
 
-    /// The first value of `name` as UTF-8: `Ok(None)` if absent, `Err(())`
-    /// if not UTF-8.
-    pub fn get(&self, name: &str) -> Result<Option<&str>, ()> {
+    /// The first value of `name` as UTF-8: `Ok(None)` if absent.
+    pub fn get(&self, name: &str) -> Result<Option<&str>, NotUtf8> {
         match self.0.iter().find(|(k, _)| k == name) {
             None => Ok(None),
-            Some((_, v)) => std::str::from_utf8(v).map(Some).map_err(|_| ()),
+            Some((_, v)) => std::str::from_utf8(v).map(Some).map_err(|_| NotUtf8),
         }
     }
 }
