@@ -120,10 +120,7 @@ pub fn define(kind: MetricType, name: &str) -> Option<u32> {
     match hostcalls::define_metric(kind, name) {
         Ok(id) => Some(id),
         Err(s) => {
-            log(
-                LogLevel::Warn,
-                &format!("metric {name}: {s:?}"),
-            );
+            log(LogLevel::Warn, &format!("metric {name}: {s:?}"));
             None
         }
     }

@@ -18,6 +18,19 @@ pub fn load_entitlements(host: &Host, config: &Value) -> Result<Plugin, LoadErro
     host.load(entitlements_config(config))
 }
 
+/// The auth filter with this plugin configuration.
+pub fn auth_config(config: &Value) -> PluginConfig {
+    PluginConfig::new(wasm_host::wasm_path("auth"))
+        .name("auth")
+        .root_id("auth")
+        .vm_id("auth")
+        .config_json(config)
+}
+
+pub fn load_auth(host: &Host, config: &Value) -> Result<Plugin, LoadError> {
+    host.load(auth_config(config))
+}
+
 /// base64url (no padding) of a JSON value: an `x-auth-claims` header.
 pub fn claims_header(claims: &Value) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string())
