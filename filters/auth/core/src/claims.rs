@@ -103,6 +103,31 @@ impl ClaimRules {
         Ok(())
     }
 
+    /// The seconds during which verified claims stay acceptable: from
+    /// `nbf − skew` to `exp + skew` (open ends where absent). With
+    /// [`ClaimRules::check_window`], what a cache re-checks on a hit: the
+    /// other rules do not change with time.
+    pub fn window(&self, claims: &Map<String, Value>) -> (f64, f64) {
+        let skew = self.clock_skew as f64;
+        let date = |n| numeric_date(claims, n).ok().flatten();
+        (
+            date("nbf").map_or(f64::NEG_INFINITY, |nbf| nbf - skew),
+            date("exp").map_or(f64::INFINITY, |exp| exp + skew),
+        )
+    }
+
+    /// Whether `now` falls in a [`ClaimRules::window`].
+    pub fn check_window(window: (f64, f64), now: u64) -> Result<(), Reason> {
+        let now = now as f64;
+        if now >= window.1 {
+            Err(Reason::Expired)
+        } else if now < window.0 {
+            Err(Reason::NotYetValid)
+        } else {
+            Ok(())
+        }
+    }
+
     /// When a verified token stops being acceptable (its `exp` plus the
     /// skew), for caches; `None` if it has no `exp`.
     pub fn expires_at(&self, claims: &Map<String, Value>) -> Option<u64> {

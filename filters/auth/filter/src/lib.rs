@@ -12,6 +12,7 @@
 mod keys;
 mod metrics;
 
+use auth_core::claims::ClaimRules;
 use auth_core::config::{Requirement, Settings, SourceConfig};
 use auth_core::error::Reason;
 use auth_core::jwt::Token;
@@ -22,7 +23,6 @@ use filter_shell as host;
 use metrics::Metrics;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
-use serde_json::{Map, Value};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
@@ -38,8 +38,14 @@ proxy_wasm::main! {{
 /// A verified token, as cached.
 struct Verified {
     provider: usize,
-    claims: Map<String, Value>,
-    payload_b64: String,
+    /// `iss`, for refusing a cached token on a route of other providers.
+    issuer: String,
+    /// When the token is acceptable ([`ClaimRules::window`]).
+    ///
+    /// [`ClaimRules::window`]: auth_core::claims::ClaimRules::window
+    window: (f64, f64),
+    /// The identity headers, computed once.
+    headers: Vec<(String, String)>,
 }
 
 /// A request paused until its provider's keys arrive.
@@ -88,15 +94,11 @@ impl State {
         let now = now_secs();
         if let Some(v) = self.cache.get(1, token.as_bytes()) {
             if !req.providers.contains(&v.provider) {
-                let iss = v.claims.get("iss").and_then(Value::as_str).unwrap_or("");
-                return Step::Deny(Reason::UnknownIssuer(iss.to_string()));
+                return Step::Deny(Reason::UnknownIssuer(v.issuer.clone()));
             }
-            return match self.settings.providers.get(v.provider) {
-                Some(p) => match p.rules.check(&v.claims, now) {
-                    Ok(()) => Step::Pass(Some(v)),
-                    Err(r) => Step::Deny(r),
-                },
-                None => Step::Deny(Reason::UnknownIssuer(String::new())),
+            return match ClaimRules::check_window(v.window, now) {
+                Ok(()) => Step::Pass(Some(v)),
+                Err(r) => Step::Deny(r),
             };
         }
         let t = match Token::parse(token, self.settings.max_token_bytes) {
@@ -139,8 +141,9 @@ impl State {
         }
         let v = Rc::new(Verified {
             provider: p,
-            payload_b64: t.payload_b64.to_string(),
-            claims: t.claims,
+            issuer: provider.rules.issuer.clone(),
+            window: provider.rules.window(&t.claims),
+            headers: self.settings.identity_headers(&t.claims, t.payload_b64),
         });
         self.cache.put(1, token.as_bytes(), v.clone());
         Step::Pass(Some(v))
@@ -151,8 +154,8 @@ impl State {
     fn apply(&mut self, step: Step, source: Option<usize>, req: &Requirement) -> bool {
         let passed = match step {
             Step::Pass(Some(v)) => {
-                for (name, value) in self.settings.identity_headers(&v.claims, &v.payload_b64) {
-                    host::set_request_header(&name, &value);
+                for (name, value) in &v.headers {
+                    host::set_request_header(name, value);
                 }
                 if !self.settings.output.forward_token {
                     if let Some(SourceConfig::Header { name, .. }) =
