@@ -18,6 +18,13 @@ use std::hash::{BuildHasher, RandomState};
 /// random SipHash key, so clients cannot aim collisions), the key, the verdict.
 type Entry<V> = (u64, Box<[u8]>, V);
 
+/// A lookup that missed: the key's hash, for [`BoundedCache::insert`].
+#[derive(Debug, Clone, Copy)]
+pub struct Miss {
+    hash: u64,
+    version: u64,
+}
+
 /// Counters a filter exports as metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheStats {
@@ -57,22 +64,30 @@ impl<V: Clone> BoundedCache<V> {
     /// The value cached for `key` under policy `version`. Counts a hit,
     /// a miss, or an oversized key.
     pub fn get(&mut self, version: u64, key: &[u8]) -> Option<V> {
+        self.lookup(version, key).ok()
+    }
+
+    /// Like [`get`](Self::get), but a miss returns what
+    /// [`insert`](Self::insert) needs to store the value without hashing
+    /// the key again (`Err(None)`: the cache is off, the key too long, or
+    /// the version old).
+    pub fn lookup(&mut self, version: u64, key: &[u8]) -> Result<V, Option<Miss>> {
         if self.half == 0 {
-            return None;
+            return Err(None);
         }
         if key.len() > self.max_key_bytes {
             self.stats.oversized += 1;
-            return None;
+            return Err(None);
         }
         if !self.at_version(version) {
             self.stats.misses += 1;
-            return None;
+            return Err(None);
         }
         let hash = self.hasher.hash_one(key);
         let eq = |e: &Entry<V>| e.0 == hash && *e.1 == *key;
         if let Some(e) = self.young.find(hash, eq) {
             self.stats.hits += 1;
-            return Some(e.2.clone());
+            return Ok(e.2.clone());
         }
         match self.old.find_entry(hash, eq) {
             Ok(e) => {
@@ -80,22 +95,23 @@ impl<V: Clone> BoundedCache<V> {
                 self.stats.hits += 1;
                 let v = entry.2.clone();
                 self.insert_young(entry);
-                Some(v)
+                Ok(v)
             }
             Err(_) => {
                 self.stats.misses += 1;
-                None
+                Err(Some(Miss { hash, version }))
             }
         }
     }
 
-    /// Remembers the value for `key` under policy `version` (after a
-    /// [`get`](Self::get) miss; ignored for oversized keys or an older version).
-    pub fn put(&mut self, version: u64, key: &[u8], value: V) {
-        if self.half == 0 || key.len() > self.max_key_bytes || !self.at_version(version) {
+    /// Stores the value for the key a [`lookup`](Self::lookup) missed
+    /// (pass the same key: another one would be filed where no lookup
+    /// finds it, wasting a slot but never answering wrongly).
+    pub fn insert(&mut self, miss: Miss, key: &[u8], value: V) {
+        if !self.at_version(miss.version) {
             return;
         }
-        let hash = self.hasher.hash_one(key);
+        let hash = miss.hash;
         if self
             .young
             .find(hash, |e| e.0 == hash && *e.1 == *key)
@@ -103,6 +119,16 @@ impl<V: Clone> BoundedCache<V> {
         {
             self.insert_young((hash, key.into(), value));
         }
+    }
+
+    /// Remembers the value for `key` under policy `version` (after a
+    /// [`get`](Self::get) miss; ignored for oversized keys or an older version).
+    pub fn put(&mut self, version: u64, key: &[u8], value: V) {
+        if self.half == 0 || key.len() > self.max_key_bytes {
+            return;
+        }
+        let hash = self.hasher.hash_one(key);
+        self.insert(Miss { hash, version }, key, value);
     }
 
     /// Moves to a newer policy version (emptying the cache); false for an
@@ -209,6 +235,23 @@ mod tests {
             c.put(1, &k, v(i));
             assert_eq!(c.get(1, b"hot"), Some(v(0)), "lost after {i} inserts");
         }
+    }
+
+    #[test]
+    fn lookup_then_insert_hashes_once_and_is_found_after() {
+        let mut c = DecisionCache::new(8, 64);
+        let miss = c.lookup(1, b"k").unwrap_err().unwrap();
+        c.insert(miss, b"k", v(2));
+        assert_eq!(c.lookup(1, b"k").ok(), Some(v(2)));
+        // A miss from an older version stores nothing.
+        let old = c.lookup(1, b"j").unwrap_err().unwrap();
+        assert!(c.lookup(2, b"x").is_err());
+        c.insert(old, b"j", v(1));
+        assert_eq!(c.get(2, b"j"), None);
+        assert!(matches!(
+            DecisionCache::new(0, 8).lookup(1, b"k"),
+            Err(None)
+        ));
     }
 
     #[test]

@@ -309,21 +309,24 @@ impl HttpContext for Stream {
         let interned =
             s.settings.identity_entries > 0 && s.id_key.len() <= s.settings.cache_key_bytes;
         let known = if interned {
-            s.identities.get(s.version, &s.id_key)
+            s.identities.lookup(s.version, &s.id_key)
         } else {
-            None
+            Err(None)
         };
         let (id, identity) = match known {
-            Some(k) => k,
-            None => {
+            Ok(k) => k,
+            Err(miss) => {
                 let identity = match raw.decode(&policy, s.settings.max_claims_bytes) {
                     Ok(i) => Rc::new(i),
                     Err(why) => return invalid_identity(s, why),
                 };
                 s.next_identity += 1;
-                if interned {
-                    s.identities
-                        .put(s.version, &s.id_key, (s.next_identity, identity.clone()));
+                if let Some(miss) = miss {
+                    let value = (s.next_identity, identity.clone());
+                    let State {
+                        identities, id_key, ..
+                    } = &mut *s;
+                    identities.insert(miss, id_key, value);
                 }
                 (s.next_identity, identity)
             }
@@ -341,16 +344,17 @@ impl HttpContext for Stream {
             }
         }
         let hit = if cached {
-            s.cache.get(s.version, &s.key)
+            s.cache.lookup(s.version, &s.key)
         } else {
-            None
+            Err(None)
         };
         let verdict = match hit {
-            Some(v) => v,
-            None => {
+            Ok(v) => v,
+            Err(miss) => {
                 let v = policy.decide(&identity, &Request::Http(request));
-                if cached {
-                    s.cache.put(s.version, &s.key, v);
+                if let Some(miss) = miss {
+                    let State { cache, key, .. } = &mut *s;
+                    cache.insert(miss, key, v);
                 }
                 v
             }
