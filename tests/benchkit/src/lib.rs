@@ -55,12 +55,21 @@ pub struct Plan {
 
 impl Plan {
     /// `full` normally, `quick` with `--quick` on the command line.
+    /// `BENCH_CALLS=<n>` in the environment overrides the calls per sample
+    /// (longer runs for profiling).
     pub fn from_args(full: Plan, quick: Plan) -> Plan {
-        if std::env::args().any(|a| a == "--quick") {
+        let mut plan = if std::env::args().any(|a| a == "--quick") {
             quick
         } else {
             full
+        };
+        if let Some(n) = std::env::var("BENCH_CALLS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            plan.per_sample = n;
         }
+        plan
     }
 }
 

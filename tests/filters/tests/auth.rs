@@ -476,3 +476,47 @@ fn configuration_errors_name_the_field() {
     .contains("providers.k.jwks.remote.path: required"));
     assert!(err(json!({"providers": {"k": {"issuer": ISSUER, "jwks": {"inline": {"keys": []}}}}, "extra": 1})).contains("unknown field `extra`"));
 }
+
+#[test]
+fn a_huge_jwks_is_refused_and_the_last_good_set_kept() {
+    let host = host();
+    let idp = Idp::install(&host, vec![ec_jwk("ec-1")]);
+    let mut cfg = keycloak_remote();
+    cfg["remote"]["max_bytes"] = json!(4096);
+    cfg["remote"]["refresh_interval_s"] = json!(10);
+    let e = Env::new(host, remote_config(cfg));
+    e.host.advance(Duration::from_millis(200));
+    assert_eq!(e.counter("jwks_fetch_success"), 1);
+    let many: Vec<Value> = (0..200).map(|i| ec_jwk(&format!("k{i}"))).collect();
+    idp.serve(Reply::ok(200, json!({"keys": many}).to_string()));
+    e.host.advance(Duration::from_secs(11));
+    assert!(e.counter("jwks_fetch_failed") >= 1);
+    assert!(!e
+        .host
+        .logs_containing("more than max_bytes 4096")
+        .is_empty());
+    let s = e.send(&Req::get("/a").header("authorization", &format!("Bearer {}", es256())));
+    assert_eq!(s.response().unwrap().status(), Some(200));
+}
+
+#[test]
+fn time_claims_are_checked_through_the_filter() {
+    let e = Env::new(host(), inline_config());
+    let with = |k: &str, v: Value| {
+        let mut c = claims();
+        c[k] = v;
+        format!(
+            "Bearer {}",
+            token(&json!({"alg": "ES256", "kid": "ec-1"}), &c)
+        )
+    };
+    for (t, code) in [
+        (with("nbf", json!(NOW + 3600)), "not_yet_valid"),
+        (with("exp", json!("soon")), "malformed"),
+        (with("iss", json!(5)), "unknown_issuer"),
+    ] {
+        let s = e.send(&Req::get("/a").header("authorization", &t));
+        assert_eq!(s.response().unwrap().status(), Some(401), "{code}");
+        assert_eq!(e.counter(&format!("denied.{code}")), 1, "{code}");
+    }
+}
