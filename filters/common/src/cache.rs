@@ -18,6 +18,22 @@ use std::hash::{BuildHasher, RandomState};
 /// random SipHash key, so clients cannot aim collisions), the key, the verdict.
 type Entry<V> = (u64, Box<[u8]>, V);
 
+/// Key equality 8 bytes at a time: slice `==` becomes `memcmp`, which on
+/// wasm32-wasip1 (wasi-libc) compares byte by byte, and keys here are long
+/// (a whole token, a caller's claims).
+fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    ca.zip(cb).all(|(x, y)| {
+        let x = u64::from_ne_bytes(x.try_into().unwrap_or([0; 8]));
+        let y = u64::from_ne_bytes(y.try_into().unwrap_or([0; 8]));
+        x == y
+    }) && ra.iter().zip(rb).all(|(x, y)| x == y)
+}
+
 /// A lookup that missed: the key's hash, for [`BoundedCache::insert`].
 #[derive(Debug, Clone, Copy)]
 pub struct Miss {
@@ -84,7 +100,7 @@ impl<V: Clone> BoundedCache<V> {
             return Err(None);
         }
         let hash = self.hasher.hash_one(key);
-        let eq = |e: &Entry<V>| e.0 == hash && *e.1 == *key;
+        let eq = |e: &Entry<V>| e.0 == hash && same(&e.1, key);
         if let Some(e) = self.young.find(hash, eq) {
             self.stats.hits += 1;
             return Ok(e.2.clone());
@@ -114,7 +130,7 @@ impl<V: Clone> BoundedCache<V> {
         let hash = miss.hash;
         if self
             .young
-            .find(hash, |e| e.0 == hash && *e.1 == *key)
+            .find(hash, |e| e.0 == hash && same(&e.1, key))
             .is_none()
         {
             self.insert_young((hash, key.into(), value));
@@ -148,7 +164,10 @@ impl<V: Clone> BoundedCache<V> {
             self.stats.evictions += self.old.len() as u64;
             self.old = std::mem::take(&mut self.young);
             let (hash, key) = (entry.0, &entry.1);
-            if let Ok(dup) = self.old.find_entry(hash, |e| e.0 == hash && e.1 == *key) {
+            if let Ok(dup) = self
+                .old
+                .find_entry(hash, |e| e.0 == hash && same(&e.1, key))
+            {
                 dup.remove();
             }
         }
@@ -191,6 +210,25 @@ mod tests {
             allowed: i.is_multiple_of(2),
             rule: Decider::Rule(i),
             shadow_denied: None,
+        }
+    }
+
+    #[test]
+    fn keys_compare_exactly() {
+        for (a, b) in [
+            (&b""[..], &b""[..]),
+            (b"abcdefgh", b"abcdefgh"),
+            (b"abcdefghij", b"abcdefghij"),
+        ] {
+            assert!(same(a, b));
+        }
+        for (a, b) in [
+            (&b"abcdefghij"[..], &b"abcdefghiX"[..]),
+            (b"abcdefgh", b"abcdefgX"),
+            (b"Xbcdefghij", b"abcdefghij"),
+            (b"abc", b"abcd"),
+        ] {
+            assert!(!same(a, b));
         }
     }
 

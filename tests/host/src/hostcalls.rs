@@ -26,6 +26,13 @@ pub(crate) fn read(c: &mut C<'_>, ptr: i32, len: i32) -> Result<Vec<u8>> {
         .ok_or_else(|| wasmtime::format_err!("out of bounds read at {ptr}+{len}"))
 }
 
+/// A header name, lower-cased as Envoy stores them (one allocation).
+fn read_key(c: &mut C<'_>, ptr: i32, len: i32) -> Result<String> {
+    let mut b = read(c, ptr, len)?;
+    b.make_ascii_lowercase();
+    Ok(String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+}
+
 fn read_string(c: &mut C<'_>, ptr: i32, len: i32) -> Result<String> {
     Ok(String::from_utf8_lossy(&read(c, ptr, len)?).into_owned())
 }
@@ -87,20 +94,20 @@ fn stream_map_index(m: i32) -> Option<usize> {
     }
 }
 
-/// Reads a header map, or `None` where Envoy has no map to give.
-fn get_map(c: &C<'_>, m: i32) -> Option<Pairs> {
+/// Runs `f` on a header map (no copy), or `None` where Envoy has no map to give.
+fn with_map<R>(c: &C<'_>, m: i32, f: impl FnOnce(&Pairs) -> R) -> Option<R> {
     if let Some(i) = stream_map_index(m) {
         let l = link(c)?;
         let d = l.stream.lock();
         if !d.access[l.filter].can_read(i) {
             return None;
         }
-        return d.map(i).cloned();
+        return d.map(i).map(f);
     }
     let call = c.data().call.as_ref()?;
     match m {
-        map::CALL_RESPONSE_HEADERS => Some(call.headers.clone()),
-        map::CALL_RESPONSE_TRAILERS => Some(call.trailers.clone()),
+        map::CALL_RESPONSE_HEADERS => Some(f(&call.headers)),
+        map::CALL_RESPONSE_TRAILERS => Some(f(&call.trailers)),
         _ => None,
     }
 }
@@ -259,12 +266,14 @@ pub(crate) fn add_to_linker(l: &mut Linker<VmState>) -> Result<()> {
         "env",
         "proxy_get_header_map_pairs",
         |mut c: C<'_>, m: i32, pp: i32, pn: i32| -> Result<i32> {
-            let pairs = get_map(&c, m).unwrap_or_default();
-            let bytes = if pairs.is_empty() {
-                Vec::new()
-            } else {
-                serialize_pairs(&pairs)
-            };
+            let bytes = with_map(&c, m, |pairs| {
+                if pairs.is_empty() {
+                    Vec::new()
+                } else {
+                    serialize_pairs(pairs)
+                }
+            })
+            .unwrap_or_default();
             give(&mut c, &bytes, pp, pn)?;
             ok()
         },
@@ -286,7 +295,7 @@ pub(crate) fn add_to_linker(l: &mut Linker<VmState>) -> Result<()> {
         "env",
         "proxy_get_header_map_value",
         |mut c: C<'_>, m: i32, kp: i32, kl: i32, pp: i32, pn: i32| -> Result<i32> {
-            let key = read_string(&mut c, kp, kl)?.to_ascii_lowercase();
+            let key = read_key(&mut c, kp, kl)?;
             let value = if let Some(i) = stream_map_index(m) {
                 let Some(l) = link(&c) else {
                     return st(Status::BadArgument);
@@ -300,8 +309,10 @@ pub(crate) fn add_to_linker(l: &mut Linker<VmState>) -> Result<()> {
                     None => return st(Status::BadArgument),
                 }
             } else {
-                match get_map(&c, m) {
-                    Some(p) => p.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()),
+                match with_map(&c, m, |p| {
+                    p.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone())
+                }) {
+                    Some(v) => v,
                     None => return st(Status::BadArgument),
                 }
             };
@@ -318,7 +329,7 @@ pub(crate) fn add_to_linker(l: &mut Linker<VmState>) -> Result<()> {
         "env",
         "proxy_replace_header_map_value",
         |mut c: C<'_>, m: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> Result<i32> {
-            let key = read_string(&mut c, kp, kl)?.to_ascii_lowercase();
+            let key = read_key(&mut c, kp, kl)?;
             let value = read(&mut c, vp, vl)?;
             st(with_map_mut(&c, m, |map| {
                 match map.iter().position(|(k, _)| *k == key) {
@@ -342,7 +353,7 @@ pub(crate) fn add_to_linker(l: &mut Linker<VmState>) -> Result<()> {
         "env",
         "proxy_add_header_map_value",
         |mut c: C<'_>, m: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> Result<i32> {
-            let key = read_string(&mut c, kp, kl)?.to_ascii_lowercase();
+            let key = read_key(&mut c, kp, kl)?;
             let value = read(&mut c, vp, vl)?;
             st(with_map_mut(&c, m, |map| map.push((key, value))))
         },
@@ -351,7 +362,7 @@ pub(crate) fn add_to_linker(l: &mut Linker<VmState>) -> Result<()> {
         "env",
         "proxy_remove_header_map_value",
         |mut c: C<'_>, m: i32, kp: i32, kl: i32| -> Result<i32> {
-            let key = read_string(&mut c, kp, kl)?.to_ascii_lowercase();
+            let key = read_key(&mut c, kp, kl)?;
             st(with_map_mut(&c, m, |map| map.retain(|(k, _)| *k != key)))
         },
     )?;
