@@ -520,3 +520,25 @@ fn time_claims_are_checked_through_the_filter() {
         assert_eq!(e.counter(&format!("denied.{code}")), 1, "{code}");
     }
 }
+
+#[test]
+fn a_short_cache_control_max_age_brings_the_refresh_forward() {
+    let host = host();
+    let idp = Idp::install(&host, vec![]);
+    idp.serve(Reply::http(
+        200,
+        &[("cache-control", "public, max-age=100")],
+        json!({"keys": [ec_jwk("ec-1")]}).to_string(),
+    ));
+    let e = Env::new(host, remote_config(keycloak_remote()));
+    e.host.advance(Duration::from_millis(200));
+    assert_eq!(idp.paths().len(), 1);
+    e.host.advance(Duration::from_secs(85));
+    assert_eq!(idp.paths().len(), 1);
+    e.host.advance(Duration::from_secs(6));
+    assert_eq!(
+        idp.paths().len(),
+        2,
+        "refreshed at 90 s, before the 100 s max-age"
+    );
+}

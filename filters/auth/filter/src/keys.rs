@@ -8,7 +8,8 @@
 //! failures in a row); `<base>.uri` the `jwks_uri` discovery found
 //! (authority, newline, path). A worker whose tick finds the fetch due
 //! moves `next` forward with a CAS and fetches; the others see the CAS fail.
-//! After a success the next fetch is due after `refresh_interval_s`; after
+//! After a success the next fetch is due after `refresh_interval_s` (or at
+//! 90 % of the response's `Cache-Control: max-age`, if sooner); after
 //! a failure after `retry_initial_ms`, doubling per failure up to the
 //! refresh period. A token naming an unknown `kid` makes the fetch due at
 //! once, at most once per `unknown_kid_refetch_s`.
@@ -325,7 +326,14 @@ pub fn on_response(s: &mut State, token: u32, body_size: usize) -> Option<usize>
             let mut v = now_ns().to_le_bytes().to_vec();
             v.extend_from_slice(&body);
             host::shared_set(&base(&issuer), &v, None);
-            set_lease(&issuer, now_ns() + r.refresh_s * NS, 0, None);
+            // Refresh before the document expires: at 90 % of its max-age
+            // when that is sooner than the configured interval.
+            let refresh_ns = host::call_response_header("cache-control")
+                .and_then(|cc| max_age(&cc))
+                .map_or(r.refresh_s * NS, |age| {
+                    (age.saturating_mul(NS) / 10 * 9).clamp(NS, r.refresh_s * NS)
+                });
+            set_lease(&issuer, now_ns() + refresh_ns, 0, None);
             host::increment(s.metrics.jwks_fetch_success, 1);
             sync(s, p).then_some(p)
         }
@@ -344,6 +352,17 @@ pub fn on_response(s: &mut State, token: u32, body_size: usize) -> Option<usize>
             None
         }
     }
+}
+
+/// `max-age` of a `Cache-Control` value, in seconds.
+fn max_age(cache_control: &str) -> Option<u64> {
+    cache_control.split(',').find_map(|d| {
+        let (k, v) = d.trim().split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("max-age")
+            .then(|| v.trim().trim_matches('"').parse().ok())
+            .flatten()
+    })
 }
 
 /// A token named a `kid` the set lacks: make a fetch due now, unless the
