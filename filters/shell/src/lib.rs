@@ -8,27 +8,108 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status};
 use std::time::{Duration, UNIX_EPOCH};
 
-/// The request headers, read in one host call (one copy of the map
-/// instead of a call per header). Names come from Envoy's codecs, which
-/// only accept token characters, so the SDK's UTF-8 conversion of names
-/// cannot fail; values stay bytes until [`RequestHeaders::get`] checks them.
-pub struct RequestHeaders(Vec<(String, Vec<u8>)>);
+/// The request headers, read in one host call into one buffer: names and
+/// values are slices of it (the SDK's `get_map_bytes` makes two
+/// allocations per header, which on the hot path cost more than the call).
+/// Values stay bytes until [`RequestHeaders::get`] checks them.
+pub struct RequestHeaders {
+    buf: Vec<u8>,
+    /// Byte ranges of (name, value) in `buf`.
+    pairs: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+}
 
 /// A header value that is not UTF-8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotUtf8;
 
+mod raw {
+    //! The one raw host call: `proxy_get_header_map_pairs`, as the SDK
+    //! makes it, but keeping the host's buffer whole.
+    #![allow(unsafe_code)]
+
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        fn proxy_get_header_map_pairs(map_type: u32, data: *mut *mut u8, size: *mut usize) -> u32;
+    }
+
+    /// The serialized request header map (empty if unavailable).
+    pub fn request_header_pairs() -> Vec<u8> {
+        let mut data: *mut u8 = std::ptr::null_mut();
+        let mut size: usize = 0;
+        // SAFETY: the host writes a pointer it obtained from the SDK's
+        // `proxy_on_memory_allocate` (a boxed slice of exactly `size`
+        // bytes, i.e. a Vec with capacity `size`) and its length; we take
+        // ownership once, exactly as `proxy_wasm::hostcalls::get_map_bytes`
+        // does. Status 0 is Ok; on anything else nothing was allocated.
+        unsafe {
+            let status = proxy_get_header_map_pairs(0, &mut data, &mut size);
+            if status != 0 || data.is_null() {
+                return Vec::new();
+            }
+            Vec::from_raw_parts(data, size, size)
+        }
+    }
+}
+
+fn le32(b: &[u8], at: usize) -> Option<usize> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?) as usize)
+}
+
 impl RequestHeaders {
     pub fn read() -> RequestHeaders {
-        RequestHeaders(hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default())
+        let buf = raw::request_header_pairs();
+        let pairs = Self::index(&buf).unwrap_or_default();
+        RequestHeaders { buf, pairs }
+    }
+
+    /// Ranges of the pairs in a serialized map: a count, then the sizes
+    /// of each name and value, then the bytes, each followed by a NUL.
+    #[allow(clippy::type_complexity)]
+    fn index(b: &[u8]) -> Option<Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>> {
+        if b.is_empty() {
+            return Some(Vec::new());
+        }
+        let n = le32(b, 0)?;
+        let mut at = 4usize.checked_add(n.checked_mul(8)?)?;
+        if at > b.len() {
+            return None; // more sizes announced than bytes given
+        }
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let (k, v) = (le32(b, 4 + 8 * i)?, le32(b, 8 + 8 * i)?);
+            let key = at..at.checked_add(k)?;
+            at = key.end.checked_add(1)?;
+            let value = at..at.checked_add(v)?;
+            at = value.end.checked_add(1)?;
+            if at > b.len() {
+                return None;
+            }
+            out.push((key, value));
+        }
+        Some(out)
+    }
+
+    fn entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.pairs.iter().map(|(k, v)| {
+            (
+                self.buf.get(k.clone()).unwrap_or(&[]),
+                self.buf.get(v.clone()).unwrap_or(&[]),
+            )
+        })
     }
 
     /// The first value of `name` as UTF-8: `Ok(None)` if absent.
     pub fn get(&self, name: &str) -> Result<Option<&str>, NotUtf8> {
-        match self.0.iter().find(|(k, _)| k == name) {
+        match self.entries().find(|(k, _)| *k == name.as_bytes()) {
             None => Ok(None),
             Some((_, v)) => std::str::from_utf8(v).map(Some).map_err(|_| NotUtf8),
         }
+    }
+
+    /// Every header name (names are tokens, so UTF-8; others are skipped).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries()
+            .filter_map(|(k, _)| std::str::from_utf8(k).ok())
     }
 }
 
@@ -170,9 +251,61 @@ pub fn send_reply(status: u32, headers: &[(&str, &str)], body: &[u8]) {
     }
 }
 
-impl RequestHeaders {
-    /// Every header name, for removing a family of them.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.0.iter().map(|(k, _)| k.as_str())
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+
+    fn serialize(pairs: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = (pairs.len() as u32).to_le_bytes().to_vec();
+        for (k, v) in pairs {
+            b.extend_from_slice(&(k.len() as u32).to_le_bytes());
+            b.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        }
+        for (k, v) in pairs {
+            b.extend_from_slice(k.as_bytes());
+            b.push(0);
+            b.extend_from_slice(v);
+            b.push(0);
+        }
+        b
+    }
+
+    fn headers(buf: Vec<u8>) -> RequestHeaders {
+        let pairs = RequestHeaders::index(&buf).unwrap_or_default();
+        RequestHeaders { buf, pairs }
+    }
+
+    #[test]
+    fn pairs_are_read_in_place() {
+        let h = headers(serialize(&[
+            (":path", b"/a"),
+            ("x", b""),
+            ("bin", &[0xff, 0xfe]),
+            ("x", b"second"),
+        ]));
+        assert_eq!(h.get(":path"), Ok(Some("/a")));
+        assert_eq!(h.get("x"), Ok(Some("")), "the first value counts");
+        assert_eq!(h.get("bin"), Err(NotUtf8));
+        assert_eq!(h.get("nope"), Ok(None));
+        assert_eq!(
+            h.names().collect::<Vec<_>>(),
+            vec![":path", "x", "bin", "x"]
+        );
+    }
+
+    #[test]
+    fn malformed_buffers_give_no_headers() {
+        let good = serialize(&[("a", b"1"), ("b", b"2")]);
+        for cut in 1..good.len() {
+            assert!(
+                RequestHeaders::index(&good[..cut]).is_none(),
+                "cut at {cut}"
+            );
+        }
+        let mut huge = good.clone();
+        huge[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(RequestHeaders::index(&huge).is_none());
+        assert_eq!(RequestHeaders::index(&[]), Some(vec![]));
     }
 }
