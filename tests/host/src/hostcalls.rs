@@ -81,7 +81,11 @@ fn st(s: Status) -> Result<i32> {
 }
 
 fn link(c: &C<'_>) -> Option<StreamLink> {
-    c.data().streams.get(&c.data().effective).cloned()
+    let d = c.data();
+    d.streams
+        .iter()
+        .find(|(id, _)| *id == d.effective)
+        .map(|(_, l)| l.clone())
 }
 
 fn stream_map_index(m: i32) -> Option<usize> {
@@ -751,7 +755,7 @@ pub(crate) fn add_to_linker(l: &mut Linker<VmState>) -> Result<()> {
         |mut c: C<'_>, id: i32| -> Result<i32> {
             let id = id as u32;
             let st_ = c.data_mut();
-            if id == st_.root_id || st_.streams.contains_key(&id) {
+            if id == st_.root_id || st_.streams.iter().any(|(i, _)| *i == id) {
                 st_.effective = id;
                 ok()
             } else {

@@ -48,7 +48,8 @@ pub(crate) struct VmState {
     /// The context hostcalls act on (`proxy_set_effective_context` changes it).
     pub(crate) effective: u32,
     pub(crate) in_configure: bool,
-    pub(crate) streams: HashMap<u32, StreamLink>,
+    /// Live streams by context id (a handful at a time: a list beats hashing).
+    pub(crate) streams: Vec<(u32, StreamLink)>,
     pub(crate) call: Option<CallData>,
     pub(crate) status: (u32, Vec<u8>),
     pub(crate) metric_by_id: HashMap<u32, (String, u32)>,
@@ -188,7 +189,7 @@ impl Vm {
             next_context: 2,
             effective: 0,
             in_configure: false,
-            streams: HashMap::new(),
+            streams: Vec::new(),
             call: None,
             status: (0, Vec::new()),
             metric_by_id: HashMap::new(),
@@ -354,7 +355,8 @@ impl Vm {
         let st = self.store.data_mut();
         let id = st.next_context;
         st.next_context += 1;
-        st.streams.insert(id, link);
+        st.streams.retain(|(i, _)| *i != id);
+        st.streams.push((id, link));
         let root = st.root_id as i32;
         self.call(
             self.exports.context_create.clone(),
@@ -438,7 +440,7 @@ impl Vm {
                     (ctx as i32,),
                 )
             });
-        self.store.data_mut().streams.remove(&ctx);
+        self.store.data_mut().streams.retain(|(i, _)| *i != ctx);
         self.store.data_mut().effective = 0;
     }
 
