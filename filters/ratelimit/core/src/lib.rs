@@ -1,0 +1,15 @@
+//! Rate limiting without proxy-wasm: GCRA buckets ([`gcra`]) kept in a
+//! bounded table of shared-data slots updated with compare-and-swap
+//! ([`slots`]), so a limit is exact across Envoy's worker VMs.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+pub mod gcra;
+pub mod slots;
