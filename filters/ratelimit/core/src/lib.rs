@@ -11,5 +11,7 @@
     )
 )]
 
+pub mod config;
+pub mod fields;
 pub mod gcra;
 pub mod slots;
