@@ -31,6 +31,15 @@ pub fn load_auth(host: &Host, config: &Value) -> Result<Plugin, LoadError> {
     host.load(auth_config(config))
 }
 
+/// The ratelimit filter with this plugin configuration.
+pub fn ratelimit_config(config: &Value) -> PluginConfig {
+    PluginConfig::new(wasm_host::wasm_path("ratelimit"))
+        .name("ratelimit")
+        .root_id("ratelimit")
+        .vm_id("ratelimit")
+        .config_json(config)
+}
+
 /// base64url (no padding) of a JSON value: an `x-auth-claims` header.
 pub fn claims_header(claims: &Value) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string())

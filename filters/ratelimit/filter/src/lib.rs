@@ -1,0 +1,259 @@
+//! The ratelimit filter, third in the chain (local mode): every policy
+//! that matches a request counts it in a GCRA bucket kept in shared data
+//! and updated with compare-and-swap, so a limit holds exactly across all
+//! worker VMs; a refused request gets 429 with DESIGN.md's body,
+//! `Retry-After`, `RateLimit-Policy`/`RateLimit` and the `X-RateLimit-*`
+//! trio. Buckets live in a bounded slot table (see `ratelimit_core::slots`).
+
+use filter_shell as host;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
+use ratelimit_core::config::{client_ip, OnError, RequestView, Settings};
+use ratelimit_core::fields::{body, fields};
+use ratelimit_core::gcra::Outcome;
+use ratelimit_core::slots::{Admission, SlotStats, Store, Table};
+use std::hash::Hasher;
+use std::rc::Rc;
+
+proxy_wasm::main! {{
+    std::panic::set_hook(Box::new(|info| {
+        host::log(LogLevel::Critical, &format!("ratelimit: panic: {info}"));
+    }));
+    proxy_wasm::set_log_level(LogLevel::Trace);
+    proxy_wasm::set_root_context(|_| Box::new(Root::default()));
+}}
+
+/// Shared data through the host.
+struct Shared;
+
+impl Store for Shared {
+    fn get(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        host::shared_get(key)
+    }
+    fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        host::shared_set(key, value, cas)
+    }
+}
+
+struct Metrics {
+    allowed: Option<u32>,
+    limited: Option<u32>,
+    shadow_limited: Option<u32>,
+    cas_retries: Option<u32>,
+    recycled: Option<u32>,
+    fail_open: Option<u32>,
+    fail_closed: Option<u32>,
+    /// Per policy: (allowed, limited).
+    per_policy: Vec<(Option<u32>, Option<u32>)>,
+}
+
+fn counter(name: &str) -> Option<u32> {
+    host::define(MetricType::Counter, &format!("ratelimit.{name}"))
+}
+
+struct Config {
+    settings: Settings,
+    table: Table,
+    metrics: Metrics,
+}
+
+#[derive(Default)]
+struct Root {
+    config: Option<Rc<Config>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let Some(bytes) = host::plugin_configuration() else {
+            host::log(LogLevel::Error, "ratelimit: configuration: missing");
+            return false;
+        };
+        let settings = match Settings::from_json(&bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                host::log(LogLevel::Error, &format!("ratelimit: {e}"));
+                return false;
+            }
+        };
+        // The slot hash's seed: configured, or derived from the
+        // configuration (the same on every worker, unknown to clients).
+        let seed = settings.hash_seed.unwrap_or_else(|| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            h.write(&bytes);
+            h.finish()
+        });
+        let table = Table {
+            prefix: "254carbon.ratelimit|".into(),
+            slots: settings.slots,
+            max_cas_retries: settings.max_cas_retries,
+            seed: (seed, seed.rotate_left(17) ^ 0x5bd1_e995),
+        };
+        let metrics = Metrics {
+            allowed: counter("allowed"),
+            limited: counter("limited"),
+            shadow_limited: counter("shadow_limited"),
+            cas_retries: counter("cas_retries"),
+            recycled: counter("slots_recycled"),
+            fail_open: counter("fail_open"),
+            fail_closed: counter("fail_closed"),
+            per_policy: settings
+                .policies
+                .iter()
+                .map(|p| {
+                    (
+                        counter(&format!("policy.{}.allowed", p.id)),
+                        counter(&format!("policy.{}.limited", p.id)),
+                    )
+                })
+                .collect(),
+        };
+        host::log(
+            LogLevel::Info,
+            &format!(
+                "ratelimit: configured, {} policies, {} slots",
+                settings.policies.len(),
+                settings.slots
+            ),
+        );
+        self.config = Some(Rc::new(Config {
+            settings,
+            table,
+            metrics,
+        }));
+        true
+    }
+
+    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Stream {
+            config: self.config.clone(),
+            response_fields: Vec::new(),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Stream {
+    config: Option<Rc<Config>>,
+    /// Fields to add to an allowed response (`headers_on_allowed`).
+    response_fields: Vec<(&'static str, String)>,
+}
+
+impl Context for Stream {}
+
+fn source_address() -> Option<String> {
+    hostcalls::get_property(vec!["source", "address"])
+        .ok()
+        .flatten()
+        .and_then(|b| String::from_utf8(b).ok())
+}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        let Some(c) = self.config.clone() else {
+            return Action::Continue;
+        };
+        let s = &c.settings;
+        let m = &c.metrics;
+        let headers = host::RequestHeaders::read();
+        let get = |n: &str| headers.get(n).ok().flatten();
+        let source = source_address();
+        let view = RequestView {
+            method: get(":method").unwrap_or(""),
+            path: get(":path").unwrap_or("/").split('?').next().unwrap_or("/"),
+            subject: get(&s.identity_headers.subject),
+            tenant: get(&s.identity_headers.tenant),
+            roles: get(&s.identity_headers.roles),
+            client_ip: source.as_deref().map(client_ip),
+        };
+        let now = u64::try_from(host::now().as_nanos()).unwrap_or(u64::MAX);
+        let mut stats = SlotStats::default();
+        // The refusal to report (longest wait), and the outcome closest to
+        // its limit (for fields on allowed responses).
+        let mut refusal: Option<(usize, Outcome)> = None;
+        let mut closest: Option<(usize, Outcome)> = None;
+        for (i, p) in s.policies.iter().enumerate() {
+            if !p.matches(&view) {
+                continue;
+            }
+            let key = p.key(&view, |h| get(h).map(str::to_string));
+            let (allowed_m, limited_m) = m.per_policy.get(i).copied().unwrap_or((None, None));
+            let outcome = match c.table.admit(&mut Shared, &key, &p.rate, now, &mut stats) {
+                Admission::Done(o) => o,
+                other => {
+                    host::log(
+                        LogLevel::Warn,
+                        &format!("ratelimit: policy {}: {other:?}", p.id),
+                    );
+                    if s.on_error == OnError::Deny && !p.shadow {
+                        host::increment(m.fail_closed, 1);
+                        Outcome {
+                            allowed: false,
+                            remaining: 0,
+                            reset_ns: 1_000_000_000,
+                            retry_after_ns: 1_000_000_000,
+                        }
+                    } else {
+                        host::increment(m.fail_open, 1);
+                        continue;
+                    }
+                }
+            };
+            if outcome.allowed {
+                host::increment(allowed_m, 1);
+                if closest.is_none_or(|(_, o)| outcome.remaining < o.remaining) {
+                    closest = Some((i, outcome));
+                }
+            } else if p.shadow {
+                host::increment(m.shadow_limited, 1);
+                host::increment(limited_m, 1);
+                host::log(
+                    LogLevel::Info,
+                    &format!("ratelimit: shadow limit {} for {key}", p.id),
+                );
+            } else {
+                host::increment(limited_m, 1);
+                if refusal.is_none_or(|(_, o)| outcome.retry_after_ns > o.retry_after_ns) {
+                    refusal = Some((i, outcome));
+                }
+            }
+        }
+        host::increment(m.cas_retries, stats.cas_retries);
+        host::increment(m.recycled, stats.recycled);
+        if let Some((i, o)) = refusal {
+            host::increment(m.limited, 1);
+            let mut extra = vec![("content-type", "application/json".to_string())];
+            if let Some(p) = s.policies.get(i) {
+                extra.extend(fields(p, &o));
+            }
+            let pairs: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            host::send_reply(429, &pairs, body(&o).as_bytes());
+            return Action::Pause;
+        }
+        host::increment(m.allowed, 1);
+        if s.headers_on_allowed {
+            if let Some((i, o)) = closest {
+                if let Some(p) = s.policies.get(i) {
+                    self.response_fields = fields(p, &o);
+                }
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        for (k, v) in &self.response_fields {
+            let _ = hostcalls::set_map_value(
+                proxy_wasm::types::MapType::HttpResponseHeaders,
+                k,
+                Some(v),
+            );
+        }
+        Action::Continue
+    }
+}
