@@ -94,4 +94,37 @@ fn main() {
     if let Some(p) = benchkit::write_json(env!("CARGO_MANIFEST_DIR"), "ratelimit", plan, &rows) {
         println!("wrote {p}");
     }
+
+    // Memory under churn: distinct client addresses, each sending once,
+    // 1 000 per (emulated) second, a table of 65 536 slots.
+    let keys: u32 = if plan.per_sample < 1000 {
+        100_000
+    } else {
+        1_000_000
+    };
+    let host = Host::builder().workers(2).build();
+    let per_ip = json!({"policies": [{"id": "per-ip", "key": ["client_ip"], "rate": {"requests": 10, "per": "second"}}]});
+    let rl = host.load(ratelimit_config(&per_ip)).unwrap();
+    let chain = host.chain(&[&rl]);
+    let start = std::time::Instant::now();
+    for i in 0..keys {
+        let opts = wasm_host::StreamOptions {
+            source: format!("10.{}.{}.{}:40000", i >> 16 & 255, i >> 8 & 255, i & 255),
+            ..wasm_host::StreamOptions::default()
+        };
+        let s = host.stream_with(&chain, opts);
+        s.request_headers(&request, true);
+        s.respond(200, &[], b"");
+        if i % 1000 == 999 {
+            host.advance(std::time::Duration::from_secs(1));
+        }
+    }
+    println!(
+        "\nchurn: {keys} distinct keys in {:.1} s: {} shared-data entries, {} bytes of keys and values; {} slots recycled, {} fail-open",
+        start.elapsed().as_secs_f64(),
+        host.shared_data_len(),
+        host.shared_data_bytes(),
+        host.counter("wasmcustom.ratelimit.slots_recycled"),
+        host.counter("wasmcustom.ratelimit.fail_open"),
+    );
 }
