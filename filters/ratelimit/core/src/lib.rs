@@ -14,4 +14,5 @@
 pub mod config;
 pub mod fields;
 pub mod gcra;
+pub mod rls;
 pub mod slots;
