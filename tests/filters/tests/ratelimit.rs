@@ -237,4 +237,159 @@ fn configuration_errors_name_the_field() {
             .contains("policies[0].rate.requests")
     );
     assert!(err(json!({"policies": [], "mode": "x"})).contains("unknown field `mode`"));
+    assert!(err(json!({"policies": [], "global": {"cluster": ""}})).contains("global.cluster"));
+}
+
+// ---- global mode: the Envoy Rate Limit Service API ----
+
+use ratelimit_core::rls;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use wasm_host::Reply;
+
+/// A rate limit service: `limit` hits per descriptor, counted here.
+fn install_rls(host: &Host, limit: u32) -> Arc<Mutex<Vec<rls::Request>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let counts = Arc::new(Mutex::new(HashMap::<Vec<(String, String)>, u32>::new()));
+    let s = seen.clone();
+    host.add_grpc_cluster("ratelimit", move |call| {
+        assert_eq!(
+            (call.service.as_str(), call.method.as_str()),
+            (rls::SERVICE, rls::METHOD)
+        );
+        let req = rls::Request::decode(&call.message).unwrap();
+        s.lock().unwrap().push(req.clone());
+        let mut counts = counts.lock().unwrap();
+        let statuses: Vec<rls::Status> = req
+            .descriptors
+            .iter()
+            .map(|d| {
+                let n = counts.entry(d.entries.clone()).or_default();
+                *n += 1;
+                rls::Status {
+                    code: if *n > limit {
+                        rls::Code::OverLimit
+                    } else {
+                        rls::Code::Ok
+                    },
+                    limit: Some((limit, 2, "from-service".into())),
+                    remaining: limit.saturating_sub(*n),
+                    reset_ns: 42_500_000_000,
+                }
+            })
+            .collect();
+        let overall = if statuses.iter().any(|s| s.code == rls::Code::OverLimit) {
+            rls::Code::OverLimit
+        } else {
+            rls::Code::Ok
+        };
+        Reply::grpc(
+            rls::Response {
+                overall,
+                statuses,
+                response_headers: vec![("x-rls".into(), "yes".into())],
+                raw_body: vec![],
+            }
+            .encode(),
+        )
+    });
+    seen
+}
+
+fn global(policies: Value) -> Value {
+    json!({"policies": policies, "global": {"cluster": "ratelimit", "domain": "carbon", "timeout_ms": 50}})
+}
+
+#[test]
+fn global_mode_asks_the_service_and_applies_its_answer() {
+    let host = Host::builder().workers(2).build();
+    let seen = install_rls(&host, 2);
+    let p = host.load(ratelimit_config(&global(json!([
+        {"id": "per-tenant", "key": ["tenant"], "rate": {"requests": 2, "per": "minute"}},
+        {"id": "watch", "shadow": true, "key": ["route"], "rate": {"requests": 1, "per": "hour"}}
+    ])))).unwrap();
+    let e = Env {
+        chain: host.chain(&[&p]).with_upstream(ok),
+        host,
+    };
+    assert_eq!(e.status(&e.send(as_tenant("acme"))), 200);
+    assert_eq!(e.status(&e.send(as_tenant("acme"))), 200);
+    let s = e.send(as_tenant("acme"));
+    let r = s.response().unwrap();
+    assert_eq!(r.status(), Some(429));
+    assert_eq!(
+        r.header("ratelimit-policy").as_deref(),
+        Some("\"per-tenant\";q=2;w=60")
+    );
+    assert_eq!(r.header("retry-after").as_deref(), Some("43"));
+    assert_eq!(r.header("x-rls").as_deref(), Some("yes"));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&r.body).unwrap(),
+        json!({"error": "rate_limited", "retry_after": 43})
+    );
+    // The third request also put the shadow policy over its limit: counted only.
+    assert_eq!(e.counter("shadow_limited"), 1);
+    assert_eq!(e.counter("policy.per-tenant.limited"), 1);
+    let req = seen.lock().unwrap()[0].clone();
+    assert_eq!(req.domain, "carbon");
+    assert_eq!(
+        req.descriptors[0],
+        rls::Descriptor {
+            entries: vec![
+                ("policy".into(), "per-tenant".into()),
+                ("tenant".into(), "acme".into())
+            ],
+            limit: Some((2, 2))
+        }
+    );
+    assert_eq!(
+        req.descriptors[1].entries,
+        vec![
+            ("policy".to_string(), "watch".to_string()),
+            ("route".to_string(), "watch".to_string())
+        ]
+    );
+}
+
+#[test]
+fn a_service_that_does_not_answer_does_not_hang_the_request() {
+    for (on_error, want) in [("allow", 200), ("deny", 503)] {
+        let host = Host::builder().workers(1).build();
+        host.add_grpc_cluster("ratelimit", |_| Reply::Never);
+        let mut cfg = global(
+            json!([{"id": "p", "key": ["tenant"], "rate": {"requests": 1, "per": "second"}}]),
+        );
+        cfg["on_error"] = json!(on_error);
+        let p = host.load(ratelimit_config(&cfg)).unwrap();
+        let e = Env {
+            chain: host.chain(&[&p]).with_upstream(ok),
+            host,
+        };
+        let s = e.send(as_tenant("acme"));
+        assert!(s.response().is_none(), "waits for the service");
+        e.host.advance(Duration::from_millis(50));
+        assert_eq!(s.response().unwrap().status(), Some(want), "{on_error}");
+        assert_eq!(
+            e.counter(if on_error == "allow" {
+                "fail_open"
+            } else {
+                "fail_closed"
+            }),
+            1
+        );
+    }
+    // Garbage from the service is a failure too.
+    let host = Host::builder().workers(1).build();
+    host.add_grpc_cluster("ratelimit", |_| Reply::grpc(vec![0x0a, 0xff]));
+    let p = host
+        .load(ratelimit_config(&global(
+            json!([{"id": "p", "key": ["tenant"], "rate": {"requests": 1, "per": "second"}}]),
+        )))
+        .unwrap();
+    let e = Env {
+        chain: host.chain(&[&p]).with_upstream(ok),
+        host,
+    };
+    assert_eq!(e.status(&e.send(as_tenant("acme"))), 200);
+    assert_eq!(e.counter("fail_open"), 1);
 }

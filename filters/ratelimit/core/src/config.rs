@@ -23,6 +23,31 @@ pub struct RateLimitConfig {
     /// Identity header names (DESIGN.md's defaults).
     #[serde(default)]
     pub identity_headers: IdentityHeaders,
+    /// Global mode: ask an Envoy Rate Limit Service instead of counting
+    /// in shared data (limits across many Envoys).
+    pub global: Option<GlobalConfig>,
+}
+
+/// Where the Rate Limit Service is.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalConfig {
+    /// Envoy cluster (HTTP/2) of the service.
+    pub cluster: String,
+    /// The `domain` of every request. Default `254carbon`.
+    #[serde(default = "default_domain")]
+    pub domain: String,
+    /// How long a request waits for the answer, ms. Default 100; then
+    /// `on_error` decides.
+    #[serde(default = "default_rls_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_domain() -> String {
+    "254carbon".into()
+}
+fn default_rls_timeout() -> u64 {
+    100
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -205,6 +230,7 @@ pub struct Settings {
     pub on_error: OnError,
     pub headers_on_allowed: bool,
     pub identity_headers: IdentityHeaders,
+    pub global: Option<GlobalConfig>,
 }
 
 impl Settings {
@@ -282,6 +308,18 @@ impl Settings {
                 shadow: p.shadow,
             });
         }
+        if let Some(g) = &cfg.global {
+            if g.cluster.is_empty() {
+                return Err("global.cluster: must not be empty".into());
+            }
+            if g.timeout_ms == 0 || g.timeout_ms > u64::from(u32::MAX) {
+                return Err(format!(
+                    "global.timeout_ms: {} is not between 1 and {}",
+                    g.timeout_ms,
+                    u32::MAX
+                ));
+            }
+        }
         if cfg.table.slots == 0 {
             return Err("table.slots: must be at least 1".into());
         }
@@ -293,6 +331,7 @@ impl Settings {
             on_error: cfg.on_error,
             headers_on_allowed: cfg.headers_on_allowed,
             identity_headers: cfg.identity_headers,
+            global: cfg.global,
         })
     }
 }
@@ -346,6 +385,39 @@ impl Policy {
             }
         }
         k
+    }
+}
+
+impl Policy {
+    /// The RLS descriptor of a request: the policy id, then each key part
+    /// (`-` for a part the request lacks), with the policy's rate as the
+    /// limit override (requests per unit, when the rate maps to a unit).
+    pub fn descriptor(
+        &self,
+        r: &RequestView<'_>,
+        header: impl Fn(&str) -> Option<String>,
+    ) -> crate::rls::Descriptor {
+        let mut entries = vec![("policy".to_string(), self.id.clone())];
+        for part in &self.key {
+            let (k, v) = match part {
+                KeyPart::Subject => ("subject".to_string(), r.subject.map(str::to_string)),
+                KeyPart::Tenant => ("tenant".to_string(), r.tenant.map(str::to_string)),
+                KeyPart::ClientIp => ("client_ip".to_string(), r.client_ip.map(str::to_string)),
+                KeyPart::Route => ("route".to_string(), Some(self.id.clone())),
+                KeyPart::Header(h) => (format!("header.{h}"), header(h)),
+            };
+            entries.push((k, v.unwrap_or_else(|| "-".to_string())));
+        }
+        let unit = match self.window_s {
+            1 => 1,
+            60 => 2,
+            3600 => 3,
+            86_400 => 4,
+            _ => 0,
+        };
+        let limit =
+            (unit != 0).then(|| (u32::try_from(self.rate.requests).unwrap_or(u32::MAX), unit));
+        crate::rls::Descriptor { entries, limit }
     }
 }
 

@@ -8,10 +8,12 @@
 use filter_shell as host;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::BufferType;
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
-use ratelimit_core::config::{client_ip, OnError, RequestView, Settings};
-use ratelimit_core::fields::{body, fields};
+use ratelimit_core::config::{client_ip, GlobalConfig, OnError, Policy, RequestView, Settings};
+use ratelimit_core::fields::{body, body as body_of, fields};
 use ratelimit_core::gcra::Outcome;
+use ratelimit_core::rls;
 use ratelimit_core::slots::{Admission, SlotStats, Store, Table};
 use std::hash::Hasher;
 use std::rc::Rc;
@@ -130,6 +132,7 @@ impl RootContext for Root {
         Some(Box::new(Stream {
             config: self.config.clone(),
             response_fields: Vec::new(),
+            pending: None,
         }))
     }
 
@@ -142,9 +145,191 @@ struct Stream {
     config: Option<Rc<Config>>,
     /// Fields to add to an allowed response (`headers_on_allowed`).
     response_fields: Vec<(&'static str, String)>,
+    /// Global mode: the call in flight, and the policies of its descriptors.
+    pending: Option<(u32, Vec<usize>)>,
 }
 
-impl Context for Stream {}
+impl Context for Stream {
+    fn on_grpc_call_response(&mut self, token: u32, status: u32, size: usize) {
+        let Some((t, policies)) = self.pending.take() else {
+            return;
+        };
+        let Some(c) = self.config.clone() else {
+            return;
+        };
+        if t != token {
+            return;
+        }
+        let m = &c.metrics;
+        let s = &c.settings;
+        let body = (status == 0)
+            .then(|| {
+                hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, size)
+                    .ok()
+                    .flatten()
+            })
+            .flatten()
+            .unwrap_or_default();
+        let resp = match (status, rls::Response::decode(&body)) {
+            (0, Ok(r)) if r.overall != rls::Code::Unknown => r,
+            (code, decoded) => {
+                let why = match decoded {
+                    Err(e) => e,
+                    Ok(_) if code != 0 => format!("gRPC status {code}"),
+                    Ok(_) => "no overall code".into(),
+                };
+                host::log(
+                    LogLevel::Warn,
+                    &format!("ratelimit: rate limit service: {why}"),
+                );
+                if s.on_error == OnError::Deny {
+                    host::increment(m.fail_closed, 1);
+                    host::send_json(503, &[], r#"{"error":"rate_limit_unavailable"}"#);
+                } else {
+                    host::increment(m.fail_open, 1);
+                    host::increment(m.allowed, 1);
+                    host::resume_request();
+                }
+                return;
+            }
+        };
+        // Decide on the enforced policies' statuses; shadow ones only count.
+        let mut refusal: Option<(usize, &rls::Status)> = None;
+        for (pos, &i) in policies.iter().enumerate() {
+            let (Some(p), Some(st)) = (s.policies.get(i), resp.statuses.get(pos)) else {
+                continue;
+            };
+            let (allowed_m, limited_m) = m.per_policy.get(i).copied().unwrap_or((None, None));
+            if st.code != rls::Code::OverLimit {
+                host::increment(allowed_m, 1);
+            } else if p.shadow {
+                host::increment(m.shadow_limited, 1);
+                host::increment(limited_m, 1);
+            } else {
+                host::increment(limited_m, 1);
+                if refusal.is_none_or(|(_, r)| st.reset_ns > r.reset_ns) {
+                    refusal = Some((i, st));
+                }
+            }
+        }
+        if refusal.is_none() && resp.statuses.is_empty() && resp.overall == rls::Code::OverLimit {
+            refusal = policies.first().map(|&i| (i, &NO_STATUS));
+        }
+        match refusal {
+            Some((i, st)) => {
+                host::increment(m.limited, 1);
+                let (limit, window) = st.limit.as_ref().map_or((0, 0), |(n, unit, _)| {
+                    (u64::from(*n), rls::unit_seconds(*unit))
+                });
+                let o = Outcome {
+                    allowed: false,
+                    remaining: u64::from(st.remaining),
+                    reset_ns: st.reset_ns,
+                    retry_after_ns: st.reset_ns,
+                };
+                let mut extra = vec![("content-type".to_string(), "application/json".to_string())];
+                if let Some(p) = s.policies.get(i) {
+                    extra.extend(global_fields(p, limit, window, &o));
+                }
+                extra.extend(resp.response_headers.iter().cloned());
+                let pairs: Vec<(&str, &str)> = extra
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                host::send_reply(429, &pairs, body_of(&o).as_bytes());
+            }
+            None => {
+                host::increment(m.allowed, 1);
+                host::resume_request();
+            }
+        }
+    }
+}
+
+const NO_STATUS: rls::Status = rls::Status {
+    code: rls::Code::OverLimit,
+    limit: None,
+    remaining: 0,
+    reset_ns: 1_000_000_000,
+};
+
+/// The response fields of a refusal by the service: its limit when it
+/// says one, the policy's otherwise.
+fn global_fields(p: &Policy, limit: u64, window: u64, o: &Outcome) -> Vec<(String, String)> {
+    fields(p, o)
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match (k, limit, window) {
+                ("ratelimit-policy", l, w) if l > 0 && w > 0 => format!("\"{}\";q={l};w={w}", p.id),
+                ("x-ratelimit-limit", l, _) if l > 0 => l.to_string(),
+                _ => v,
+            };
+            (k.to_string(), v)
+        })
+        .collect()
+}
+
+impl Stream {
+    /// Global mode: one `ShouldRateLimit` call with a descriptor per
+    /// matching policy; the request waits for the answer.
+    fn ask_service(
+        &mut self,
+        c: &Config,
+        g: &GlobalConfig,
+        view: &RequestView<'_>,
+        headers: &host::RequestHeaders,
+    ) -> Action {
+        let s = &c.settings;
+        let mut policies = Vec::new();
+        let mut descriptors = Vec::new();
+        for (i, p) in s.policies.iter().enumerate() {
+            if p.matches(view) {
+                policies.push(i);
+                descriptors.push(
+                    p.descriptor(view, |h| headers.get(h).ok().flatten().map(str::to_string)),
+                );
+            }
+        }
+        if descriptors.is_empty() {
+            host::increment(c.metrics.allowed, 1);
+            return Action::Continue;
+        }
+        let req = rls::Request {
+            domain: g.domain.clone(),
+            descriptors,
+            hits_addend: 0,
+        };
+        let msg = req.encode();
+        match hostcalls::dispatch_grpc_call(
+            &g.cluster,
+            rls::SERVICE,
+            rls::METHOD,
+            vec![],
+            Some(&msg),
+            std::time::Duration::from_millis(g.timeout_ms),
+        ) {
+            Ok(token) => {
+                self.pending = Some((token, policies));
+                Action::Pause
+            }
+            Err(e) => {
+                host::log(
+                    LogLevel::Warn,
+                    &format!("ratelimit: cannot call {:?}: {e:?}", g.cluster),
+                );
+                if s.on_error == OnError::Deny {
+                    host::increment(c.metrics.fail_closed, 1);
+                    host::send_json(503, &[], r#"{"error":"rate_limit_unavailable"}"#);
+                    Action::Pause
+                } else {
+                    host::increment(c.metrics.fail_open, 1);
+                    host::increment(c.metrics.allowed, 1);
+                    Action::Continue
+                }
+            }
+        }
+    }
+}
 
 fn source_address() -> Option<String> {
     hostcalls::get_property(vec!["source", "address"])
@@ -171,6 +356,9 @@ impl HttpContext for Stream {
             roles: get(&s.identity_headers.roles),
             client_ip: source.as_deref().map(client_ip),
         };
+        if let Some(g) = &s.global {
+            return self.ask_service(&c, g, &view, &headers);
+        }
         let now = u64::try_from(host::now().as_nanos()).unwrap_or(u64::MAX);
         let mut stats = SlotStats::default();
         // The refusal to report (longest wait), and the outcome closest to
