@@ -1,0 +1,5 @@
+//! The native access sidecar, as a library (binaries stay thin). So far:
+//! the Envoy Rate Limit Service ([`rls`]) backed by Redis ([`resp`]).
+
+pub mod resp;
+pub mod rls;
