@@ -163,6 +163,8 @@ pub async fn serve(
             _ = &mut shutdown => return,
             accepted = listener.accept() => {
                 let Ok((socket, _)) = accepted else { continue };
+                // Small request/response messages: no Nagle delay.
+                let _ = socket.set_nodelay(true);
                 let limiter = limiter.clone();
                 tokio::spawn(async move {
                     let Ok(mut conn) = h2::server::handshake(socket).await else { return };

@@ -1,0 +1,109 @@
+//! Throughput of the rate limit service against the real Redis: C
+//! concurrent gRPC callers (one HTTP/2 connection each) send
+//! `ShouldRateLimit` with one descriptor (a key per caller, a limit never
+//! reached) for a fixed time; reports calls/s and latency percentiles.
+//! Traffic stays on 127.0.0.1 and stops by itself.
+//! `cargo bench -p sidecar --bench rls [-- --quick]`
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use bytes::{BufMut, Bytes, BytesMut};
+use ratelimit_core::rls::{Descriptor, Request};
+use sidecar::rls::{serve, Limiter, PATH};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let secs = if quick { 2 } else { 10 };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let prefix = format!("254carbon-bench-{}|", std::process::id());
+    for (callers, conns) in [(1usize, 1usize), (16, 4), (64, 8)] {
+        let (rate, lat) = rt.block_on(run(callers, conns, secs, &prefix));
+        println!(
+            "{callers:>3} callers, {conns} Redis connections: {rate:>8.0} calls/s, latency p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs",
+            lat[0], lat[1], lat[2]
+        );
+    }
+}
+
+async fn run(callers: usize, conns: usize, secs: u64, prefix: &str) -> (f64, [f64; 3]) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(
+        listener,
+        Arc::new(Limiter::new("127.0.0.1:6379", conns, prefix)),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for c in 0..callers {
+        tasks.push(tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tcp.set_nodelay(true).unwrap();
+            let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+            tokio::spawn(conn);
+            let mut client = client.ready().await.unwrap();
+            let req = Request {
+                domain: "bench".into(),
+                descriptors: vec![Descriptor {
+                    entries: vec![("caller".into(), c.to_string())],
+                    limit: Some((1_000_000, 1)),
+                }],
+                hits_addend: 0,
+            };
+            let msg = req.encode();
+            let mut framed = BytesMut::new();
+            framed.put_u8(0);
+            framed.put_u32(msg.len() as u32);
+            framed.put_slice(&msg);
+            let framed: Bytes = framed.freeze();
+            let mut lat = Vec::new();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let http_req = http::Request::builder()
+                    .method("POST")
+                    .uri(format!("http://{addr}{PATH}"))
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(())
+                    .unwrap();
+                client = client.ready().await.unwrap();
+                let (resp, mut send) = client.send_request(http_req, false).unwrap();
+                send.send_data(framed.clone(), true).unwrap();
+                let resp = resp.await.unwrap();
+                let mut body = resp.into_body();
+                while let Some(chunk) = body.data().await {
+                    let chunk = chunk.unwrap();
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                }
+                let trailers = body.trailers().await.unwrap().unwrap();
+                assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+                lat.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let _ = stop.send(());
+    all.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
+    (
+        all.len() as f64 / secs as f64,
+        [pct(0.5), pct(0.99), pct(0.999)],
+    )
+}
