@@ -393,3 +393,26 @@ fn a_service_that_does_not_answer_does_not_hang_the_request() {
     assert_eq!(e.status(&e.send(as_tenant("acme"))), 200);
     assert_eq!(e.counter("fail_open"), 1);
 }
+
+#[test]
+fn global_mode_sends_fields_on_allowed_responses_when_configured() {
+    let host = Host::builder().workers(1).build();
+    install_rls(&host, 5);
+    let mut cfg = global(
+        json!([{"id": "per-tenant", "key": ["tenant"], "rate": {"requests": 5, "per": "minute"}}]),
+    );
+    cfg["headers_on_allowed"] = json!(true);
+    let p = host.load(ratelimit_config(&cfg)).unwrap();
+    let e = Env {
+        chain: host.chain(&[&p]).with_upstream(ok),
+        host,
+    };
+    let s = e.send(as_tenant("acme"));
+    let r = s.response().unwrap();
+    assert_eq!(r.status(), Some(200));
+    assert_eq!(r.header("x-ratelimit-remaining").as_deref(), Some("4"));
+    assert_eq!(
+        r.header("ratelimit-policy").as_deref(),
+        Some("\"per-tenant\";q=5;w=60")
+    );
+}

@@ -144,7 +144,7 @@ impl RootContext for Root {
 struct Stream {
     config: Option<Rc<Config>>,
     /// Fields to add to an allowed response (`headers_on_allowed`).
-    response_fields: Vec<(&'static str, String)>,
+    response_fields: Vec<(String, String)>,
     /// Global mode: the call in flight, and the policies of its descriptors.
     pending: Option<(u32, Vec<usize>)>,
 }
@@ -195,6 +195,7 @@ impl Context for Stream {
         };
         // Decide on the enforced policies' statuses; shadow ones only count.
         let mut refusal: Option<(usize, &rls::Status)> = None;
+        let mut closest: Option<(usize, &rls::Status)> = None;
         for (pos, &i) in policies.iter().enumerate() {
             let (Some(p), Some(st)) = (s.policies.get(i), resp.statuses.get(pos)) else {
                 continue;
@@ -202,6 +203,12 @@ impl Context for Stream {
             let (allowed_m, limited_m) = m.per_policy.get(i).copied().unwrap_or((None, None));
             if st.code != rls::Code::OverLimit {
                 host::increment(allowed_m, 1);
+                if !p.shadow
+                    && st.limit.is_some()
+                    && closest.is_none_or(|(_, c)| st.remaining < c.remaining)
+                {
+                    closest = Some((i, st));
+                }
             } else if p.shadow {
                 host::increment(m.shadow_limited, 1);
                 host::increment(limited_m, 1);
@@ -240,6 +247,22 @@ impl Context for Stream {
             }
             None => {
                 host::increment(m.allowed, 1);
+                if s.headers_on_allowed {
+                    if let Some((i, st)) = closest {
+                        let (limit, window) = st.limit.as_ref().map_or((0, 0), |(n, unit, _)| {
+                            (u64::from(*n), rls::unit_seconds(*unit))
+                        });
+                        let o = Outcome {
+                            allowed: true,
+                            remaining: u64::from(st.remaining),
+                            reset_ns: st.reset_ns,
+                            retry_after_ns: 0,
+                        };
+                        if let Some(p) = s.policies.get(i) {
+                            self.response_fields = global_fields(p, limit, window, &o);
+                        }
+                    }
+                }
                 host::resume_request();
             }
         }
@@ -427,7 +450,10 @@ impl HttpContext for Stream {
         if s.headers_on_allowed {
             if let Some((i, o)) = closest {
                 if let Some(p) = s.policies.get(i) {
-                    self.response_fields = fields(p, &o);
+                    self.response_fields = fields(p, &o)
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect();
                 }
             }
         }
