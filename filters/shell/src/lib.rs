@@ -251,6 +251,45 @@ pub fn send_reply(status: u32, headers: &[(&str, &str)], body: &[u8]) {
     }
 }
 
+/// The counters of a [`BoundedCache`](filter_common::cache::BoundedCache):
+/// the cache counts per VM, the metrics are shared by all workers, so what
+/// changed since the last flush is added.
+pub struct CacheCounters {
+    hits: Option<u32>,
+    misses: Option<u32>,
+    evictions: Option<u32>,
+    oversized: Option<u32>,
+    flushed: filter_common::cache::CacheStats,
+}
+
+impl CacheCounters {
+    /// Defines the counters (full metric names; `oversized` optional).
+    pub fn define(
+        hits: &str,
+        misses: &str,
+        evictions: &str,
+        oversized: Option<&str>,
+    ) -> CacheCounters {
+        CacheCounters {
+            hits: define(MetricType::Counter, hits),
+            misses: define(MetricType::Counter, misses),
+            evictions: define(MetricType::Counter, evictions),
+            oversized: oversized.and_then(|n| define(MetricType::Counter, n)),
+            flushed: filter_common::cache::CacheStats::default(),
+        }
+    }
+
+    /// Exports what the cache counted since the last call.
+    pub fn flush(&mut self, now: filter_common::cache::CacheStats) {
+        let was = self.flushed;
+        increment(self.hits, now.hits - was.hits);
+        increment(self.misses, now.misses - was.misses);
+        increment(self.evictions, now.evictions - was.evictions);
+        increment(self.oversized, now.oversized - was.oversized);
+        self.flushed = now;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing)]

@@ -326,8 +326,9 @@ fn header_name(field: &str, v: &str, allow_empty: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// Scheme and host of an issuer URL, and its path.
-fn split_url(url: &str) -> Option<(&str, &str)> {
+/// The authority and the path (with query; empty if none) of an
+/// `http(s)://` URL: an issuer, a discovered `jwks_uri`.
+pub fn split_url(url: &str) -> Option<(&str, &str)> {
     let rest = url
         .strip_prefix("https://")
         .or_else(|| url.strip_prefix("http://"))?;

@@ -15,7 +15,7 @@
 //! once, at most once per `unknown_kid_refetch_s`.
 
 use crate::State;
-use auth_core::config::{KeySource, Remote};
+use auth_core::config::{split_url, KeySource, Remote};
 use auth_core::jwk::JwkSet;
 use filter_shell as host;
 use proxy_wasm::types::LogLevel;
@@ -233,15 +233,10 @@ fn failed(s: &State, p: usize, issuer: &str, r: &Remote, why: &str) {
     );
 }
 
-/// Splits an absolute URL into authority and path (with query).
+/// Authority and path of a discovered `jwks_uri`.
 fn authority_and_path(url: &str) -> Option<(String, String)> {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))?;
-    let (auth, path) = match rest.find('/') {
-        Some(i) => (rest.get(..i)?, rest.get(i..)?),
-        None => (rest, "/"),
-    };
+    let (auth, path) = split_url(url)?;
+    let path = if path.is_empty() { "/" } else { path };
     (!auth.is_empty()).then(|| (auth.to_string(), path.to_string()))
 }
 

@@ -193,7 +193,7 @@ impl State {
             }
             Step::Wait(_) => false,
         };
-        self.metrics.flush_cache(self.cache.stats());
+        self.metrics.cache.flush(self.cache.stats());
         passed
     }
 

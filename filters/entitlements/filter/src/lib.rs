@@ -359,8 +359,8 @@ impl HttpContext for Stream {
                 v
             }
         };
-        s.metrics.flush_identities(s.identities.stats());
-        s.metrics.flush_cache(s.cache.stats());
+        s.metrics.identity_cache.flush(s.identities.stats());
+        s.metrics.cache.flush(s.cache.stats());
         report(s, &policy, verdict, method, &target.path, raw.subject);
         if verdict.allowed {
             Action::Continue

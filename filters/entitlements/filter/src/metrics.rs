@@ -1,7 +1,6 @@
 //! The filter's metrics, defined once per VM (Envoy exposes them as
 //! `wasmcustom.entitlements.*`; all workers add to the same counters).
 
-use entitlements_core::cache::CacheStats;
 use entitlements_core::policy::Policy;
 use filter_shell as host;
 use proxy_wasm::types::MetricType;
@@ -14,13 +13,8 @@ pub struct Metrics {
     pub invalid_path: Option<u32>,
     pub invalid_identity: Option<u32>,
     pub unavailable: Option<u32>,
-    cache_hits: Option<u32>,
-    cache_misses: Option<u32>,
-    cache_evictions: Option<u32>,
-    cache_oversized: Option<u32>,
-    identity_hits: Option<u32>,
-    identity_misses: Option<u32>,
-    identity_evictions: Option<u32>,
+    pub cache: host::CacheCounters,
+    pub identity_cache: host::CacheCounters,
     pub policy_reloads: Option<u32>,
     pub policy_fetches: Option<u32>,
     pub policy_not_modified: Option<u32>,
@@ -31,9 +25,6 @@ pub struct Metrics {
     rules: Vec<Option<u32>>,
     /// Every rule counter defined so far, by name (a policy swap reuses them).
     defined: HashMap<String, Option<u32>>,
-    /// Cache counters already exported.
-    flushed: CacheStats,
-    flushed_identities: CacheStats,
 }
 
 fn counter(name: &str) -> Option<u32> {
@@ -49,13 +40,18 @@ impl Metrics {
             invalid_path: counter("invalid_path"),
             invalid_identity: counter("invalid_identity"),
             unavailable: counter("unavailable"),
-            cache_hits: counter("cache.hits"),
-            cache_misses: counter("cache.misses"),
-            cache_evictions: counter("cache.evictions"),
-            cache_oversized: counter("cache.oversized"),
-            identity_hits: counter("identity_cache.hits"),
-            identity_misses: counter("identity_cache.misses"),
-            identity_evictions: counter("identity_cache.evictions"),
+            cache: host::CacheCounters::define(
+                "entitlements.cache.hits",
+                "entitlements.cache.misses",
+                "entitlements.cache.evictions",
+                Some("entitlements.cache.oversized"),
+            ),
+            identity_cache: host::CacheCounters::define(
+                "entitlements.identity_cache.hits",
+                "entitlements.identity_cache.misses",
+                "entitlements.identity_cache.evictions",
+                None,
+            ),
             policy_reloads: counter("policy.reloads"),
             policy_fetches: counter("policy.fetches"),
             policy_not_modified: counter("policy.not_modified"),
@@ -64,8 +60,6 @@ impl Metrics {
             policy_rules: host::define(MetricType::Gauge, "entitlements.policy.rules"),
             rules: Vec::new(),
             defined: HashMap::new(),
-            flushed: CacheStats::default(),
-            flushed_identities: CacheStats::default(),
         }
     }
 
@@ -93,25 +87,5 @@ impl Metrics {
     /// [`Decider::slot`]: entitlements_core::policy::Decider::slot
     pub fn rule(&self, slot: usize) -> Option<u32> {
         self.rules.get(slot).copied().flatten()
-    }
-
-    /// Exports what the identity cache counted since the last call (its
-    /// oversized keys show in the decision cache's `oversized`).
-    pub fn flush_identities(&mut self, now: CacheStats) {
-        let was = self.flushed_identities;
-        host::increment(self.identity_hits, now.hits - was.hits);
-        host::increment(self.identity_misses, now.misses - was.misses);
-        host::increment(self.identity_evictions, now.evictions - was.evictions);
-        self.flushed_identities = now;
-    }
-
-    /// Exports what the cache counted since the last call.
-    pub fn flush_cache(&mut self, now: CacheStats) {
-        let was = self.flushed;
-        host::increment(self.cache_hits, now.hits - was.hits);
-        host::increment(self.cache_misses, now.misses - was.misses);
-        host::increment(self.cache_evictions, now.evictions - was.evictions);
-        host::increment(self.cache_oversized, now.oversized - was.oversized);
-        self.flushed = now;
     }
 }

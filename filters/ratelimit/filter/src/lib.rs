@@ -11,7 +11,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::BufferType;
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 use ratelimit_core::config::{client_ip, GlobalConfig, OnError, Policy, RequestView, Settings};
-use ratelimit_core::fields::{body, body as body_of, fields};
+use ratelimit_core::fields::{body, fields};
 use ratelimit_core::gcra::Outcome;
 use ratelimit_core::rls;
 use ratelimit_core::slots::{Admission, SlotStats, Store, Table};
@@ -162,7 +162,7 @@ impl Context for Stream {
         }
         let m = &c.metrics;
         let s = &c.settings;
-        let body = (status == 0)
+        let message = (status == 0)
             .then(|| {
                 hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, size)
                     .ok()
@@ -170,7 +170,7 @@ impl Context for Stream {
             })
             .flatten()
             .unwrap_or_default();
-        let resp = match (status, rls::Response::decode(&body)) {
+        let resp = match (status, rls::Response::decode(&message)) {
             (0, Ok(r)) if r.overall != rls::Code::Unknown => r,
             (code, decoded) => {
                 let why = match decoded {
@@ -243,7 +243,7 @@ impl Context for Stream {
                     .iter()
                     .map(|(k, v)| (k.as_str(), v.as_str()))
                     .collect();
-                host::send_reply(429, &pairs, body_of(&o).as_bytes());
+                host::send_reply(429, &pairs, body(&o).as_bytes());
             }
             None => {
                 host::increment(m.allowed, 1);
