@@ -99,7 +99,7 @@ fn redis_down_is_an_error_not_a_hang() {
 
 fn ok(_: &Message) -> Message {
     Message {
-        headers: vec![(":status".into(), b"200".to_vec())],
+        headers: vec![(":status".into(), b"200".to_vec())].into(),
         body: vec![],
         trailers: None,
     }

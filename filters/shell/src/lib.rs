@@ -122,6 +122,17 @@ pub fn set_request_header(name: &str, value: &str) {
     }
 }
 
+/// Adds a request header (another value if the name is there already:
+/// for names the filter removed first, cheaper than a replace).
+pub fn add_request_header(name: &str, value: &str) {
+    if let Err(s) = hostcalls::add_map_value(MapType::HttpRequestHeaders, name, value) {
+        log(
+            LogLevel::Warn,
+            &format!("cannot add request header {name}: {s:?}"),
+        );
+    }
+}
+
 /// A header of the HTTP call response being delivered.
 pub fn call_response_header(name: &str) -> Option<String> {
     match hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, name) {

@@ -19,7 +19,7 @@ use wasm_host::{CallRequest, Host, Message, Reply, Stream};
 
 fn echo(req: &Message) -> Message {
     Message {
-        headers: vec![(":status".into(), b"200".to_vec())],
+        headers: vec![(":status".into(), b"200".to_vec())].into(),
         body: serde_json::to_vec(
             &req.headers
                 .iter()

@@ -20,7 +20,7 @@ const POLICY: &str = include_str!("../../../filters/entitlements/examples/policy
 
 fn ok(_: &Message) -> Message {
     Message {
-        headers: vec![(":status".into(), b"200".to_vec())],
+        headers: vec![(":status".into(), b"200".to_vec())].into(),
         body: b"curve".to_vec(),
         trailers: None,
     }

@@ -26,7 +26,8 @@ fn upstream_ok(req: &Message) -> Message {
                 "x-seen-path".into(),
                 req.header(":path").unwrap_or_default().into_bytes(),
             ),
-        ],
+        ]
+        .into(),
         body: b"ok".to_vec(),
         trailers: None,
     }

@@ -14,7 +14,7 @@ use wasm_host::{Host, Message, Stream, StreamOptions};
 
 fn ok(_: &Message) -> Message {
     Message {
-        headers: vec![(":status".into(), b"200".to_vec())],
+        headers: vec![(":status".into(), b"200".to_vec())].into(),
         body: vec![],
         trailers: None,
     }

@@ -32,7 +32,9 @@ impl Direction {
 /// or what the client received.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Message {
-    pub headers: Pairs,
+    /// Shared with the stream's map until either changes (copy on write),
+    /// so handing headers on costs no copy.
+    pub headers: Arc<Pairs>,
     pub body: Vec<u8>,
     pub trailers: Option<Pairs>,
 }
@@ -183,7 +185,7 @@ impl Access {
 /// What hostcalls reach of a stream: header maps, bodies, properties.
 pub(crate) struct StreamData {
     /// Request headers, request trailers, response headers, response trailers.
-    maps: [Option<Pairs>; 4],
+    maps: [Option<Arc<Pairs>>; 4],
     pub(crate) access: Vec<Access>,
     bodies: Vec<[Vec<u8>; 2]>,
     pub(crate) properties: HashMap<String, Vec<u8>>,
@@ -197,13 +199,13 @@ pub(crate) struct StreamData {
 
 impl StreamData {
     pub(crate) fn map(&self, i: usize) -> Option<&Pairs> {
-        self.maps[i].as_ref()
+        self.maps[i].as_deref()
     }
     pub(crate) fn map_mut(&mut self, i: usize) -> Option<&mut Pairs> {
-        self.maps[i].as_mut()
+        self.maps[i].as_mut().map(Arc::make_mut)
     }
     pub(crate) fn create_map(&mut self, i: usize) {
-        self.maps[i] = Some(Vec::new());
+        self.maps[i] = Some(Arc::new(Vec::new()));
     }
     pub(crate) fn body(&self, filter: usize, dir: Direction) -> Option<&Vec<u8>> {
         let a = self.access.get(filter)?;
@@ -397,7 +399,7 @@ impl Stream {
                 format!("{r:016x}-{id:08x}").into_bytes(),
             ));
         }
-        self.with(|e| e.headers_in(Direction::Request, h, end_of_stream));
+        self.with(|e| e.headers_in(Direction::Request, Arc::new(h), end_of_stream));
     }
 
     pub fn request_body(&self, chunk: &[u8], end_of_stream: bool) {
@@ -410,7 +412,7 @@ impl Stream {
 
     /// Response headers from the upstream.
     pub fn response_headers(&self, headers: &[(&str, &str)], end_of_stream: bool) {
-        self.with(|e| e.headers_in(Direction::Response, lower(headers), end_of_stream));
+        self.with(|e| e.headers_in(Direction::Response, Arc::new(lower(headers)), end_of_stream));
     }
 
     pub fn response_body(&self, chunk: &[u8], end_of_stream: bool) {
@@ -426,7 +428,7 @@ impl Stream {
         let mut h = vec![(":status".to_string(), status.to_string().into_bytes())];
         h.extend(lower(headers));
         self.with(|e| {
-            e.headers_in(Direction::Response, h, body.is_empty());
+            e.headers_in(Direction::Response, Arc::new(h), body.is_empty());
             if !body.is_empty() {
                 e.data_in(Direction::Response, body.to_vec(), true);
             }
@@ -534,7 +536,7 @@ impl Engine {
         self.filter_of(dir, filter, self.n())
     }
 
-    fn headers_in(&mut self, dir: Direction, headers: Pairs, eos: bool) {
+    fn headers_in(&mut self, dir: Direction, headers: Arc<Pairs>, eos: bool) {
         if self.finished || self.dirs[dir.index()].halted {
             return;
         }
@@ -556,7 +558,7 @@ impl Engine {
             return;
         }
         let i = if dir == Direction::Request { 1 } else { 3 };
-        self.shared.lock().maps[i] = Some(trailers);
+        self.shared.lock().maps[i] = Some(Arc::new(trailers));
         self.input(dir, Frame::Trailers);
     }
 
@@ -615,6 +617,7 @@ impl Engine {
             (2, 3)
         };
         let snapshot = |s: &Arc<StreamShared>, i: usize| s.lock().maps[i].clone();
+        let copy = |s: &Arc<StreamShared>, i: usize| s.lock().maps[i].as_deref().cloned();
         let msg = match dir {
             Direction::Request => &mut self.upstream,
             Direction::Response => &mut self.downstream,
@@ -635,7 +638,7 @@ impl Engine {
             }
             Frame::Trailers => {
                 if let Some(m) = msg.as_mut() {
-                    m.trailers = snapshot(&self.shared, ti);
+                    m.trailers = copy(&self.shared, ti);
                 }
                 true
             }
@@ -750,7 +753,7 @@ impl Engine {
                     a.read[hi] = true;
                     a.write[hi] = true;
                 });
-                let n = self.shared.lock().maps[hi].as_ref().map_or(0, Vec::len);
+                let n = self.shared.lock().maps[hi].as_ref().map_or(0, |m| m.len());
                 let cb = if d == 0 {
                     HttpCallback::RequestHeaders
                 } else {
@@ -794,7 +797,7 @@ impl Engine {
                     a.read[ti] = true;
                     a.write[ti] = true;
                 });
-                let n = self.shared.lock().maps[ti].as_ref().map_or(0, Vec::len);
+                let n = self.shared.lock().maps[ti].as_ref().map_or(0, |m| m.len());
                 let cb = if d == 0 {
                     HttpCallback::RequestTrailers
                 } else {
@@ -1042,6 +1045,7 @@ impl Engine {
             })
             .unwrap_or(false);
         let (h, body) = local_reply_message(status, headers, body, grpc_status, is_grpc);
+        let h = Arc::new(h);
         if self.response_started {
             // Sent while encoding, before the client got headers: Envoy
             // replaces the response directly, without the encoder filters.
@@ -1234,7 +1238,7 @@ pub(crate) fn property(
                 return None;
             }
             let mut merged: Vec<(String, Vec<u8>)> = Vec::new();
-            for (k, v) in d.maps[0].as_ref()? {
+            for (k, v) in d.maps[0].as_deref()? {
                 match merged.iter_mut().find(|(mk, _)| mk == k) {
                     Some((_, mv)) => {
                         mv.push(b',');

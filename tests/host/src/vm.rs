@@ -42,7 +42,7 @@ pub(crate) struct VmState {
     pub(crate) worker: Option<usize>,
     pub(crate) limits: StoreLimits,
     pub(crate) memory: Option<Memory>,
-    pub(crate) alloc: Option<TypedFunc<i32, i32>>,
+    pub(crate) alloc: Option<Arc<TypedFunc<i32, i32>>>,
     pub(crate) root_id: u32,
     pub(crate) next_context: u32,
     /// The context hostcalls act on (`proxy_set_effective_context` changes it).
@@ -158,7 +158,9 @@ pub(crate) fn instance_pre(module: &Module) -> wasmtime::Result<InstancePre<VmSt
 
 pub(crate) struct Vm {
     store: Store<VmState>,
-    exports: Exports,
+    /// Behind an `Arc`: a call borrows the function from a clone of the
+    /// pointer (cloning a `TypedFunc` clones its registered type).
+    exports: Arc<Exports>,
     failed: Option<String>,
     epoch_ticks: u64,
 }
@@ -217,11 +219,11 @@ impl Vm {
         .typed::<i32, i32>(&store)
         .map_err(|e| format!("allocator export: {e}"))?;
         store.data_mut().memory = Some(memory);
-        store.data_mut().alloc = Some(alloc);
+        store.data_mut().alloc = Some(Arc::new(alloc));
         let exports = exports(&mut store, &inst)?;
         Ok(Vm {
             store,
-            exports,
+            exports: Arc::new(exports),
             failed: None,
             epoch_ticks,
         })
@@ -254,7 +256,7 @@ impl Vm {
     /// Calls a guest function with the time bound; a trap fails the VM.
     fn call<P, R>(
         &mut self,
-        f: Option<TypedFunc<P, R>>,
+        f: Option<&TypedFunc<P, R>>,
         ctx: u32,
         name: &str,
         params: P,
@@ -295,15 +297,20 @@ impl Vm {
     pub(crate) fn start(&mut self) -> Result<(), StartError> {
         let trap = |vm: &Vm| StartError::Trap(vm.failed.clone().unwrap_or_default());
         if self.exports.initialize.is_some() {
-            self.call(self.exports.initialize.clone(), 0, "_initialize", ())
-                .map_err(|_| trap(self))?;
+            self.call(
+                Arc::clone(&self.exports).initialize.as_ref(),
+                0,
+                "_initialize",
+                (),
+            )
+            .map_err(|_| trap(self))?;
         } else {
-            self.call(self.exports.start.clone(), 0, "_start", ())
+            self.call(Arc::clone(&self.exports).start.as_ref(), 0, "_start", ())
                 .map_err(|_| trap(self))?;
         }
         let root = self.root_id() as i32;
         self.call(
-            self.exports.context_create.clone(),
+            Arc::clone(&self.exports).context_create.as_ref(),
             root as u32,
             "proxy_on_context_create",
             (root, 0),
@@ -312,7 +319,7 @@ impl Vm {
         let vm_len = self.store.data().meta.vm_configuration.len() as i32;
         let ok = self
             .call(
-                self.exports.vm_start.clone(),
+                Arc::clone(&self.exports).vm_start.as_ref(),
                 root as u32,
                 "proxy_on_vm_start",
                 (root, vm_len),
@@ -324,7 +331,7 @@ impl Vm {
         let len = self.store.data().meta.configuration.len() as i32;
         self.store.data_mut().in_configure = true;
         let ok = self.call(
-            self.exports.configure.clone(),
+            Arc::clone(&self.exports).configure.as_ref(),
             root as u32,
             "proxy_on_configure",
             (root, len),
@@ -359,7 +366,7 @@ impl Vm {
         st.streams.push((id, link));
         let root = st.root_id as i32;
         self.call(
-            self.exports.context_create.clone(),
+            Arc::clone(&self.exports).context_create.as_ref(),
             id,
             "proxy_on_context_create",
             (id as i32, root),
@@ -378,37 +385,37 @@ impl Vm {
         let id = ctx as i32;
         let r = match (cb, b) {
             (HttpCallback::RequestHeaders, Some(eos)) => self.call(
-                self.exports.request_headers.clone(),
+                Arc::clone(&self.exports).request_headers.as_ref(),
                 ctx,
                 "proxy_on_request_headers",
                 (id, a, eos as i32),
             )?,
             (HttpCallback::RequestBody, Some(eos)) => self.call(
-                self.exports.request_body.clone(),
+                Arc::clone(&self.exports).request_body.as_ref(),
                 ctx,
                 "proxy_on_request_body",
                 (id, a, eos as i32),
             )?,
             (HttpCallback::RequestTrailers, _) => self.call(
-                self.exports.request_trailers.clone(),
+                Arc::clone(&self.exports).request_trailers.as_ref(),
                 ctx,
                 "proxy_on_request_trailers",
                 (id, a),
             )?,
             (HttpCallback::ResponseHeaders, Some(eos)) => self.call(
-                self.exports.response_headers.clone(),
+                Arc::clone(&self.exports).response_headers.as_ref(),
                 ctx,
                 "proxy_on_response_headers",
                 (id, a, eos as i32),
             )?,
             (HttpCallback::ResponseBody, Some(eos)) => self.call(
-                self.exports.response_body.clone(),
+                Arc::clone(&self.exports).response_body.as_ref(),
                 ctx,
                 "proxy_on_response_body",
                 (id, a, eos as i32),
             )?,
             (HttpCallback::ResponseTrailers, _) => self.call(
-                self.exports.response_trailers.clone(),
+                Arc::clone(&self.exports).response_trailers.as_ref(),
                 ctx,
                 "proxy_on_response_trailers",
                 (id, a),
@@ -419,22 +426,27 @@ impl Vm {
     }
 
     pub(crate) fn on_log(&mut self, ctx: u32) -> Result<(), ()> {
-        self.call(self.exports.log.clone(), ctx, "proxy_on_log", (ctx as i32,))
-            .map(|_| ())
+        self.call(
+            Arc::clone(&self.exports).log.as_ref(),
+            ctx,
+            "proxy_on_log",
+            (ctx as i32,),
+        )
+        .map(|_| ())
     }
 
     /// `on_done` then `on_delete`; the context is forgotten either way.
     pub(crate) fn finish(&mut self, ctx: u32) {
         let _ = self
             .call(
-                self.exports.done.clone(),
+                Arc::clone(&self.exports).done.as_ref(),
                 ctx,
                 "proxy_on_done",
                 (ctx as i32,),
             )
             .and_then(|_| {
                 self.call(
-                    self.exports.delete.clone(),
+                    Arc::clone(&self.exports).delete.as_ref(),
                     ctx,
                     "proxy_on_delete",
                     (ctx as i32,),
@@ -450,7 +462,7 @@ impl Vm {
             return;
         }
         let _ = self.call(
-            self.exports.tick.clone(),
+            Arc::clone(&self.exports).tick.as_ref(),
             root,
             "proxy_on_tick",
             (root as i32,),
@@ -473,7 +485,7 @@ impl Vm {
 
     pub(crate) fn queue_ready(&mut self, root: u32, queue: u32) {
         let _ = self.call(
-            self.exports.queue_ready.clone(),
+            Arc::clone(&self.exports).queue_ready.as_ref(),
             root,
             "proxy_on_queue_ready",
             (root as i32, queue as i32),
@@ -504,7 +516,7 @@ impl Vm {
                     grpc_message: None,
                 });
                 let _ = self.call(
-                    self.exports.http_call_response.clone(),
+                    Arc::clone(&self.exports).http_call_response.as_ref(),
                     root,
                     "proxy_on_http_call_response",
                     (r, t, nh, nb, nt),
@@ -514,7 +526,7 @@ impl Vm {
                 self.store.data_mut().status = (11, b"reset".to_vec());
                 self.store.data_mut().call = Some(CallData::default());
                 let _ = self.call(
-                    self.exports.http_call_response.clone(),
+                    Arc::clone(&self.exports).http_call_response.as_ref(),
                     root,
                     "proxy_on_http_call_response",
                     (r, t, 0, 0, 0),
@@ -528,7 +540,7 @@ impl Vm {
                     ..CallData::default()
                 });
                 let _ = self.call(
-                    self.exports.grpc_receive.clone(),
+                    Arc::clone(&self.exports).grpc_receive.as_ref(),
                     root,
                     "proxy_on_grpc_receive",
                     (r, t, n),
@@ -538,7 +550,7 @@ impl Vm {
                 self.store.data_mut().status = (14, b"upstream reset".to_vec());
                 self.store.data_mut().call = Some(CallData::default());
                 let _ = self.call(
-                    self.exports.grpc_close.clone(),
+                    Arc::clone(&self.exports).grpc_close.as_ref(),
                     root,
                     "proxy_on_grpc_close",
                     (r, t, 14),
@@ -548,7 +560,7 @@ impl Vm {
                 self.store.data_mut().status = (code, message.into_bytes());
                 self.store.data_mut().call = Some(CallData::default());
                 let _ = self.call(
-                    self.exports.grpc_close.clone(),
+                    Arc::clone(&self.exports).grpc_close.as_ref(),
                     root,
                     "proxy_on_grpc_close",
                     (r, t, code as i32),

@@ -18,7 +18,7 @@ use auth_core::error::Reason;
 use auth_core::jwt::Token;
 use auth_core::source;
 use auth_core::verify::verify_token;
-use filter_common::cache::BoundedCache;
+use filter_common::cache::{fast_hasher, BoundedCache, FastHasher};
 use filter_shell as host;
 use metrics::Metrics;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -61,7 +61,9 @@ struct Waiter {
 pub(crate) struct State {
     settings: Settings,
     keys: Vec<keys::ProviderKeys>,
-    cache: BoundedCache<Rc<Verified>>,
+    /// Only verified tokens get in, so clients cannot fill it with keys of
+    /// their choosing: the fast hasher is enough.
+    cache: BoundedCache<Rc<Verified>, FastHasher>,
     metrics: Metrics,
     waiters: Vec<Waiter>,
     fast_tick: bool,
@@ -154,8 +156,9 @@ impl State {
     fn apply(&mut self, step: Step, source: Option<usize>, req: &Requirement) -> bool {
         let passed = match step {
             Step::Pass(Some(v)) => {
+                // Every incoming header of these names is gone already.
                 for (name, value) in &v.headers {
-                    host::set_request_header(name, value);
+                    host::add_request_header(name, value);
                 }
                 if !self.settings.output.forward_token {
                     if let Some(SourceConfig::Header { name, .. }) =
@@ -294,7 +297,11 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let cache = BoundedCache::new(settings.cache_max_entries, settings.max_token_bytes);
+        let cache = BoundedCache::with_hasher(
+            settings.cache_max_entries,
+            settings.max_token_bytes,
+            fast_hasher(),
+        );
         let mut state = State {
             settings,
             keys: Vec::new(),

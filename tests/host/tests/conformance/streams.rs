@@ -480,7 +480,7 @@ fn upstream_responder_answers_complete_requests() {
     let host = Host::builder().workers(1).build();
     let p = probe(&host, json!({}));
     let chain = host.chain(&[&p]).with_upstream(|req| wasm_host::Message {
-        headers: vec![(":status".into(), b"200".to_vec())],
+        headers: vec![(":status".into(), b"200".to_vec())].into(),
         body: format!("echo {}", req.header(":path").unwrap_or_default()).into_bytes(),
         trailers: None,
     });
@@ -586,7 +586,7 @@ fn local_reply_with_empty_body_has_no_content_headers() {
     s.request_headers(GET, true);
     let r = s.response().unwrap();
     assert_eq!(
-        r.headers,
+        *r.headers,
         vec![
             (":status".to_string(), b"401".to_vec()),
             ("www-authenticate".to_string(), b"Bearer".to_vec())
