@@ -1,0 +1,547 @@
+//! The hub: channel state (sequence number, last value, bounded history),
+//! the subscription index, and each client's bounded outbox with its
+//! slow-consumer policy.
+//!
+//! Publishing and subscribing are serialized by one lock, so a client sees
+//! a channel's messages in sequence order and a subscription's snapshot is
+//! exactly what precedes the first message it then receives. Delivery under
+//! the lock only appends a shared frame to each subscriber's outbox and
+//! wakes its connection task: a slow client costs the publisher nothing
+//! more than a fast one, and never blocks it.
+
+use crate::metrics::Metrics;
+use crate::protocol::{self, Current, Id, Since};
+use crate::ws::Violation;
+use bytes::Bytes;
+use entitlements_core::channel::{Pattern, Subject};
+use indexmap::IndexMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// What happens when a client's queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SlowPolicy {
+    /// Keep only the newest message per channel in the queue (a newer
+    /// curve replaces the older one still waiting); when the queue is full
+    /// of distinct channels, drop the oldest. Right for prices.
+    Coalesce,
+    /// Drop the oldest queued message.
+    DropOldest,
+    /// Disconnect the client (close 1008 "slow consumer").
+    Close,
+}
+
+/// Bounds and policies of the hub.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Most channels with state; a publish to a new channel beyond it is refused.
+    pub max_channels: usize,
+    /// Messages kept per channel for `since` (0: no replay).
+    pub history_messages: usize,
+    /// Age after which history is dropped (zero: no age bound).
+    pub history_ttl: Duration,
+    /// Most current values sent in one `subscribed`.
+    pub max_snapshot: usize,
+    /// Messages a client's queue holds before the slow policy applies.
+    pub queue_capacity: usize,
+    pub slow_policy: SlowPolicy,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            max_channels: 100_000,
+            history_messages: 100,
+            history_ttl: Duration::from_secs(300),
+            max_snapshot: 1000,
+            queue_capacity: 256,
+            slow_policy: SlowPolicy::Coalesce,
+        }
+    }
+}
+
+/// A frame waiting to be written to a client.
+#[derive(Debug, Clone)]
+pub struct Out {
+    pub frame: Bytes,
+    /// The channel of a published message (`None` for replies), for coalescing.
+    channel: Option<Arc<str>>,
+    /// When the message was published (`None` for replies), for the latency metric.
+    pub published: Option<Instant>,
+}
+
+impl Out {
+    pub fn reply(frame: Bytes) -> Out {
+        Out {
+            frame,
+            channel: None,
+            published: None,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Outbox {
+    queue: VecDeque<Out>,
+    /// Set once the client must be disconnected; nothing more is queued.
+    closing: Option<Violation>,
+}
+
+/// A connected client as the hub sees it: its outbox and the wake-up of
+/// its connection task.
+#[derive(Debug)]
+pub struct Client {
+    pub id: u64,
+    outbox: Mutex<Outbox>,
+    notify: Notify,
+    /// The last publish delivered, so a message matching several of the
+    /// client's subscriptions is delivered once.
+    stamp: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere while holding the lock leaves plain data behind.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub const SLOW_CONSUMER: Violation = Violation {
+    code: crate::ws::close::POLICY_VIOLATION,
+    reason: "slow consumer",
+};
+
+impl Client {
+    /// Waits until something was queued (or a close requested) since the
+    /// last wait.
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+
+    /// Moves everything queued into `into`; returns the close the client
+    /// must get, if any.
+    pub fn take(&self, into: &mut VecDeque<Out>, metrics: &Metrics) -> Option<Violation> {
+        let mut o = lock(&self.outbox);
+        metrics.queued.dec_by(o.queue.len() as i64);
+        into.append(&mut o.queue);
+        o.closing
+    }
+
+    /// Queues a reply (subscribed, error, pong): never dropped, but a client
+    /// that lets replies pile up beyond twice the queue capacity is a slow
+    /// consumer and disconnected.
+    pub fn reply(&self, frame: Bytes, hub: &Hub) {
+        let mut o = lock(&self.outbox);
+        if o.closing.is_some() {
+            return;
+        }
+        if o.queue.len() >= 2 * hub.cfg.queue_capacity.max(16) {
+            self.disconnect(&mut o, hub);
+        } else {
+            o.queue.push_back(Out::reply(frame));
+            hub.metrics.queued.inc();
+        }
+        drop(o);
+        self.notify.notify_one();
+    }
+
+    fn disconnect(&self, o: &mut Outbox, hub: &Hub) {
+        let dropped = o.queue.iter().filter(|m| m.channel.is_some()).count();
+        hub.metrics.drops.slow_consumer.inc_by(dropped as u64);
+        hub.metrics.queued.dec_by(o.queue.len() as i64);
+        o.queue.clear();
+        o.closing = Some(SLOW_CONSUMER);
+        hub.metrics.closes.slow_consumer.inc();
+    }
+
+    /// Asks the connection task to close with `v` (shutdown, limits).
+    pub fn close(&self, v: Violation) {
+        let mut o = lock(&self.outbox);
+        if o.closing.is_none() {
+            o.closing = Some(v);
+        }
+        drop(o);
+        self.notify.notify_one();
+    }
+
+    /// Queues a published message under the slow policy.
+    fn deliver(&self, out: &Out, hub: &Hub) {
+        let mut o = lock(&self.outbox);
+        if o.closing.is_some() {
+            return;
+        }
+        let cap = hub.cfg.queue_capacity.max(1);
+        let m = &hub.metrics;
+        match hub.cfg.slow_policy {
+            SlowPolicy::Coalesce => {
+                let same = o
+                    .queue
+                    .iter_mut()
+                    .find(|q| match (&q.channel, &out.channel) {
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        _ => false,
+                    });
+                if let Some(q) = same {
+                    // Keeps its place (and its publish time: the latency
+                    // is that of the oldest value it stands for).
+                    q.frame = out.frame.clone();
+                    m.drops.coalesced.inc();
+                } else {
+                    if o.queue.len() >= cap {
+                        drop_oldest_message(&mut o.queue, m);
+                    }
+                    o.queue.push_back(out.clone());
+                    m.queued.inc();
+                }
+            }
+            SlowPolicy::DropOldest => {
+                if o.queue.len() >= cap {
+                    drop_oldest_message(&mut o.queue, m);
+                }
+                o.queue.push_back(out.clone());
+                m.queued.inc();
+            }
+            SlowPolicy::Close => {
+                if o.queue.len() >= cap {
+                    self.disconnect(&mut o, hub);
+                } else {
+                    o.queue.push_back(out.clone());
+                    m.queued.inc();
+                }
+            }
+        }
+        drop(o);
+        self.notify.notify_one();
+    }
+
+    /// Messages queued now (for tests and the bench).
+    pub fn queued(&self) -> usize {
+        lock(&self.outbox).queue.len()
+    }
+}
+
+fn drop_oldest_message(q: &mut VecDeque<Out>, m: &Metrics) {
+    if let Some(i) = q.iter().position(|o| o.channel.is_some()) {
+        q.remove(i);
+        m.drops.queue_full.inc();
+        m.queued.dec();
+    }
+}
+
+#[derive(Debug)]
+struct Past {
+    seq: u64,
+    at: Instant,
+    frame: Bytes,
+}
+
+#[derive(Debug)]
+struct Channel {
+    name: Arc<str>,
+    seq: u64,
+    last: Bytes,
+    history: VecDeque<Past>,
+}
+
+type Subscribers = IndexMap<u64, Arc<Client>>;
+
+#[derive(Debug)]
+struct Wild {
+    pattern: Pattern,
+    subs: Subscribers,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    channels: HashMap<Arc<str>, Channel>,
+    exact: HashMap<Arc<str>, Subscribers>,
+    wild: Vec<Wild>,
+    stamp: u64,
+}
+
+/// Why a publish was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("channel limit of {0} reached")]
+    ChannelLimit(usize),
+}
+
+/// The channels, their subscribers and the outboxes.
+#[derive(Debug)]
+pub struct Hub {
+    pub cfg: HubConfig,
+    pub metrics: Metrics,
+    epoch: String,
+    inner: Mutex<Inner>,
+    next_client: AtomicU64,
+}
+
+impl Hub {
+    pub fn new(cfg: HubConfig, metrics: Metrics) -> Hub {
+        use std::hash::{BuildHasher, RandomState};
+        let epoch = format!(
+            "{:016x}",
+            RandomState::new().hash_one(std::time::SystemTime::now())
+        );
+        Hub {
+            cfg,
+            metrics,
+            epoch,
+            inner: Mutex::new(Inner::default()),
+            next_client: AtomicU64::new(1),
+        }
+    }
+
+    /// Changes when the sidecar restarts: sequence numbers of another
+    /// epoch mean nothing here.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// A new client with an empty outbox.
+    pub fn client(&self) -> Arc<Client> {
+        Arc::new(Client {
+            id: self.next_client.fetch_add(1, Ordering::Relaxed),
+            outbox: Mutex::new(Outbox::default()),
+            notify: Notify::new(),
+            stamp: AtomicU64::new(0),
+        })
+    }
+
+    /// Publishes `data` (a JSON value, checked by the caller) to `channel`:
+    /// the next sequence number, the new last value, and a copy of one
+    /// shared frame in every subscriber's outbox. Returns the sequence number.
+    pub fn publish(&self, channel: &Subject, data: Bytes) -> Result<u64, PublishError> {
+        let now = Instant::now();
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        let name = channel.as_str();
+        if !inner.channels.contains_key(name) {
+            if inner.channels.len() >= self.cfg.max_channels {
+                self.metrics.channel_limit.inc();
+                return Err(PublishError::ChannelLimit(self.cfg.max_channels));
+            }
+            let key: Arc<str> = name.into();
+            inner.channels.insert(
+                key.clone(),
+                Channel {
+                    name: key,
+                    seq: 0,
+                    last: Bytes::new(),
+                    history: VecDeque::new(),
+                },
+            );
+            self.metrics.channels.inc();
+        }
+        let Some(ch) = inner.channels.get_mut(name) else {
+            return Err(PublishError::ChannelLimit(self.cfg.max_channels));
+        };
+        ch.seq += 1;
+        let seq = ch.seq;
+        let frame = protocol::message(name, seq, &data);
+        ch.last = data;
+        if self.cfg.history_messages > 0 {
+            if ch.history.len() >= self.cfg.history_messages {
+                ch.history.pop_front();
+            }
+            ch.history.push_back(Past {
+                seq,
+                at: now,
+                frame: frame.clone(),
+            });
+        }
+        let out = Out {
+            frame,
+            channel: Some(ch.name.clone()),
+            published: Some(now),
+        };
+        inner.stamp += 1;
+        let stamp = inner.stamp;
+        let send = |subs: &Subscribers| {
+            for c in subs.values() {
+                if c.stamp.swap(stamp, Ordering::Relaxed) != stamp {
+                    c.deliver(&out, self);
+                }
+            }
+        };
+        if let Some(subs) = inner.exact.get(name) {
+            send(subs);
+        }
+        for w in &inner.wild {
+            if w.pattern.matches(channel) {
+                send(&w.subs);
+            }
+        }
+        self.metrics.published.inc();
+        Ok(seq)
+    }
+
+    /// Drops history older than the TTL (called periodically).
+    pub fn expire_history(&self) {
+        if self.cfg.history_ttl.is_zero() {
+            return;
+        }
+        let Some(cutoff) = Instant::now().checked_sub(self.cfg.history_ttl) else {
+            return;
+        };
+        let mut inner = lock(&self.inner);
+        for ch in inner.channels.values_mut() {
+            while ch.history.front().is_some_and(|p| p.at < cutoff) {
+                ch.history.pop_front();
+            }
+        }
+    }
+
+    /// Subscribes `client` to `patterns` (already entitled and not yet
+    /// subscribed) and queues `subscribed` with the current values, then
+    /// the messages missed since `since` when they can all be replayed.
+    pub fn subscribe(
+        &self,
+        client: &Arc<Client>,
+        id: Option<&Id>,
+        patterns: &[Pattern],
+        since: Option<&Since>,
+    ) {
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        for p in patterns {
+            let subs = if p.is_concrete() {
+                inner.exact.entry(p.as_str().into()).or_default()
+            } else {
+                match inner.wild.iter().position(|w| w.pattern == *p) {
+                    Some(i) => &mut inner.wild[i].subs,
+                    None => {
+                        inner.wild.push(Wild {
+                            pattern: p.clone(),
+                            subs: Subscribers::default(),
+                        });
+                        let last = inner.wild.len() - 1;
+                        &mut inner.wild[last].subs
+                    }
+                }
+            };
+            if subs.insert(client.id, client.clone()).is_none() {
+                self.metrics.subscriptions.inc();
+            }
+        }
+        let covered =
+            |name: &str| Subject::parse(name).is_ok_and(|s| patterns.iter().any(|p| p.matches(&s)));
+        // Replay when every channel the client names is covered and its
+        // history reaches back far enough.
+        let mut replay: Vec<Bytes> = Vec::new();
+        let mut recovered = None;
+        let mut skip: Vec<&str> = Vec::new();
+        if let Some(since) = since {
+            let mut ok = since.epoch == self.epoch;
+            for (name, &seen) in &since.seq {
+                if !ok {
+                    break;
+                }
+                if !covered(name) {
+                    ok = false;
+                    break;
+                }
+                let Some(ch) = inner.channels.get(name.as_str()) else {
+                    // Nothing was published there yet in this epoch.
+                    ok = seen == 0;
+                    continue;
+                };
+                if seen > ch.seq {
+                    ok = false;
+                } else if seen < ch.seq {
+                    match ch.history.front() {
+                        Some(first) if first.seq <= seen + 1 => replay.extend(
+                            ch.history
+                                .iter()
+                                .filter(|p| p.seq > seen)
+                                .map(|p| p.frame.clone()),
+                        ),
+                        _ => ok = false,
+                    }
+                }
+                skip.push(name.as_str());
+            }
+            if !ok {
+                replay.clear();
+                skip.clear();
+            }
+            recovered = Some(ok);
+        }
+        let mut snapshot = Vec::new();
+        'patterns: for p in patterns {
+            if p.is_concrete() {
+                if let Some(ch) = inner.channels.get(p.as_str()) {
+                    let dup = snapshot.iter().any(|c: &Current| c.channel == ch.name);
+                    if !dup && !skip.contains(&p.as_str()) && snapshot.len() < self.cfg.max_snapshot
+                    {
+                        snapshot.push(current(ch));
+                    }
+                }
+                continue;
+            }
+            for ch in inner.channels.values() {
+                if snapshot.len() >= self.cfg.max_snapshot {
+                    break 'patterns;
+                }
+                let dup = snapshot.iter().any(|c: &Current| c.channel == ch.name);
+                if !dup
+                    && !skip.contains(&&*ch.name)
+                    && Subject::parse(&ch.name).is_ok_and(|s| p.matches(&s))
+                {
+                    snapshot.push(current(ch));
+                }
+            }
+        }
+        let names: Vec<String> = patterns.iter().map(|p| p.as_str().to_string()).collect();
+        client.reply(
+            protocol::subscribed(id, &self.epoch, &names, &snapshot, recovered),
+            self,
+        );
+        for f in replay {
+            client.reply(f, self);
+        }
+    }
+
+    /// Removes `client`'s subscriptions to `patterns`.
+    pub fn unsubscribe(&self, client: u64, patterns: &[Pattern]) {
+        let mut inner = lock(&self.inner);
+        for p in patterns {
+            let removed = if p.is_concrete() {
+                let r = inner
+                    .exact
+                    .get_mut(p.as_str())
+                    .and_then(|s| s.swap_remove(&client));
+                if inner.exact.get(p.as_str()).is_some_and(|s| s.is_empty()) {
+                    inner.exact.remove(p.as_str());
+                }
+                r
+            } else {
+                let i = inner.wild.iter().position(|w| w.pattern == *p);
+                let r = i.and_then(|i| inner.wild[i].subs.swap_remove(&client));
+                inner.wild.retain(|w| !w.subs.is_empty());
+                r
+            };
+            if removed.is_some() {
+                self.metrics.subscriptions.dec();
+            }
+        }
+    }
+
+    /// Channels with state now.
+    pub fn channel_count(&self) -> usize {
+        lock(&self.inner).channels.len()
+    }
+}
+
+fn current(ch: &Channel) -> Current {
+    Current {
+        channel: ch.name.clone(),
+        seq: ch.seq,
+        data: ch.last.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests;
