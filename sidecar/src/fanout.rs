@@ -16,7 +16,7 @@ use bytes::Bytes;
 use entitlements_core::channel::{Pattern, Subject};
 use indexmap::IndexMap;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -101,6 +101,8 @@ pub struct Client {
     /// The last publish delivered, so a message matching several of the
     /// client's subscriptions is delivered once.
     stamp: AtomicU64,
+    /// Mirrors `Outbox::closing`, readable without the lock.
+    close_requested: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -153,6 +155,7 @@ impl Client {
         hub.metrics.queued.dec_by(o.queue.len() as i64);
         o.queue.clear();
         o.closing = Some(SLOW_CONSUMER);
+        self.close_requested.store(true, Ordering::Relaxed);
         hub.metrics.closes.slow_consumer.inc();
     }
 
@@ -161,6 +164,7 @@ impl Client {
         let mut o = lock(&self.outbox);
         if o.closing.is_none() {
             o.closing = Some(v);
+            self.close_requested.store(true, Ordering::Relaxed);
         }
         drop(o);
         self.notify.notify_one();
@@ -214,6 +218,11 @@ impl Client {
         }
         drop(o);
         self.notify.notify_one();
+    }
+
+    /// Whether the client is to be disconnected.
+    pub fn close_requested(&self) -> bool {
+        self.close_requested.load(Ordering::Relaxed)
     }
 
     /// Messages queued now (for tests and the bench).
@@ -307,6 +316,7 @@ impl Hub {
             outbox: Mutex::new(Outbox::default()),
             notify: Notify::new(),
             stamp: AtomicU64::new(0),
+            close_requested: AtomicBool::new(false),
         })
     }
 

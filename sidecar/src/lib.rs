@@ -1,9 +1,93 @@
-//! The native access sidecar, as a library (binaries stay thin). So far:
-//! the Envoy Rate Limit Service ([`rls`]) backed by Redis ([`resp`]).
+//! The native access sidecar, as a library with a thin binary
+//! (`src/main.rs`): WebSocket fan-out of live channels with the embedded
+//! bus ([`server`], [`session`], [`fanout`], [`bus`]), Prometheus metrics
+//! ([`metrics`]), and the Envoy Rate Limit Service backed by Redis
+//! ([`rls`], [`resp`]). [`run`] wires them from a [`config::Config`].
 
+pub mod bus;
+pub mod config;
 pub mod fanout;
 pub mod metrics;
 pub mod protocol;
 pub mod resp;
 pub mod rls;
+pub mod server;
+pub mod session;
 pub mod ws;
+
+use entitlements_core::policy::Policy;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("policy {path}: {reason}")]
+    Policy { path: String, reason: String },
+    #[error("rate limit service on {addr}: {reason}")]
+    Rls { addr: String, reason: String },
+}
+
+/// Loads and compiles the entitlements policy file.
+pub fn load_policy(path: &std::path::Path) -> Result<Policy, StartError> {
+    let err = |reason: String| StartError::Policy {
+        path: path.display().to_string(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    Policy::from_json(&bytes).map_err(|e| err(e.to_string()))
+}
+
+/// Builds the application a [`server::serve`] serves: hub, metrics
+/// registry, bus, sessions' context.
+pub fn app(config: &config::Config, policy: Policy) -> Arc<server::App> {
+    let metrics = metrics::Metrics::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let hub = Arc::new(fanout::Hub::new(config.hub(), metrics));
+    let bus: Arc<dyn bus::Bus> = Arc::new(bus::MemoryBus::new(hub.clone()));
+    let ctx = Arc::new(session::Context {
+        hub,
+        policy: Arc::new(policy),
+        cfg: config.session(),
+    });
+    Arc::new(server::App::new(ctx, bus, registry, config.front()))
+}
+
+/// Runs the sidecar on `listener` until `shutdown` is cancelled.
+pub async fn run(
+    listener: TcpListener,
+    config: config::Config,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let policy = load_policy(&config.policy)?;
+    let app = app(&config, policy);
+    if let Some(addr) = config.rls_listen {
+        let l = TcpListener::bind(addr).await.map_err(|e| StartError::Rls {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?;
+        let limiter = Arc::new(rls::Limiter::new(
+            &config.redis,
+            config.redis_connections.max(1),
+            &config.redis_prefix,
+        ));
+        let stop = shutdown.clone();
+        tokio::spawn(async move { rls::serve(l, limiter, stop.cancelled_owned()).await });
+    }
+    let hub = app.ctx.hub.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => hub.expire_history(),
+            }
+        }
+    });
+    server::serve(listener, app, shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! The sidecar's settings, from flags or the environment (one typed layer,
+//! clap with `env`): every flag `--foo-bar` is also `SIDECAR_FOO_BAR`.
+
+use crate::fanout::{HubConfig, SlowPolicy};
+use crate::server::{FrontConfig, IdentityHeaders};
+use crate::session::SessionConfig;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Which bus carries publishes between replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BusKind {
+    /// In-process only: one replica.
+    Memory,
+    /// NATS: every replica subscribes to `<nats-prefix>.>`.
+    Nats,
+}
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "sidecar",
+    version,
+    about = "254Carbon access sidecar: WebSocket fan-out, publish, metrics"
+)]
+pub struct Config {
+    /// Address to listen on (loopback or pod-local: identity headers are trusted).
+    #[arg(long, env = "SIDECAR_LISTEN", default_value = "127.0.0.1:8081")]
+    pub listen: SocketAddr,
+    /// The entitlements policy (JSON, the entitlements filter's format); its
+    /// channel rules decide subscriptions and publishes.
+    #[arg(long, env = "SIDECAR_POLICY")]
+    pub policy: PathBuf,
+
+    /// Most open WebSocket connections (beyond: close 1013).
+    #[arg(long, env = "SIDECAR_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+    /// Most subscriptions per connection.
+    #[arg(long, env = "SIDECAR_MAX_SUBSCRIPTIONS", default_value_t = 100)]
+    pub max_subscriptions: usize,
+    /// Largest client message in bytes (beyond: close 1009).
+    #[arg(long, env = "SIDECAR_MAX_MESSAGE_BYTES", default_value_t = 65_536)]
+    pub max_message_bytes: usize,
+    /// Seconds between server pings; a ping unanswered by the next one closes the connection.
+    #[arg(long, env = "SIDECAR_PING_INTERVAL", default_value_t = 25)]
+    pub ping_interval: u64,
+    /// Seconds without a message either way before a connection is closed (0: never).
+    #[arg(long, env = "SIDECAR_IDLE_TIMEOUT", default_value_t = 600)]
+    pub idle_timeout: u64,
+    /// Client messages per second per connection, on average.
+    #[arg(long, env = "SIDECAR_CLIENT_RATE", default_value_t = 20.0)]
+    pub client_rate: f64,
+    /// Client messages per connection in a burst (beyond the rate: close 1008).
+    #[arg(long, env = "SIDECAR_CLIENT_BURST", default_value_t = 100.0)]
+    pub client_burst: f64,
+
+    /// Messages a client's queue holds before the slow-consumer policy applies.
+    #[arg(long, env = "SIDECAR_QUEUE_CAPACITY", default_value_t = 256)]
+    pub queue_capacity: usize,
+    /// What to do with a client whose queue is full.
+    #[arg(
+        long,
+        env = "SIDECAR_SLOW_POLICY",
+        value_enum,
+        default_value = "coalesce"
+    )]
+    pub slow_policy: SlowPolicy,
+    /// Most channels with state (last value, history).
+    #[arg(long, env = "SIDECAR_MAX_CHANNELS", default_value_t = 100_000)]
+    pub max_channels: usize,
+    /// Messages kept per channel for replay after a reconnect (0: none).
+    #[arg(long, env = "SIDECAR_HISTORY_MESSAGES", default_value_t = 100)]
+    pub history_messages: usize,
+    /// Seconds a message stays replayable (0: no age bound).
+    #[arg(long, env = "SIDECAR_HISTORY_SECONDS", default_value_t = 300)]
+    pub history_seconds: u64,
+    /// Most current values in one `subscribed` frame.
+    #[arg(long, env = "SIDECAR_MAX_SNAPSHOT", default_value_t = 1000)]
+    pub max_snapshot: usize,
+    /// Largest `POST /publish` body in bytes.
+    #[arg(long, env = "SIDECAR_MAX_PUBLISH_BYTES", default_value_t = 65_536)]
+    pub max_publish_bytes: usize,
+    /// Seconds shutdown waits for connections to close.
+    #[arg(long, env = "SIDECAR_DRAIN_TIMEOUT", default_value_t = 10)]
+    pub drain_timeout: u64,
+
+    /// The bus between replicas.
+    #[arg(long, env = "SIDECAR_BUS", value_enum, default_value = "memory")]
+    pub bus: BusKind,
+    /// NATS server for `--bus nats`.
+    #[arg(
+        long,
+        env = "SIDECAR_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
+    /// Subject prefix on NATS: channel `c` travels as `<prefix>.c`.
+    #[arg(long, env = "SIDECAR_NATS_PREFIX", default_value = "carbon.live")]
+    pub nats_prefix: String,
+
+    /// Identity header names (DESIGN.md's defaults).
+    #[arg(long, env = "SIDECAR_SUBJECT_HEADER", default_value = "x-auth-subject")]
+    pub subject_header: String,
+    #[arg(long, env = "SIDECAR_ISSUER_HEADER", default_value = "x-auth-issuer")]
+    pub issuer_header: String,
+    #[arg(long, env = "SIDECAR_TENANT_HEADER", default_value = "x-auth-tenant")]
+    pub tenant_header: String,
+    #[arg(long, env = "SIDECAR_ROLES_HEADER", default_value = "x-auth-roles")]
+    pub roles_header: String,
+    #[arg(long, env = "SIDECAR_CLAIMS_HEADER", default_value = "x-auth-claims")]
+    pub claims_header: String,
+
+    /// Also serve the Envoy rate limit service (gRPC, h2c) on this address.
+    #[arg(long, env = "SIDECAR_RLS_LISTEN")]
+    pub rls_listen: Option<SocketAddr>,
+    /// Redis for the rate limit service.
+    #[arg(long, env = "SIDECAR_REDIS", default_value = "127.0.0.1:6379")]
+    pub redis: String,
+    /// Redis connections of the rate limit service.
+    #[arg(long, env = "SIDECAR_REDIS_CONNECTIONS", default_value_t = 4)]
+    pub redis_connections: usize,
+    /// Key prefix of the rate limit buckets in Redis.
+    #[arg(long, env = "SIDECAR_REDIS_PREFIX", default_value = "rl:")]
+    pub redis_prefix: String,
+}
+
+impl Config {
+    pub fn hub(&self) -> HubConfig {
+        HubConfig {
+            max_channels: self.max_channels,
+            history_messages: self.history_messages,
+            history_ttl: Duration::from_secs(self.history_seconds),
+            max_snapshot: self.max_snapshot,
+            queue_capacity: self.queue_capacity,
+            slow_policy: self.slow_policy,
+        }
+    }
+
+    pub fn session(&self) -> SessionConfig {
+        SessionConfig {
+            max_subscriptions: self.max_subscriptions,
+            max_message_bytes: self.max_message_bytes,
+            ping_interval: Duration::from_secs(self.ping_interval.max(1)),
+            idle_timeout: Duration::from_secs(self.idle_timeout),
+            client_rate: self.client_rate,
+            client_burst: self.client_burst.max(1.0),
+            close_timeout: Duration::from_secs(5),
+        }
+    }
+
+    pub fn front(&self) -> FrontConfig {
+        FrontConfig {
+            max_connections: self.max_connections,
+            max_publish_bytes: self.max_publish_bytes,
+            drain_timeout: Duration::from_secs(self.drain_timeout),
+            identity: IdentityHeaders {
+                subject: self.subject_header.to_ascii_lowercase(),
+                issuer: self.issuer_header.to_ascii_lowercase(),
+                tenant: self.tenant_header.to_ascii_lowercase(),
+                roles: self.roles_header.to_ascii_lowercase(),
+                claims: self.claims_header.to_ascii_lowercase(),
+            },
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! `sidecar`: flags and environment in, [`sidecar::run`] until SIGINT or SIGTERM.
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+fn main() -> std::process::ExitCode {
+    let config = sidecar::config::Config::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sidecar: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("sidecar: cannot listen on {}: {e}", config.listen);
+                return std::process::ExitCode::FAILURE;
+            }
+        };
+        eprintln!("sidecar: listening on {}", config.listen);
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            eprintln!("sidecar: shutting down");
+            stop.cancel();
+        });
+        match sidecar::run(listener, config, shutdown).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sidecar: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -1,0 +1,423 @@
+//! The sidecar's HTTP front on one listener: `/ws` (the WebSocket upgrade),
+//! `POST /publish/{channel}`, `/healthz`, `/readyz`, `/metrics`.
+//!
+//! It trusts the `x-auth-*` identity headers because only Envoy, whose auth
+//! filter strips client copies and sets them, can reach it (bind it to
+//! loopback or a pod-local address).
+
+use crate::bus::{Bus, BusError};
+use crate::fanout::PublishError;
+use crate::metrics;
+use crate::session::{self, Context};
+use crate::ws;
+use base64::Engine as _;
+use bytes::Bytes;
+use entitlements_core::channel::{Pattern, Subject};
+use entitlements_core::identity::{decode_claims, Identity};
+use entitlements_core::policy::{ChannelAction, Request as PolicyRequest};
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Names of the identity headers (DESIGN.md's defaults).
+#[derive(Debug, Clone)]
+pub struct IdentityHeaders {
+    pub subject: String,
+    pub issuer: String,
+    pub tenant: String,
+    pub roles: String,
+    pub claims: String,
+}
+
+impl Default for IdentityHeaders {
+    fn default() -> Self {
+        IdentityHeaders {
+            subject: "x-auth-subject".into(),
+            issuer: "x-auth-issuer".into(),
+            tenant: "x-auth-tenant".into(),
+            roles: "x-auth-roles".into(),
+            claims: "x-auth-claims".into(),
+        }
+    }
+}
+
+/// Front settings.
+#[derive(Debug, Clone)]
+pub struct FrontConfig {
+    /// Most open WebSocket connections; beyond, the upgrade completes and
+    /// the connection is closed at once with 1013 "try again later".
+    pub max_connections: usize,
+    /// Largest publish body, in bytes (413 beyond).
+    pub max_publish_bytes: usize,
+    /// How long shutdown waits for connections to close.
+    pub drain_timeout: Duration,
+    pub identity: IdentityHeaders,
+}
+
+impl Default for FrontConfig {
+    fn default() -> Self {
+        FrontConfig {
+            max_connections: 100_000,
+            max_publish_bytes: 64 * 1024,
+            drain_timeout: Duration::from_secs(10),
+            identity: IdentityHeaders::default(),
+        }
+    }
+}
+
+/// Everything the front serves.
+pub struct App {
+    pub ctx: Arc<Context>,
+    pub bus: Arc<dyn Bus>,
+    pub registry: Registry,
+    pub cfg: FrontConfig,
+    connections: AtomicUsize,
+    shutdown: CancellationToken,
+}
+
+impl App {
+    pub fn new(ctx: Arc<Context>, bus: Arc<dyn Bus>, registry: Registry, cfg: FrontConfig) -> App {
+        App {
+            ctx,
+            bus,
+            registry,
+            cfg,
+            connections: AtomicUsize::new(0),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// Open WebSocket connections.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+}
+
+type Body = Full<Bytes>;
+
+fn json(status: StatusCode, body: serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
+    json(
+        status,
+        serde_json::json!({"error": code, "message": message.into()}),
+    )
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r
+}
+
+/// The caller as Envoy's auth filter described it; `Err` when the claims
+/// header is malformed (fail closed).
+fn identity(h: &HeaderMap, app: &App) -> Result<Identity, String> {
+    let names = &app.cfg.identity;
+    let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let policy = &app.ctx.policy;
+    let claims = match (policy.uses_claims(), h.get(&names.claims)) {
+        (true, Some(v)) => {
+            use base64::engine::{general_purpose, DecodePaddingMode, GeneralPurpose};
+            const B64URL: GeneralPurpose = GeneralPurpose::new(
+                &base64::alphabet::URL_SAFE,
+                general_purpose::NO_PAD.with_decode_padding_mode(DecodePaddingMode::Indifferent),
+            );
+            let raw = B64URL
+                .decode(v.as_bytes())
+                .map_err(|e| format!("{}: not base64url: {e}", names.claims))?;
+            decode_claims(&raw, policy.claim_roots())
+                .map_err(|e| format!("{}: {e}", names.claims))?
+        }
+        _ => serde_json::Value::Null,
+    };
+    Ok(Identity {
+        subject: get(&names.subject),
+        issuer: get(&names.issuer),
+        tenant: get(&names.tenant),
+        roles: get(&names.roles)
+            .map(|r| Identity::parse_roles(&r))
+            .unwrap_or_default(),
+        claims,
+    })
+}
+
+/// Serves `app` on `listener` until `shutdown` is cancelled, then stops
+/// accepting, closes every WebSocket with 1001 and waits up to the drain
+/// timeout for connections to finish.
+pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => {
+                let Ok((socket, _)) = accepted else {
+                    // Out of descriptors, most likely: back off a little.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let _ = socket.set_nodelay(true);
+                let app = app.clone();
+                let tracker2 = tracker.clone();
+                tracker.spawn(connection(socket, app, tracker2));
+            }
+        }
+    }
+    drop(listener);
+    app.shutdown.cancel();
+    tracker.close();
+    let _ = tokio::time::timeout(app.cfg.drain_timeout, tracker.wait()).await;
+}
+
+async fn connection(socket: TcpStream, app: Arc<App>, tracker: TaskTracker) {
+    let service = {
+        let app = app.clone();
+        hyper::service::service_fn(move |req| {
+            let app = app.clone();
+            let tracker = tracker.clone();
+            async move { Ok::<_, std::convert::Infallible>(route(req, app, tracker).await) }
+        })
+    };
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(socket), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = app.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+async fn route(req: Request<Incoming>, app: Arc<App>, tracker: TaskTracker) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => {
+            if app.bus.ready() && !app.shutdown.is_cancelled() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            let mut r = Response::new(Full::new(Bytes::from(metrics::render(&app.registry))));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        (&Method::GET, "/ws") => upgrade(req, app, tracker),
+        (&Method::POST, p) if p.starts_with("/publish/") => publish(req, app).await,
+        (_, "/ws" | "/healthz" | "/readyz" | "/metrics") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed",
+        ),
+        (_, p) if p.starts_with("/publish/") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use POST",
+        ),
+        _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+    }
+}
+
+fn header_has(h: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    h.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+fn upgrade(req: Request<Incoming>, app: Arc<App>, tracker: TaskTracker) -> Response<Body> {
+    let h = req.headers();
+    if !header_has(h, header::UPGRADE, "websocket") || !header_has(h, header::CONNECTION, "upgrade")
+    {
+        let mut r = error(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "this endpoint speaks WebSocket",
+        );
+        r.headers_mut().insert(
+            header::UPGRADE,
+            header::HeaderValue::from_static("websocket"),
+        );
+        return r;
+    }
+    if h.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        let mut r = error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "Sec-WebSocket-Version must be 13",
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            header::HeaderValue::from_static("13"),
+        );
+        return r;
+    }
+    let Some(key) = h
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|k| k.to_str().ok())
+        .filter(|k| ws::valid_key(k))
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "Sec-WebSocket-Key must be base64 of 16 bytes",
+        );
+    };
+    let accept = ws::accept_key(key);
+    let who = match identity(h, &app) {
+        Ok(i) => i,
+        Err(e) => return error(StatusCode::FORBIDDEN, "invalid_identity", e),
+    };
+    let shutdown = app.shutdown.clone();
+    tracker.spawn(async move {
+        let Ok(upgraded) = hyper::upgrade::on(req).await else {
+            return;
+        };
+        let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+            return;
+        };
+        let stream = parts.io.into_inner();
+        let m = &app.ctx.hub.metrics;
+        if app.connections.fetch_add(1, Ordering::AcqRel) >= app.cfg.max_connections {
+            app.connections.fetch_sub(1, Ordering::AcqRel);
+            m.closes.max_connections.inc();
+            refuse(stream).await;
+            return;
+        }
+        m.connections.inc();
+        m.connections_opened.inc();
+        session::run(stream, &parts.read_buf, who, app.ctx.clone(), shutdown).await;
+        m.connections.dec();
+        app.connections.fetch_sub(1, Ordering::AcqRel);
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let hs = r.headers_mut();
+    hs.insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static("websocket"),
+    );
+    hs.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("upgrade"),
+    );
+    if let Ok(v) = header::HeaderValue::from_str(&accept) {
+        hs.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    r
+}
+
+/// Closes a connection over the limit: 1013, then hang up.
+async fn refuse(mut stream: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let frame = ws::close_frame(ws::close::TRY_AGAIN_LATER, "try again later");
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(&frame).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
+    let name = req.uri().path().trim_start_matches("/publish/").to_string();
+    let subject = match Subject::parse(&name) {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string()),
+    };
+    let who = match identity(req.headers(), &app) {
+        Ok(i) => i,
+        Err(e) => return error(StatusCode::FORBIDDEN, "invalid_identity", e),
+    };
+    let pattern = match Pattern::parse(&name) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string()),
+    };
+    let d = app.ctx.policy.evaluate(
+        &who,
+        &PolicyRequest::Channel {
+            pattern: &pattern,
+            action: ChannelAction::Publish,
+        },
+    );
+    if !d.allowed {
+        return json(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({"error": "forbidden", "rule": d.rule}),
+        );
+    }
+    let limit = app.cfg.max_publish_bytes;
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return if e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("a message is at most {limit} bytes"),
+                )
+            } else {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "the body could not be read",
+                )
+            };
+        }
+    };
+    let data = match serde_json::from_slice::<&serde_json::value::RawValue>(&body) {
+        Ok(v) => Bytes::copy_from_slice(v.get().as_bytes()),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("the body must be one JSON value: {e}"),
+            )
+        }
+    };
+    match app.bus.publish(&subject, data).await {
+        Ok(Some(seq)) => json(
+            StatusCode::ACCEPTED,
+            serde_json::json!({"channel": name, "seq": seq}),
+        ),
+        Ok(None) => json(StatusCode::ACCEPTED, serde_json::json!({"channel": name})),
+        Err(BusError::Hub(PublishError::ChannelLimit(n))) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "channel_limit",
+            format!("the channel limit ({n}) is reached"),
+        ),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "bus_unavailable",
+            e.to_string(),
+        ),
+    }
+}

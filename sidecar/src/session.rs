@@ -1,0 +1,490 @@
+//! One WebSocket connection, in one task: reads and answers client
+//! messages, checks each subscription against the entitlements policy,
+//! writes what the hub queued, pings, and closes with a code and a reason
+//! when the client breaks the protocol or a limit.
+//!
+//! The task owns the socket and uses readiness (`readable`/`writable` with
+//! non-blocking reads and vectored writes), so a client that stops reading
+//! never stops the task from seeing a close request, and an idle
+//! connection holds no buffers.
+
+use crate::fanout::{Client, Hub, Out};
+use crate::metrics::Metrics;
+use crate::protocol::{self, ClientMessage, Id};
+use crate::ws::{self, close, Incoming, Parser, Violation};
+use entitlements_core::channel::Pattern;
+use entitlements_core::identity::Identity;
+use entitlements_core::policy::{ChannelAction, Policy, Request};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Per-connection limits.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Most subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+    /// Largest client message (and frame), in bytes; beyond it close 1009.
+    pub max_message_bytes: usize,
+    /// The server pings this often; a client that has not answered the
+    /// previous ping by then is closed (1008 "ping timeout").
+    pub ping_interval: Duration,
+    /// A connection with no message either way for this long is closed
+    /// (1000 "idle timeout"); zero turns it off. Pings do not count.
+    pub idle_timeout: Duration,
+    /// Client messages per second allowed on average ...
+    pub client_rate: f64,
+    /// ... and in a burst; beyond, close 1008 "too many messages".
+    pub client_burst: f64,
+    /// How long a closing connection waits for its last writes and the
+    /// client's close frame before the socket is dropped.
+    pub close_timeout: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            max_subscriptions: 100,
+            max_message_bytes: 64 * 1024,
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(600),
+            client_rate: 20.0,
+            client_burst: 100.0,
+            close_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the sessions share.
+pub struct Context {
+    pub hub: Arc<Hub>,
+    pub policy: Arc<Policy>,
+    pub cfg: SessionConfig,
+}
+
+pub const SHUTTING_DOWN: Violation = Violation {
+    code: close::GOING_AWAY,
+    reason: "server shutting down",
+};
+
+const READ_CHUNK: usize = 8192;
+const MAX_SLICES: usize = 64;
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+struct Session<'a> {
+    ctx: &'a Context,
+    metrics: &'a Metrics,
+    client: Arc<Client>,
+    identity: Identity,
+    parser: Parser,
+    subs: Vec<Pattern>,
+    /// Frames taken from the outbox, being written; `offset` bytes of the
+    /// first one are out already.
+    out: VecDeque<Out>,
+    offset: usize,
+    /// The close frame is queued: write what is left, then hang up.
+    closing: bool,
+    /// The client sent its close frame (or hung up).
+    peer_closed: bool,
+    awaiting_pong: bool,
+    last_activity: Instant,
+    bucket: Bucket,
+}
+
+/// Serves one upgraded connection until it closes. `leftover` holds bytes
+/// the HTTP layer read past the upgrade request.
+pub async fn run(
+    stream: TcpStream,
+    leftover: &[u8],
+    identity: Identity,
+    ctx: Arc<Context>,
+    shutdown: CancellationToken,
+) {
+    let metrics = &ctx.hub.metrics;
+    let now = Instant::now();
+    let mut s = Session {
+        ctx: &ctx,
+        metrics,
+        client: ctx.hub.client(),
+        identity,
+        parser: Parser::new(ctx.cfg.max_message_bytes),
+        subs: Vec::new(),
+        out: VecDeque::new(),
+        offset: 0,
+        closing: false,
+        peer_closed: false,
+        awaiting_pong: false,
+        last_activity: now,
+        bucket: Bucket {
+            tokens: ctx.cfg.client_burst,
+            at: now,
+        },
+    };
+    if !leftover.is_empty() {
+        s.input(leftover);
+    }
+    s.serve(&stream, &shutdown).await;
+    if !s.subs.is_empty() {
+        ctx.hub.unsubscribe(s.client.id, &s.subs);
+    }
+    // Whatever is still queued is not coming out.
+    let mut rest = VecDeque::new();
+    s.client.take(&mut rest, metrics);
+    let mut stream = stream;
+    let _ = stream.shutdown().await;
+}
+
+impl Session<'_> {
+    async fn serve(&mut self, stream: &TcpStream, shutdown: &CancellationToken) {
+        let period = self.ctx.cfg.ping_interval;
+        let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut close_deadline: Option<Instant> = None;
+        let mut shutting_down = false;
+        loop {
+            // Once a close is due, the connection gets `close_timeout` to
+            // flush and hear back, whether or not the client reads.
+            if close_deadline.is_none() && (self.closing || self.client.close_requested()) {
+                close_deadline = Some(Instant::now() + self.ctx.cfg.close_timeout);
+            }
+            if self.closing && self.out.is_empty() && self.peer_closed {
+                return;
+            }
+            let deadline = close_deadline.unwrap_or_else(|| Instant::now() + period * 4);
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled(), if !shutting_down => {
+                    shutting_down = true;
+                    self.metrics.closes.shutdown.inc();
+                    self.client.close(SHUTTING_DOWN);
+                }
+                r = stream.readable(), if !self.peer_closed => {
+                    if r.is_err() || !self.read(stream) {
+                        return;
+                    }
+                }
+                r = stream.writable(), if !self.out.is_empty() => {
+                    if r.is_err() || self.write(stream).is_err() {
+                        return;
+                    }
+                    if self.out.is_empty() {
+                        self.take();
+                    }
+                }
+                _ = self.client.notified(), if self.out.is_empty() && !self.closing => {
+                    self.take();
+                    if !self.out.is_empty() && self.write(stream).is_err() {
+                        return;
+                    }
+                }
+                _ = tick.tick() => self.tick(),
+                _ = tokio::time::sleep_until(deadline), if close_deadline.is_some() => return,
+            }
+        }
+    }
+
+    /// Moves what the hub queued into `out`, and the close frame after it
+    /// if the client must be disconnected.
+    fn take(&mut self) {
+        if self.closing {
+            return;
+        }
+        if let Some(v) = self.client.take(&mut self.out, self.metrics) {
+            self.close_with(v);
+        }
+    }
+
+    /// Queues the close frame; nothing is sent after it.
+    fn close_with(&mut self, v: Violation) {
+        if self.closing {
+            return;
+        }
+        if v.code == close::PROTOCOL_ERROR
+            || v.code == close::INVALID_PAYLOAD
+            || v.code == close::TOO_BIG
+            || v.code == close::UNSUPPORTED_DATA
+        {
+            self.metrics.closes.protocol_error.inc();
+            // A client that broke the protocol is not waited for: hang up
+            // once the close frame is out (RFC 6455 §7.1.7).
+            self.peer_closed = true;
+        }
+        self.out
+            .push_back(Out::reply(ws::close_frame(v.code, v.reason)));
+        self.closing = true;
+        // Nothing more is delivered to a closing connection.
+        if !self.subs.is_empty() {
+            self.ctx.hub.unsubscribe(self.client.id, &self.subs);
+            self.subs.clear();
+        }
+    }
+
+    /// Reads what is there; false when the connection is over.
+    fn read(&mut self, stream: &TcpStream) -> bool {
+        let mut buf = [0u8; READ_CHUNK];
+        loop {
+            match stream.try_read(&mut buf) {
+                Ok(0) => {
+                    self.peer_closed = true;
+                    return false;
+                }
+                Ok(n) => {
+                    self.input(&buf[..n]);
+                    if self.peer_closed {
+                        return true;
+                    }
+                    if n < buf.len() {
+                        return true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    fn input(&mut self, data: &[u8]) {
+        let mut parser = std::mem::replace(&mut self.parser, Parser::new(0));
+        let r = parser.feed(data, |m| self.on_message(m));
+        self.parser = parser;
+        if let Err(v) = r {
+            self.close_with(v);
+        }
+    }
+
+    fn on_message(&mut self, m: Incoming) -> Result<(), Violation> {
+        if self.closing {
+            // After our close frame only the client's close matters.
+            if matches!(m, Incoming::Close(_)) {
+                self.peer_closed = true;
+            }
+            return Ok(());
+        }
+        match m {
+            Incoming::Pong => {
+                self.awaiting_pong = false;
+                Ok(())
+            }
+            Incoming::Ping(payload) => {
+                self.spend()?;
+                self.client.reply(ws::pong(&payload), &self.ctx.hub);
+                Ok(())
+            }
+            Incoming::Close(code) => {
+                self.peer_closed = true;
+                let code = match code {
+                    Some((c, _)) if c != close::NORMAL && c != close::GOING_AWAY => close::NORMAL,
+                    Some((c, _)) => c,
+                    None => close::NORMAL,
+                };
+                self.take();
+                self.close_with(Violation { code, reason: "" });
+                Ok(())
+            }
+            Incoming::Binary(_) => Err(Violation {
+                code: close::UNSUPPORTED_DATA,
+                reason: "binary messages are not supported",
+            }),
+            Incoming::Text(text) => {
+                self.spend()?;
+                self.last_activity = Instant::now();
+                self.on_text(&text);
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes a token from the client's message budget.
+    fn spend(&mut self) -> Result<(), Violation> {
+        let now = Instant::now();
+        let cfg = &self.ctx.cfg;
+        let b = &mut self.bucket;
+        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * cfg.client_rate).min(cfg.client_burst);
+        b.at = now;
+        if b.tokens < 1.0 {
+            self.metrics.closes.rate_limited.inc();
+            return Err(Violation {
+                code: close::POLICY_VIOLATION,
+                reason: "too many messages",
+            });
+        }
+        b.tokens -= 1.0;
+        Ok(())
+    }
+
+    fn error(&self, id: Option<&Id>, code: &str, message: &str, channel: Option<&str>) {
+        self.metrics.client_errors.inc();
+        self.client
+            .reply(protocol::error(id, code, message, channel), &self.ctx.hub);
+    }
+
+    fn on_text(&mut self, text: &[u8]) {
+        let msg = match protocol::parse(text) {
+            Ok(m) => m,
+            Err(r) => return self.error(r.id.as_ref(), r.code, &r.message, None),
+        };
+        match msg {
+            ClientMessage::Ping { id } => self
+                .client
+                .reply(protocol::pong(id.as_ref()), &self.ctx.hub),
+            ClientMessage::Subscribe {
+                id,
+                channels,
+                since,
+            } => self.subscribe(id.as_ref(), &channels, since.as_ref()),
+            ClientMessage::Unsubscribe { id, channels } => {
+                let mut gone = Vec::new();
+                for name in &channels {
+                    match Pattern::parse(name) {
+                        Ok(p) => {
+                            if let Some(i) = self.subs.iter().position(|s| *s == p) {
+                                gone.push(self.subs.swap_remove(i));
+                            }
+                        }
+                        Err(e) => {
+                            self.error(id.as_ref(), "invalid_channel", &e.to_string(), Some(name))
+                        }
+                    }
+                }
+                self.ctx.hub.unsubscribe(self.client.id, &gone);
+                let names: Vec<String> = gone.iter().map(|p| p.as_str().to_string()).collect();
+                self.client
+                    .reply(protocol::unsubscribed(id.as_ref(), &names), &self.ctx.hub);
+            }
+        }
+    }
+
+    fn subscribe(&mut self, id: Option<&Id>, channels: &[String], since: Option<&protocol::Since>) {
+        let mut granted: Vec<Pattern> = Vec::new();
+        let mut added = 0;
+        for name in channels {
+            let p = match Pattern::parse(name) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.error(id, "invalid_channel", &e.to_string(), Some(name));
+                    continue;
+                }
+            };
+            if granted.contains(&p) {
+                continue;
+            }
+            let new = !self.subs.contains(&p);
+            if new && self.subs.len() + added >= self.ctx.cfg.max_subscriptions {
+                self.error(
+                    id,
+                    "too_many_subscriptions",
+                    &format!(
+                        "a connection may hold at most {} subscriptions",
+                        self.ctx.cfg.max_subscriptions
+                    ),
+                    Some(name),
+                );
+                continue;
+            }
+            let d = self.ctx.policy.evaluate(
+                &self.identity,
+                &Request::Channel {
+                    pattern: &p,
+                    action: ChannelAction::Subscribe,
+                },
+            );
+            if !d.allowed {
+                self.metrics.subscribe_denied.inc();
+                self.error(
+                    id,
+                    "forbidden",
+                    &format!("not entitled to {name} (rule {})", d.rule),
+                    Some(name),
+                );
+                continue;
+            }
+            if new {
+                added += 1;
+            }
+            granted.push(p);
+        }
+        if granted.is_empty() {
+            return;
+        }
+        self.ctx.hub.subscribe(&self.client, id, &granted, since);
+        for p in granted {
+            if !self.subs.contains(&p) {
+                self.subs.push(p);
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        if self.closing {
+            return;
+        }
+        let cfg = &self.ctx.cfg;
+        if self.awaiting_pong {
+            self.metrics.closes.ping_timeout.inc();
+            self.client.close(Violation {
+                code: close::POLICY_VIOLATION,
+                reason: "ping timeout",
+            });
+            return;
+        }
+        if !cfg.idle_timeout.is_zero() && self.last_activity.elapsed() >= cfg.idle_timeout {
+            self.metrics.closes.idle.inc();
+            self.client.close(Violation {
+                code: close::NORMAL,
+                reason: "idle timeout",
+            });
+            return;
+        }
+        self.awaiting_pong = true;
+        self.client.reply(ws::ping(b""), &self.ctx.hub);
+    }
+
+    /// Writes as much of `out` as the socket takes now.
+    fn write(&mut self, stream: &TcpStream) -> io::Result<()> {
+        while !self.out.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let mut n = 0;
+            for (i, o) in self.out.iter().take(MAX_SLICES).enumerate() {
+                let from = if i == 0 { self.offset } else { 0 };
+                slices[i] = IoSlice::new(o.frame.get(from..).unwrap_or(&[]));
+                n += 1;
+            }
+            let mut written = match stream.try_write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(w) => w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            while written > 0 {
+                let Some(front) = self.out.front() else { break };
+                let left = front.frame.len() - self.offset;
+                if written < left {
+                    self.offset += written;
+                    break;
+                }
+                written -= left;
+                self.offset = 0;
+                if let Some(done) = self.out.pop_front() {
+                    if let Some(at) = done.published {
+                        self.metrics.delivered.inc();
+                        self.metrics.latency.observe(at.elapsed().as_secs_f64());
+                        self.last_activity = Instant::now();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
