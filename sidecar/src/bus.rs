@@ -6,6 +6,8 @@
 //! a task that maps `(topic, key)` to a channel and calls [`Hub::publish`])
 //! sends it out and a background task feeds what arrives into the hub.
 
+pub mod nats;
+
 use crate::fanout::{Hub, PublishError};
 use bytes::Bytes;
 use entitlements_core::channel::Subject;

@@ -28,6 +28,8 @@ pub enum StartError {
     Policy { path: String, reason: String },
     #[error("rate limit service on {addr}: {reason}")]
     Rls { addr: String, reason: String },
+    #[error("bus: {0}")]
+    Bus(#[from] bus::BusError),
 }
 
 /// Loads and compiles the entitlements policy file.
@@ -40,14 +42,51 @@ pub fn load_policy(path: &std::path::Path) -> Result<Policy, StartError> {
     Policy::from_json(&bytes).map_err(|e| err(e.to_string()))
 }
 
-/// Builds the application a [`server::serve`] serves: hub, metrics
-/// registry, bus, sessions' context.
-pub fn app(config: &config::Config, policy: Policy) -> Arc<server::App> {
+/// The hub and the metrics registry it reports into.
+pub fn hub(config: &config::Config) -> (Arc<fanout::Hub>, prometheus_client::registry::Registry) {
     let metrics = metrics::Metrics::new();
     let mut registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut registry);
-    let hub = Arc::new(fanout::Hub::new(config.hub(), metrics));
+    (Arc::new(fanout::Hub::new(config.hub(), metrics)), registry)
+}
+
+/// Builds the application a [`server::serve`] serves, on the embedded bus.
+pub fn app(config: &config::Config, policy: Policy) -> Arc<server::App> {
+    let (hub, registry) = hub(config);
     let bus: Arc<dyn bus::Bus> = Arc::new(bus::MemoryBus::new(hub.clone()));
+    assemble(config, policy, hub, registry, bus)
+}
+
+/// Builds the application on the bus the configuration names.
+pub async fn app_with_bus(
+    config: &config::Config,
+    policy: Policy,
+    shutdown: CancellationToken,
+) -> Result<Arc<server::App>, StartError> {
+    let (hub, registry) = hub(config);
+    let bus: Arc<dyn bus::Bus> = match config.bus {
+        config::BusKind::Memory => Arc::new(bus::MemoryBus::new(hub.clone())),
+        config::BusKind::Nats => {
+            bus::nats::NatsBus::connect(
+                &config.nats_url,
+                &config.nats_prefix,
+                hub.clone(),
+                Duration::from_secs(5),
+                shutdown,
+            )
+            .await?
+        }
+    };
+    Ok(assemble(config, policy, hub, registry, bus))
+}
+
+fn assemble(
+    config: &config::Config,
+    policy: Policy,
+    hub: Arc<fanout::Hub>,
+    registry: prometheus_client::registry::Registry,
+    bus: Arc<dyn bus::Bus>,
+) -> Arc<server::App> {
     let ctx = Arc::new(session::Context {
         hub,
         policy: Arc::new(policy),
@@ -63,7 +102,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let policy = load_policy(&config.policy)?;
-    let app = app(&config, policy);
+    let app = app_with_bus(&config, policy, shutdown.clone()).await?;
     if let Some(addr) = config.rls_listen {
         let l = TcpListener::bind(addr).await.map_err(|e| StartError::Rls {
             addr: addr.to_string(),

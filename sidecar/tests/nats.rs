@@ -1,0 +1,189 @@
+//! The NATS bus against the real NATS server on 127.0.0.1:4222: replicas
+//! sharing publishes, and NATS going away and coming back (through a proxy
+//! the test cuts and restores).
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use sidecar::server::App;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const NATS: &str = "127.0.0.1:4222";
+
+fn prefix() -> String {
+    use std::hash::{BuildHasher, RandomState};
+    format!(
+        "test{:x}",
+        RandomState::new().hash_one(std::time::SystemTime::now())
+    )
+}
+
+async fn replica(nats_url: &str, prefix: &str) -> (SocketAddr, Arc<App>, CancellationToken) {
+    let cfg = config(&[
+        "--bus",
+        "nats",
+        "--nats-url",
+        nats_url,
+        "--nats-prefix",
+        prefix,
+    ]);
+    let policy = entitlements_core::policy::Policy::from_json(POLICY.as_bytes()).unwrap();
+    let shutdown = CancellationToken::new();
+    let app = sidecar::app_with_bus(&cfg, policy, shutdown.clone())
+        .await
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(sidecar::server::serve(
+        listener,
+        app.clone(),
+        shutdown.clone(),
+    ));
+    (addr, app, shutdown)
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what} did not happen within 10 s");
+}
+
+#[tokio::test]
+async fn replicas_share_publishes_through_nats() {
+    let p = prefix();
+    let (a, _app_a, _sa) = replica(&format!("nats://{NATS}"), &p).await;
+    let (b, app_b, _sb) = replica(&format!("nats://{NATS}"), &p).await;
+    let mut on_a = connect(a, &[]).await;
+    let mut on_b = connect(b, &[]).await;
+    for ws in [&mut on_a, &mut on_b] {
+        send(
+            ws,
+            json!({"type": "subscribe", "channels": ["open.curves.>"]}),
+        )
+        .await;
+        assert_eq!(recv(ws).await["type"], "subscribed");
+    }
+    let (status, body) = publish(a, "open.curves.x", json!({"mid": 1})).await;
+    assert_eq!((status, body), (202, json!({"channel": "open.curves.x"})));
+    publish(b, "open.curves.y", json!({"mid": 2})).await;
+    for ws in [&mut on_a, &mut on_b] {
+        let m1 = recv(ws).await;
+        let m2 = recv(ws).await;
+        assert_eq!(
+            (m1["channel"].clone(), m1["seq"].clone()),
+            (json!("open.curves.x"), json!(1))
+        );
+        assert_eq!(
+            (m2["channel"].clone(), m2["data"].clone()),
+            (json!("open.curves.y"), json!({"mid": 2}))
+        );
+    }
+    // Something else on the subjects that is not JSON is dropped and counted.
+    let raw = async_nats::connect(NATS).await.unwrap();
+    raw.publish(format!("{p}.open.curves.z"), "not json".into())
+        .await
+        .unwrap();
+    raw.publish(format!("{p}.open.curves.x"), "3".into())
+        .await
+        .unwrap();
+    raw.flush().await.unwrap();
+    let m = recv(&mut on_b).await;
+    assert_eq!(
+        (m["channel"].clone(), m["data"].clone()),
+        (json!("open.curves.x"), json!(3))
+    );
+    assert_eq!(app_b.ctx.hub.metrics.bus_errors.get(), 1);
+}
+
+/// A TCP proxy to NATS that the test can cut (every connection and the
+/// listener gone) and restore on the same port.
+struct Proxy {
+    addr: SocketAddr,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(addr: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tasks: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let t = tasks.clone();
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                let h = tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(NATS).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+                t.lock().unwrap().push(h);
+            }
+        });
+        tasks.lock().unwrap().push(accept);
+        Proxy { addr, tasks }
+    }
+
+    fn cut(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+#[tokio::test]
+async fn nats_going_away_and_coming_back() {
+    let p = prefix();
+    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap()).await;
+    let (addr, app, _s) = replica(&format!("nats://{}", proxy.addr), &p).await;
+    let m = app.ctx.hub.metrics.clone();
+    let mut ws = connect(addr, &[]).await;
+    send(
+        &mut ws,
+        json!({"type": "subscribe", "channels": ["open.a"]}),
+    )
+    .await;
+    recv(&mut ws).await;
+    assert_eq!(publish(addr, "open.a", json!(1)).await.0, 202);
+    assert_eq!(recv(&mut ws).await["data"], 1);
+
+    proxy.cut();
+    eventually("the bus noticing", || m.bus_connected.get() == 0).await;
+    let (status, body) = publish(addr, "open.a", json!(2)).await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (503, json!("bus_unavailable"))
+    );
+    assert_eq!(http(addr, "GET", "/readyz", &[], b"").await.0, 503);
+    // The WebSocket side is unaffected.
+    send(&mut ws, json!({"type": "ping"})).await;
+    assert_eq!(recv(&mut ws).await, json!({"type": "pong"}));
+
+    let _back = Proxy::start(proxy.addr).await;
+    eventually("the reconnect", || m.bus_connected.get() == 1).await;
+    assert!(m.bus_reconnects.get() >= 1);
+    assert_eq!(http(addr, "GET", "/readyz", &[], b"").await.0, 200);
+    // Resubscribed: publishes flow again.
+    let mut got = None;
+    for i in 3..50 {
+        assert_eq!(publish(addr, "open.a", json!(i)).await.0, 202);
+        if let Ok(v) = tokio::time::timeout(Duration::from_millis(200), recv(&mut ws)).await {
+            got = Some(v);
+            break;
+        }
+    }
+    let got = got.expect("a message after the reconnect");
+    assert_eq!(got["channel"], "open.a");
+}
