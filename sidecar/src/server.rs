@@ -303,6 +303,10 @@ fn upgrade(req: Request<Incoming>, app: Arc<App>, tracker: TaskTracker) -> Respo
             return;
         };
         let stream = parts.io.into_inner();
+        // Copy what hyper read past the request: its buffer (8 KiB or more)
+        // must not stay pinned for the life of the connection.
+        let leftover = parts.read_buf.to_vec();
+        drop(parts.read_buf);
         let m = &app.ctx.hub.metrics;
         if app.connections.fetch_add(1, Ordering::AcqRel) >= app.cfg.max_connections {
             app.connections.fetch_sub(1, Ordering::AcqRel);
@@ -312,7 +316,7 @@ fn upgrade(req: Request<Incoming>, app: Arc<App>, tracker: TaskTracker) -> Respo
         }
         m.connections.inc();
         m.connections_opened.inc();
-        session::run(stream, &parts.read_buf, who, app.ctx.clone(), shutdown).await;
+        session::run(stream, leftover, who, app.ctx.clone(), shutdown).await;
         m.connections.dec();
         app.connections.fetch_sub(1, Ordering::AcqRel);
     });

@@ -104,7 +104,7 @@ struct Session<'a> {
 /// the HTTP layer read past the upgrade request.
 pub async fn run(
     stream: TcpStream,
-    leftover: &[u8],
+    leftover: Vec<u8>,
     identity: Identity,
     ctx: Arc<Context>,
     shutdown: CancellationToken,
@@ -130,8 +130,9 @@ pub async fn run(
         },
     };
     if !leftover.is_empty() {
-        s.input(leftover);
+        s.input(&leftover);
     }
+    drop(leftover);
     s.serve(&stream, &shutdown).await;
     if !s.subs.is_empty() {
         ctx.hub.unsubscribe(s.client.id, &s.subs);
