@@ -220,9 +220,7 @@ async fn subscriber(mut s: TcpStream, shared: Arc<Shared>) {
         };
         buf.extend_from_slice(&chunk[..n]);
         let mut at = 0;
-        loop {
-            let Some(&b0) = buf.get(at) else { break };
-            let Some(&b1) = buf.get(at + 1) else { break };
+        while let (Some(&b0), Some(&b1)) = (buf.get(at), buf.get(at + 1)) {
             let (len, hl) = match b1 & 0x7f {
                 126 => match buf.get(at + 2..at + 4) {
                     Some(b) => (u16::from_be_bytes([b[0], b[1]]) as usize, 4),
