@@ -65,6 +65,9 @@ pub struct Config {
         default_value = "coalesce"
     )]
     pub slow_policy: SlowPolicy,
+    /// Writer tasks writing published messages to sockets (0: one per core, at most 8).
+    #[arg(long, env = "SIDECAR_WRITERS", default_value_t = 0)]
+    pub writers: usize,
     /// Most channels with state (last value, history).
     #[arg(long, env = "SIDECAR_MAX_CHANNELS", default_value_t = 100_000)]
     pub max_channels: usize,
@@ -133,6 +136,11 @@ impl Config {
             max_snapshot: self.max_snapshot,
             queue_capacity: self.queue_capacity,
             slow_policy: self.slow_policy,
+            writers: if self.writers == 0 {
+                HubConfig::default().writers
+            } else {
+                self.writers
+            },
         }
     }
 

@@ -17,8 +17,9 @@ use entitlements_core::channel::{Pattern, Subject};
 use indexmap::IndexMap;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -49,6 +50,8 @@ pub struct HubConfig {
     /// Messages a client's queue holds before the slow policy applies.
     pub queue_capacity: usize,
     pub slow_policy: SlowPolicy,
+    /// Writer tasks that write published messages to sockets.
+    pub writers: usize,
 }
 
 impl Default for HubConfig {
@@ -60,6 +63,7 @@ impl Default for HubConfig {
             max_snapshot: 1000,
             queue_capacity: 256,
             slow_policy: SlowPolicy::Coalesce,
+            writers: std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
         }
     }
 }
@@ -87,22 +91,51 @@ impl Out {
 #[derive(Debug, Default)]
 struct Outbox {
     queue: VecDeque<Out>,
-    /// Set once the client must be disconnected; nothing more is queued.
+    /// Bytes of the first frame already written.
+    offset: usize,
+    /// Set once the client must be disconnected: the close frame is the
+    /// last thing queued, nothing is queued after it.
     closing: Option<Violation>,
+    /// The close frame is out.
+    close_sent: bool,
+    /// The socket failed; nothing more can be written.
+    broken: bool,
 }
 
-/// A connected client as the hub sees it: its outbox and the wake-up of
-/// its connection task.
+/// What a flush achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flushed {
+    /// Everything queued is written.
+    All,
+    /// The socket is full: the connection task waits until it is writable.
+    Blocked,
+    /// The socket failed.
+    Broken,
+}
+
+/// A connected client as the hub sees it: its outbox, its socket once the
+/// connection task has started, and the wake-up of that task.
+///
+/// Frames are written by whoever has them first, under the outbox lock
+/// (which also keeps a frame's bytes together): a writer task of the hub
+/// right after a publish, or the connection task for its replies and once
+/// a full socket drains. Waking a task per client and message would cost
+/// more than the write itself.
 #[derive(Debug)]
 pub struct Client {
     pub id: u64,
     outbox: Mutex<Outbox>,
+    socket: OnceLock<Arc<TcpStream>>,
     notify: Notify,
     /// The last publish delivered, so a message matching several of the
     /// client's subscriptions is delivered once.
     stamp: AtomicU64,
     /// Mirrors `Outbox::closing`, readable without the lock.
     close_requested: AtomicBool,
+    /// The socket would block: the connection task writes when it can.
+    blocked: AtomicBool,
+    /// In a writer's list already.
+    scheduled: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -115,25 +148,61 @@ pub const SLOW_CONSUMER: Violation = Violation {
     reason: "slow consumer",
 };
 
+const MAX_SLICES: usize = 64;
+
 impl Client {
-    /// Waits until something was queued (or a close requested) since the
-    /// last wait.
+    /// Hands the client its socket: from now on frames go out directly.
+    pub fn attach(&self, socket: Arc<TcpStream>) {
+        let _ = self.socket.set(socket);
+    }
+
+    /// Waits until the client needs its connection task (blocked socket,
+    /// close request, failure) since the last wait.
     pub async fn notified(&self) {
         self.notify.notified().await
     }
 
-    /// Moves everything queued into `into`; returns the close the client
-    /// must get, if any.
-    pub fn take(&self, into: &mut VecDeque<Out>, metrics: &Metrics) -> Option<Violation> {
-        let mut o = lock(&self.outbox);
-        metrics.queued.dec_by(o.queue.len() as i64);
-        into.append(&mut o.queue);
-        o.closing
+    /// Whether the socket is full and the connection task must wait for it.
+    pub fn blocked(&self) -> bool {
+        self.blocked.load(Ordering::Relaxed)
     }
 
-    /// Queues a reply (subscribed, error, pong): never dropped, but a client
-    /// that lets replies pile up beyond twice the queue capacity is a slow
-    /// consumer and disconnected.
+    /// The close the client is getting, and whether its frame is out.
+    pub fn closing(&self) -> (Option<Violation>, bool) {
+        let o = lock(&self.outbox);
+        (o.closing, o.close_sent)
+    }
+
+    /// Writes what is queued as far as the socket takes it. From a hub
+    /// writer (`from_writer`), a blocked client is left to its task.
+    pub fn flush(&self, metrics: &Metrics, from_writer: bool) -> Flushed {
+        let Some(sock) = self.socket.get() else {
+            return Flushed::All;
+        };
+        let mut o = lock(&self.outbox);
+        if o.broken {
+            return Flushed::Broken;
+        }
+        if from_writer && self.blocked() {
+            return Flushed::Blocked;
+        }
+        let r = write_out(&mut o, sock, metrics);
+        drop(o);
+        match r {
+            Flushed::All => self.blocked.store(false, Ordering::Relaxed),
+            Flushed::Blocked | Flushed::Broken => {
+                let was = self.blocked.swap(true, Ordering::Relaxed);
+                if !was || r == Flushed::Broken {
+                    self.notify.notify_one();
+                }
+            }
+        }
+        r
+    }
+
+    /// Queues a reply (subscribed, error, pong, ping): never dropped, but a
+    /// client that lets replies pile up beyond twice the queue capacity is
+    /// a slow consumer and disconnected. The caller flushes.
     pub fn reply(&self, frame: Bytes, hub: &Hub) {
         let mut o = lock(&self.outbox);
         if o.closing.is_some() {
@@ -145,24 +214,39 @@ impl Client {
             o.queue.push_back(Out::reply(frame));
             hub.metrics.queued.inc();
         }
-        drop(o);
-        self.notify.notify_one();
     }
 
     fn disconnect(&self, o: &mut Outbox, hub: &Hub) {
-        let dropped = o.queue.iter().filter(|m| m.channel.is_some()).count();
-        hub.metrics.drops.slow_consumer.inc_by(dropped as u64);
-        hub.metrics.queued.dec_by(o.queue.len() as i64);
-        o.queue.clear();
-        o.closing = Some(SLOW_CONSUMER);
-        self.close_requested.store(true, Ordering::Relaxed);
         hub.metrics.closes.slow_consumer.inc();
+        self.shut(o, SLOW_CONSUMER, &hub.metrics);
     }
 
-    /// Asks the connection task to close with `v` (shutdown, limits).
-    pub fn close(&self, v: Violation) {
+    /// Drops what is queued (but a frame partly written) and queues the
+    /// close frame.
+    fn shut(&self, o: &mut Outbox, v: Violation, m: &Metrics) {
+        let keep = usize::from(o.offset > 0).min(o.queue.len());
+        let dropped: Vec<Out> = o.queue.drain(keep..).collect();
+        let messages = dropped.iter().filter(|d| d.channel.is_some()).count();
+        if v == SLOW_CONSUMER {
+            m.drops.slow_consumer.inc_by(messages as u64);
+        }
+        m.queued.dec_by(dropped.len() as i64);
+        o.queue
+            .push_back(Out::reply(crate::ws::close_frame(v.code, v.reason)));
+        m.queued.inc();
+        o.closing = Some(v);
+        self.close_requested.store(true, Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+
+    /// Closes the connection with `v` after what was already queued (shutdown,
+    /// limits, the client's own close). The caller flushes.
+    pub fn close(&self, v: Violation, m: &Metrics) {
         let mut o = lock(&self.outbox);
         if o.closing.is_none() {
+            o.queue
+                .push_back(Out::reply(crate::ws::close_frame(v.code, v.reason)));
+            m.queued.inc();
             o.closing = Some(v);
             self.close_requested.store(true, Ordering::Relaxed);
         }
@@ -170,23 +254,35 @@ impl Client {
         self.notify.notify_one();
     }
 
-    /// Queues a published message under the slow policy.
-    fn deliver(&self, out: &Out, hub: &Hub) {
+    /// Closes at once, dropping what is queued (protocol violations).
+    pub fn abort(&self, v: Violation, m: &Metrics) {
+        let mut o = lock(&self.outbox);
+        if o.closing.is_none() {
+            self.shut(&mut o, v, m);
+        }
+    }
+
+    /// Queues a published message under the slow policy; true when the
+    /// client needs a flush.
+    fn deliver(&self, out: &Out, hub: &Hub) -> bool {
         let mut o = lock(&self.outbox);
         if o.closing.is_some() {
-            return;
+            return false;
         }
         let cap = hub.cfg.queue_capacity.max(1);
         let m = &hub.metrics;
+        // A frame partly written stays as it is.
+        let first = usize::from(o.offset > 0);
         match hub.cfg.slow_policy {
             SlowPolicy::Coalesce => {
-                let same = o
-                    .queue
-                    .iter_mut()
-                    .find(|q| match (&q.channel, &out.channel) {
-                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                        _ => false,
-                    });
+                let same =
+                    o.queue
+                        .iter_mut()
+                        .skip(first)
+                        .find(|q| match (&q.channel, &out.channel) {
+                            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                            _ => false,
+                        });
                 if let Some(q) = same {
                     // Keeps its place (and its publish time: the latency
                     // is that of the oldest value it stands for).
@@ -194,7 +290,7 @@ impl Client {
                     m.drops.coalesced.inc();
                 } else {
                     if o.queue.len() >= cap {
-                        drop_oldest_message(&mut o.queue, m);
+                        drop_oldest_message(&mut o, m);
                     }
                     o.queue.push_back(out.clone());
                     m.queued.inc();
@@ -202,7 +298,7 @@ impl Client {
             }
             SlowPolicy::DropOldest => {
                 if o.queue.len() >= cap {
-                    drop_oldest_message(&mut o.queue, m);
+                    drop_oldest_message(&mut o, m);
                 }
                 o.queue.push_back(out.clone());
                 m.queued.inc();
@@ -210,14 +306,13 @@ impl Client {
             SlowPolicy::Close => {
                 if o.queue.len() >= cap {
                     self.disconnect(&mut o, hub);
-                } else {
-                    o.queue.push_back(out.clone());
-                    m.queued.inc();
+                    return true;
                 }
+                o.queue.push_back(out.clone());
+                m.queued.inc();
             }
         }
-        drop(o);
-        self.notify.notify_one();
+        !self.blocked()
     }
 
     /// Whether the client is to be disconnected.
@@ -225,18 +320,86 @@ impl Client {
         self.close_requested.load(Ordering::Relaxed)
     }
 
-    /// Messages queued now (for tests and the bench).
+    /// Frames queued now (for tests and the bench).
     pub fn queued(&self) -> usize {
         lock(&self.outbox).queue.len()
     }
+
+    /// Takes every queued frame off (for tests without a socket).
+    pub fn drain(&self, metrics: &Metrics) -> Vec<Out> {
+        let mut o = lock(&self.outbox);
+        metrics.queued.dec_by(o.queue.len() as i64);
+        o.offset = 0;
+        o.queue.drain(..).collect()
+    }
 }
 
-fn drop_oldest_message(q: &mut VecDeque<Out>, m: &Metrics) {
-    if let Some(i) = q.iter().position(|o| o.channel.is_some()) {
-        q.remove(i);
+/// Writes queued frames until done or the socket is full.
+fn write_out(o: &mut Outbox, sock: &TcpStream, m: &Metrics) -> Flushed {
+    while !o.queue.is_empty() {
+        let mut slices = [std::io::IoSlice::new(&[]); MAX_SLICES];
+        let mut n = 0;
+        for (i, f) in o.queue.iter().take(MAX_SLICES).enumerate() {
+            let from = if i == 0 { o.offset } else { 0 };
+            slices[i] = std::io::IoSlice::new(f.frame.get(from..).unwrap_or(&[]));
+            n += 1;
+        }
+        let r = if n == 1 {
+            sock.try_write(&slices[0])
+        } else {
+            sock.try_write_vectored(&slices[..n])
+        };
+        let mut written = match r {
+            Ok(0) => {
+                o.broken = true;
+                return Flushed::Broken;
+            }
+            Ok(w) => w,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Flushed::Blocked,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => {
+                o.broken = true;
+                return Flushed::Broken;
+            }
+        };
+        while written > 0 {
+            let Some(front) = o.queue.front() else { break };
+            let left = front.frame.len() - o.offset;
+            if written < left {
+                o.offset += written;
+                break;
+            }
+            written -= left;
+            o.offset = 0;
+            if let Some(done) = o.queue.pop_front() {
+                m.queued.dec();
+                if let Some(at) = done.published {
+                    m.delivered.inc();
+                    m.latency.observe(at.elapsed().as_secs_f64());
+                }
+                if o.closing.is_some() && o.queue.is_empty() {
+                    o.close_sent = true;
+                }
+            }
+        }
+    }
+    Flushed::All
+}
+
+fn drop_oldest_message(o: &mut Outbox, m: &Metrics) {
+    let first = usize::from(o.offset > 0);
+    if let Some(i) = o.queue.iter().skip(first).position(|q| q.channel.is_some()) {
+        o.queue.remove(i + first);
         m.drops.queue_full.inc();
         m.queued.dec();
     }
+}
+
+/// One of the hub's writer tasks: writes the clients a publish touched.
+#[derive(Debug, Default)]
+struct Shard {
+    dirty: Mutex<Vec<Arc<Client>>>,
+    notify: Notify,
 }
 
 #[derive(Debug)]
@@ -285,6 +448,8 @@ pub struct Hub {
     epoch: String,
     inner: Mutex<Inner>,
     next_client: AtomicU64,
+    shards: Vec<Shard>,
+    writing: AtomicBool,
 }
 
 impl Hub {
@@ -295,11 +460,39 @@ impl Hub {
             RandomState::new().hash_one(std::time::SystemTime::now())
         );
         Hub {
-            cfg,
             metrics,
             epoch,
+            shards: (0..cfg.writers.max(1)).map(|_| Shard::default()).collect(),
+            cfg,
             inner: Mutex::new(Inner::default()),
             next_client: AtomicU64::new(1),
+            writing: AtomicBool::new(false),
+        }
+    }
+
+    /// Starts the writer tasks (once), until `shutdown`.
+    pub fn start_writers(self: &Arc<Hub>, shutdown: tokio_util::sync::CancellationToken) {
+        if self.writing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for i in 0..self.shards.len() {
+            let (hub, stop) = (self.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let Some(shard) = hub.shards.get(i) else {
+                    return;
+                };
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = shard.notify.notified() => {}
+                    }
+                    let batch = std::mem::take(&mut *lock(&shard.dirty));
+                    for c in batch {
+                        c.scheduled.store(false, Ordering::Release);
+                        c.flush(&hub.metrics, true);
+                    }
+                }
+            });
         }
     }
 
@@ -315,8 +508,11 @@ impl Hub {
             id: self.next_client.fetch_add(1, Ordering::Relaxed),
             outbox: Mutex::new(Outbox::default()),
             notify: Notify::new(),
+            socket: OnceLock::new(),
             stamp: AtomicU64::new(0),
             close_requested: AtomicBool::new(false),
+            blocked: AtomicBool::new(false),
+            scheduled: AtomicBool::new(false),
         })
     }
 
@@ -369,10 +565,20 @@ impl Hub {
         };
         inner.stamp += 1;
         let stamp = inner.stamp;
-        let send = |subs: &Subscribers| {
+        let writing = self.writing.load(Ordering::Relaxed);
+        let mut touched = 0u64;
+        let mut send = |subs: &Subscribers| {
             for c in subs.values() {
-                if c.stamp.swap(stamp, Ordering::Relaxed) != stamp {
-                    c.deliver(&out, self);
+                if c.stamp.swap(stamp, Ordering::Relaxed) != stamp
+                    && c.deliver(&out, self)
+                    && writing
+                    && !c.scheduled.swap(true, Ordering::AcqRel)
+                {
+                    let i = (c.id as usize) % self.shards.len();
+                    if let Some(shard) = self.shards.get(i) {
+                        lock(&shard.dirty).push(c.clone());
+                        touched |= 1 << (i % 64);
+                    }
                 }
             }
         };
@@ -382,6 +588,11 @@ impl Hub {
         for w in &inner.wild {
             if w.pattern.matches(channel) {
                 send(&w.subs);
+            }
+        }
+        for (i, shard) in self.shards.iter().enumerate() {
+            if touched & (1 << (i % 64)) != 0 {
+                shard.notify.notify_one();
             }
         }
         self.metrics.published.inc();

@@ -162,6 +162,7 @@ fn identity(h: &HeaderMap, app: &App) -> Result<Identity, String> {
 /// accepting, closes every WebSocket with 1001 and waits up to the drain
 /// timeout for connections to finish.
 pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) {
+    app.ctx.hub.start_writers(shutdown.clone());
     let tracker = TaskTracker::new();
     loop {
         tokio::select! {

@@ -8,18 +8,16 @@
 //! never stops the task from seeing a close request, and an idle
 //! connection holds no buffers.
 
-use crate::fanout::{Client, Hub, Out};
+use crate::fanout::{Client, Flushed, Hub};
 use crate::metrics::Metrics;
 use crate::protocol::{self, ClientMessage, Id};
 use crate::ws::{self, close, Incoming, Parser, Violation};
 use entitlements_core::channel::Pattern;
 use entitlements_core::identity::Identity;
 use entitlements_core::policy::{ChannelAction, Policy, Request};
-use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -73,7 +71,6 @@ pub const SHUTTING_DOWN: Violation = Violation {
 };
 
 const READ_CHUNK: usize = 8192;
-const MAX_SLICES: usize = 64;
 
 struct Bucket {
     tokens: f64,
@@ -87,13 +84,8 @@ struct Session<'a> {
     identity: Identity,
     parser: Parser,
     subs: Vec<Pattern>,
-    /// Frames taken from the outbox, being written; `offset` bytes of the
-    /// first one are out already.
-    out: VecDeque<Out>,
-    offset: usize,
-    /// The close frame is queued: write what is left, then hang up.
-    closing: bool,
-    /// The client sent its close frame (or hung up).
+    /// The client sent its close frame, hung up, or broke the protocol (so
+    /// its close is not waited for).
     peer_closed: bool,
     awaiting_pong: bool,
     last_activity: Instant,
@@ -111,6 +103,7 @@ pub async fn run(
 ) {
     let metrics = &ctx.hub.metrics;
     let now = Instant::now();
+    let stream = Arc::new(stream);
     let mut s = Session {
         ctx: &ctx,
         metrics,
@@ -118,9 +111,6 @@ pub async fn run(
         identity,
         parser: Parser::new(ctx.cfg.max_message_bytes),
         subs: Vec::new(),
-        out: VecDeque::new(),
-        offset: 0,
-        closing: false,
         peer_closed: false,
         awaiting_pong: false,
         last_activity: now,
@@ -129,19 +119,15 @@ pub async fn run(
             at: now,
         },
     };
+    s.client.attach(stream.clone());
     if !leftover.is_empty() {
         s.input(&leftover);
     }
     drop(leftover);
     s.serve(&stream, &shutdown).await;
-    if !s.subs.is_empty() {
-        ctx.hub.unsubscribe(s.client.id, &s.subs);
-    }
-    // Whatever is still queued is not coming out.
-    let mut rest = VecDeque::new();
-    s.client.take(&mut rest, metrics);
-    let mut stream = stream;
-    let _ = stream.shutdown().await;
+    s.unsubscribe_all();
+    // Whatever is still queued is not going out.
+    s.client.drain(metrics);
 }
 
 impl Session<'_> {
@@ -152,13 +138,20 @@ impl Session<'_> {
         let mut close_deadline: Option<Instant> = None;
         let mut shutting_down = false;
         loop {
-            // Once a close is due, the connection gets `close_timeout` to
-            // flush and hear back, whether or not the client reads.
-            if close_deadline.is_none() && (self.closing || self.client.close_requested()) {
-                close_deadline = Some(Instant::now() + self.ctx.cfg.close_timeout);
-            }
-            if self.closing && self.out.is_empty() && self.peer_closed {
+            if self.flush() == Flushed::Broken {
                 return;
+            }
+            if self.client.close_requested() {
+                let (_, sent) = self.client.closing();
+                if sent && self.peer_closed {
+                    return;
+                }
+                // Once a close is due, the connection gets `close_timeout`
+                // to flush and hear back, whether or not the client reads.
+                if close_deadline.is_none() {
+                    close_deadline = Some(Instant::now() + self.ctx.cfg.close_timeout);
+                    self.unsubscribe_all();
+                }
             }
             let deadline = close_deadline.unwrap_or_else(|| Instant::now() + period * 4);
             tokio::select! {
@@ -166,67 +159,49 @@ impl Session<'_> {
                 _ = shutdown.cancelled(), if !shutting_down => {
                     shutting_down = true;
                     self.metrics.closes.shutdown.inc();
-                    self.client.close(SHUTTING_DOWN);
+                    self.client.close(SHUTTING_DOWN, self.metrics);
                 }
                 r = stream.readable(), if !self.peer_closed => {
                     if r.is_err() || !self.read(stream) {
                         return;
                     }
                 }
-                r = stream.writable(), if !self.out.is_empty() => {
-                    if r.is_err() || self.write(stream).is_err() {
-                        return;
-                    }
-                    if self.out.is_empty() {
-                        self.take();
-                    }
-                }
-                _ = self.client.notified(), if self.out.is_empty() && !self.closing => {
-                    self.take();
-                    if !self.out.is_empty() && self.write(stream).is_err() {
+                r = stream.writable(), if self.client.blocked() => {
+                    if r.is_err() {
                         return;
                     }
                 }
+                _ = self.client.notified() => {}
                 _ = tick.tick() => self.tick(),
                 _ = tokio::time::sleep_until(deadline), if close_deadline.is_some() => return,
             }
         }
     }
 
-    /// Moves what the hub queued into `out`, and the close frame after it
-    /// if the client must be disconnected.
-    fn take(&mut self) {
-        if self.closing {
-            return;
-        }
-        if let Some(v) = self.client.take(&mut self.out, self.metrics) {
-            self.close_with(v);
+    fn flush(&self) -> Flushed {
+        self.client.flush(self.metrics, false)
+    }
+
+    fn unsubscribe_all(&mut self) {
+        if !self.subs.is_empty() {
+            self.ctx.hub.unsubscribe(self.client.id, &self.subs);
+            self.subs.clear();
         }
     }
 
-    /// Queues the close frame; nothing is sent after it.
-    fn close_with(&mut self, v: Violation) {
-        if self.closing {
-            return;
-        }
+    /// Closes at once for a broken protocol or limit: what is queued is
+    /// dropped, the close frame goes out, the client is not waited for.
+    fn violation(&mut self, v: Violation) {
         if v.code == close::PROTOCOL_ERROR
             || v.code == close::INVALID_PAYLOAD
             || v.code == close::TOO_BIG
             || v.code == close::UNSUPPORTED_DATA
         {
             self.metrics.closes.protocol_error.inc();
-            // A client that broke the protocol is not waited for: hang up
-            // once the close frame is out (RFC 6455 §7.1.7).
-            self.peer_closed = true;
         }
-        self.out
-            .push_back(Out::reply(ws::close_frame(v.code, v.reason)));
-        self.closing = true;
-        // Nothing more is delivered to a closing connection.
-        if !self.subs.is_empty() {
-            self.ctx.hub.unsubscribe(self.client.id, &self.subs);
-            self.subs.clear();
-        }
+        // RFC 6455 §7.1.7: after a violation, hang up once the close is out.
+        self.peer_closed = true;
+        self.client.abort(v, self.metrics);
     }
 
     /// Reads what is there; false when the connection is over.
@@ -240,10 +215,7 @@ impl Session<'_> {
                 }
                 Ok(n) => {
                     self.input(&buf[..n]);
-                    if self.peer_closed {
-                        return true;
-                    }
-                    if n < buf.len() {
+                    if self.peer_closed || n < buf.len() {
                         return true;
                     }
                 }
@@ -259,12 +231,12 @@ impl Session<'_> {
         let r = parser.feed(data, |m| self.on_message(m));
         self.parser = parser;
         if let Err(v) = r {
-            self.close_with(v);
+            self.violation(v);
         }
     }
 
     fn on_message(&mut self, m: Incoming) -> Result<(), Violation> {
-        if self.closing {
+        if self.client.close_requested() {
             // After our close frame only the client's close matters.
             if matches!(m, Incoming::Close(_)) {
                 self.peer_closed = true;
@@ -288,8 +260,8 @@ impl Session<'_> {
                     Some((c, _)) => c,
                     None => close::NORMAL,
                 };
-                self.take();
-                self.close_with(Violation { code, reason: "" });
+                self.client
+                    .close(Violation { code, reason: "" }, self.metrics);
                 Ok(())
             }
             Incoming::Binary(_) => Err(Violation {
@@ -427,65 +399,33 @@ impl Session<'_> {
     }
 
     fn tick(&mut self) {
-        if self.closing {
+        if self.client.close_requested() {
             return;
         }
         let cfg = &self.ctx.cfg;
         if self.awaiting_pong {
             self.metrics.closes.ping_timeout.inc();
-            self.client.close(Violation {
-                code: close::POLICY_VIOLATION,
-                reason: "ping timeout",
-            });
+            self.client.close(
+                Violation {
+                    code: close::POLICY_VIOLATION,
+                    reason: "ping timeout",
+                },
+                self.metrics,
+            );
             return;
         }
         if !cfg.idle_timeout.is_zero() && self.last_activity.elapsed() >= cfg.idle_timeout {
             self.metrics.closes.idle.inc();
-            self.client.close(Violation {
-                code: close::NORMAL,
-                reason: "idle timeout",
-            });
+            self.client.close(
+                Violation {
+                    code: close::NORMAL,
+                    reason: "idle timeout",
+                },
+                self.metrics,
+            );
             return;
         }
         self.awaiting_pong = true;
         self.client.reply(ws::ping(b""), &self.ctx.hub);
-    }
-
-    /// Writes as much of `out` as the socket takes now.
-    fn write(&mut self, stream: &TcpStream) -> io::Result<()> {
-        while !self.out.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let mut n = 0;
-            for (i, o) in self.out.iter().take(MAX_SLICES).enumerate() {
-                let from = if i == 0 { self.offset } else { 0 };
-                slices[i] = IoSlice::new(o.frame.get(from..).unwrap_or(&[]));
-                n += 1;
-            }
-            let mut written = match stream.try_write_vectored(&slices[..n]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(w) => w,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            while written > 0 {
-                let Some(front) = self.out.front() else { break };
-                let left = front.frame.len() - self.offset;
-                if written < left {
-                    self.offset += written;
-                    break;
-                }
-                written -= left;
-                self.offset = 0;
-                if let Some(done) = self.out.pop_front() {
-                    if let Some(at) = done.published {
-                        self.metrics.delivered.inc();
-                        self.metrics.latency.observe(at.elapsed().as_secs_f64());
-                        self.last_activity = Instant::now();
-                    }
-                }
-            }
-        }
-        Ok(())
     }
 }

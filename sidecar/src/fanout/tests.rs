@@ -16,9 +16,9 @@ fn publish(h: &Hub, ch: &str, data: Value) -> u64 {
 
 /// The JSON payloads queued for `c`, in order.
 fn drain(h: &Hub, c: &Client) -> Vec<Value> {
-    let mut q = VecDeque::new();
-    assert_eq!(c.take(&mut q, &h.metrics), None);
-    q.iter()
+    assert_eq!(c.closing().0, None);
+    c.drain(&h.metrics)
+        .iter()
         .map(|o| {
             let skip = match o.frame[1] {
                 126 => 4,
@@ -172,9 +172,13 @@ fn the_close_policy_disconnects_a_slow_client_and_spares_the_others() {
         publish(&h, "p.a", json!(i));
         assert_eq!(drain(&h, &fast).len(), 1);
     }
-    let mut q = VecDeque::new();
-    assert_eq!(slow.take(&mut q, &h.metrics), Some(SLOW_CONSUMER));
-    assert!(q.is_empty());
+    assert_eq!(slow.closing().0, Some(SLOW_CONSUMER));
+    let left = slow.drain(&h.metrics);
+    assert_eq!(left.len(), 1);
+    assert_eq!(
+        &left[0].frame[..],
+        &crate::ws::close_frame(1008, "slow consumer")[..]
+    );
     assert_eq!(h.metrics.closes.slow_consumer.get(), 1);
     assert_eq!(h.metrics.drops.slow_consumer.get(), 4);
     assert_eq!(h.metrics.queued.get(), 0);
