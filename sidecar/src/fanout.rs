@@ -26,9 +26,10 @@ use tokio::time::Instant;
 /// What happens when a client's queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SlowPolicy {
-    /// Keep only the newest message per channel in the queue (a newer
-    /// curve replaces the older one still waiting); when the queue is full
-    /// of distinct channels, drop the oldest. Right for prices.
+    /// While the client's socket is full, keep only the newest message per
+    /// channel in its queue (a newer curve replaces the older one still
+    /// waiting); when the queue is full of distinct channels, drop the
+    /// oldest. Right for prices.
     Coalesce,
     /// Drop the oldest queued message.
     DropOldest,
@@ -275,14 +276,15 @@ impl Client {
         let first = usize::from(o.offset > 0);
         match hub.cfg.slow_policy {
             SlowPolicy::Coalesce => {
-                let same =
-                    o.queue
-                        .iter_mut()
-                        .skip(first)
-                        .find(|q| match (&q.channel, &out.channel) {
-                            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                            _ => false,
-                        });
+                // Only a client whose socket is full is behind: one that
+                // keeps up loses nothing to a writer that is a little late.
+                let behind = self.blocked();
+                let same = o.queue.iter_mut().skip(first).filter(|_| behind).find(|q| {
+                    match (&q.channel, &out.channel) {
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        _ => false,
+                    }
+                });
                 if let Some(q) = same {
                     // Keeps its place (and its publish time: the latency
                     // is that of the oldest value it stands for).
@@ -313,6 +315,11 @@ impl Client {
             }
         }
         !self.blocked()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_blocked(&self, b: bool) {
+        self.blocked.store(b, Ordering::Relaxed);
     }
 
     /// Whether the client is to be disconnected.

@@ -483,3 +483,77 @@ async fn health_readiness_and_metrics() {
     }
     assert!(text.ends_with("# EOF\n"));
 }
+
+#[tokio::test]
+async fn a_slow_reader_gets_the_latest_value_of_each_channel() {
+    let sc = start(&["--slow-policy", "coalesce", "--queue-capacity", "16"]).await;
+    let mut slow = raw(sc.addr).await;
+    slow.write_all(&frame(
+        true,
+        1,
+        br#"{"type":"subscribe","channels":["open.a","open.b"]}"#,
+    ))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let hub = sc.app.ctx.hub.clone();
+    let data = format!("\"{}\"", "x".repeat(60_000));
+    let (a, b) = (
+        entitlements_core::channel::Subject::parse("open.a").unwrap(),
+        entitlements_core::channel::Subject::parse("open.b").unwrap(),
+    );
+    // Far more than the socket buffers hold, while the client reads nothing.
+    for _ in 0..400 {
+        hub.publish(&a, data.clone().into()).unwrap();
+        hub.publish(&b, data.clone().into()).unwrap();
+        tokio::task::yield_now().await;
+    }
+    hub.publish(&a, "\"last-a\"".into()).unwrap();
+    hub.publish(&b, "\"last-b\"".into()).unwrap();
+    assert!(hub.metrics.drops.coalesced.get() > 0);
+    assert_eq!(hub.metrics.closes.slow_consumer.get(), 0);
+    // Now it reads: everything it gets is in order, and it ends with the
+    // latest value of each channel.
+    let mut last = std::collections::HashMap::new();
+    let (mut got_a, mut got_b) = (false, false);
+    let mut buf = Vec::new();
+    while !(got_a && got_b) {
+        let mut chunk = vec![0u8; 1 << 16];
+        let n = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        buf.extend_from_slice(&chunk[..n]);
+        loop {
+            if buf.len() < 2 {
+                break;
+            }
+            let (len, hl) = match buf[1] & 0x7f {
+                126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+                127 if buf.len() >= 10 => (
+                    u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                126 | 127 => break,
+                n => (n as usize, 2),
+            };
+            if buf.len() < hl + len {
+                break;
+            }
+            let v: serde_json::Value = serde_json::from_slice(&buf[hl..hl + len]).unwrap();
+            buf.drain(..hl + len);
+            if v["type"] != "message" {
+                continue;
+            }
+            let seq = v["seq"].as_u64().unwrap();
+            let ch = v["channel"].as_str().unwrap().to_string();
+            if let Some(prev) = last.insert(ch.clone(), seq) {
+                assert!(seq > prev, "{ch}: {seq} after {prev}");
+            }
+            got_a |= v["data"] == "last-a";
+            got_b |= v["data"] == "last-b";
+        }
+    }
+    assert_eq!((last["open.a"], last["open.b"]), (401, 401));
+}

@@ -119,6 +119,12 @@ fn coalescing_keeps_the_newest_value_per_channel() {
     let c = h.client();
     h.subscribe(&c, None, &[pat("p.*")], None);
     drain(&h, &c);
+    // A client that keeps up loses nothing, even with messages waiting.
+    publish(&h, "p.a", json!("x"));
+    publish(&h, "p.a", json!("y"));
+    assert_eq!(drain(&h, &c).len(), 2);
+    // One whose socket is full gets the newest per channel.
+    c.set_blocked(true);
     for i in 0..5 {
         publish(&h, "p.a", json!(i));
     }

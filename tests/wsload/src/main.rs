@@ -75,7 +75,7 @@ fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// utime + stime in clock ticks, and RSS in KiB, summed over `pids`.
+/// utime + stime in clock ticks, and resident memory (PSS) in KiB, summed over `pids`.
 fn proc_usage(pids: &[u32]) -> (u64, u64) {
     let mut ticks = 0;
     let mut rss = 0;
@@ -93,9 +93,20 @@ fn proc_usage(pids: &[u32]) -> (u64, u64) {
                 ticks += get(14) + get(15);
             }
         }
-        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-            for line in status.lines() {
-                if let Some(v) = line.strip_prefix("VmRSS:") {
+        // PSS: shared pages split between the processes that map them, so
+        // a sum over nginx's master and workers counts them once.
+        let mem = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+            .ok()
+            .filter(|s| s.contains("Pss:"))
+            .map(|s| (s, "Pss:"))
+            .or_else(|| {
+                std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .ok()
+                    .map(|s| (s, "VmRSS:"))
+            });
+        if let Some((text, key)) = mem {
+            for line in text.lines() {
+                if let Some(v) = line.strip_prefix(key) {
                     rss += v
                         .trim()
                         .trim_end_matches("kB")
