@@ -66,6 +66,7 @@ error_log $work/error.log warn;
 events { worker_connections $fds; }
 http {
   access_log off;
+  keepalive_requests 1000000;
   client_body_temp_path $work/body;
   nchan_shared_memory_size 256M;
   server {

@@ -281,13 +281,18 @@ async fn subscriber(mut s: TcpStream, shared: Arc<Shared>) {
         .extend_from_slice(&mine);
 }
 
-/// Publishes at `rate` msg/s until `until`; returns how many had a send
-/// time inside the window.
-async fn publisher(args: Args, shared: Arc<Shared>, until: Instant) -> Result<u64, String> {
-    let mut s = TcpStream::connect(args.server)
+async fn reconnect(args: &Args) -> Result<TcpStream, String> {
+    let s = TcpStream::connect(args.server)
         .await
         .map_err(|e| e.to_string())?;
     let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// Publishes at `rate` msg/s until `until`; returns how many had a send
+/// time inside the window.
+async fn publisher(args: Args, shared: Arc<Shared>, until: Instant) -> Result<u64, String> {
+    let mut s = reconnect(&args).await?;
     let path = match args.target {
         Target::Sidecar => format!("/publish/{}", args.channel),
         Target::Nchan => format!("/pub/{}", args.channel),
@@ -309,13 +314,28 @@ async fn publisher(args: Args, shared: Arc<Shared>, until: Instant) -> Result<u6
             args.server,
             body.len()
         );
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
+        // A server may end a keep-alive connection after so many requests:
+        // then reconnect and send again (once).
+        let mut fresh = false;
+        if s.write_all(req.as_bytes()).await.is_err() {
+            s = reconnect(&args).await?;
+            s.write_all(req.as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            fresh = true;
+        }
         // Read one response (headers + Content-Length body).
         let mut got = 0;
         loop {
-            let r = s.read(&mut resp[got..]).await.map_err(|e| e.to_string())?;
+            let r = s.read(&mut resp[got..]).await.unwrap_or(0);
+            if r == 0 && got == 0 && !fresh {
+                s = reconnect(&args).await?;
+                s.write_all(req.as_bytes())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                fresh = true;
+                continue;
+            }
             if r == 0 {
                 return Err("publisher connection closed".into());
             }
