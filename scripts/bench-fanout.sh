@@ -48,8 +48,9 @@ work=$(mktemp -d)
 server_pid=""
 stop_server() {
     if [ -n "$server_pid" ]; then
-        kill "$server_pid" 2>/dev/null || true
-        wait "$server_pid" 2>/dev/null || true
+        # shellcheck disable=SC2086
+        kill $server_pid 2>/dev/null || true
+        for p in $server_pid; do wait "$p" 2>/dev/null || true; done
         server_pid=""
     fi
 }
@@ -57,9 +58,10 @@ trap 'stop_server; rm -rf "$work"; rm -f /usr/sbin/policy-rc.d' EXIT
 
 sidecar_port=18081
 nchan_port=18199
+nginx_conf() {
 cat > "$work/nginx.conf" <<EOF
 load_module /usr/lib/nginx/modules/ngx_nchan_module.so;
-worker_processes 2;
+worker_processes $1;
 worker_rlimit_nofile $fds;
 pid $work/nginx.pid;
 error_log $work/error.log warn;
@@ -79,6 +81,7 @@ http {
   }
 }
 EOF
+}
 
 wait_port() {
     for _ in $(seq 100); do
@@ -89,23 +92,30 @@ wait_port() {
     return 1
 }
 
-# Starts a fresh server; sets server_pid, pids (comma separated) and port.
+# Starts a fresh server (sidecar: $2 processes sharing the port; nginx:
+# $2 workers, at least 2); sets server_pid, pids (comma separated) and port.
 start_server() {
     stop_server
+    local n=${2:-1}
     case "$1" in
         sidecar)
-            "$sidecar" --listen "127.0.0.1:$sidecar_port" --policy scripts/bench/fanout-policy.json \
-                --max-connections "$fds" --client-rate 100 >"$work/sidecar.log" 2>&1 &
-            server_pid=$!
+            for _ in $(seq "$n"); do
+                "$sidecar" --listen "127.0.0.1:$sidecar_port" --reuse-port \
+                    --policy scripts/bench/fanout-policy.json \
+                    --max-connections "$fds" --client-rate 100 >>"$work/sidecar.log" 2>&1 &
+                server_pid="$server_pid $!"
+            done
             port=$sidecar_port
             wait_port "$port"
-            pids=$server_pid
+            pids=$(echo $server_pid | tr ' ' ',')
             ;;
         nchan)
+            nginx_conf "$(( n > 2 ? n : 2 ))"
             nginx -p "$work" -c "$work/nginx.conf" -g 'daemon off;' >"$work/nginx.out" 2>&1 &
             server_pid=$!
             port=$nchan_port
             wait_port "$port"
+            sleep 0.2
             pids=$(echo "$server_pid" $(pgrep -P "$server_pid") | tr ' ' ',')
             ;;
     esac
@@ -129,6 +139,45 @@ for scenario in "${scenarios[@]}"; do
             fi
             stop_server
         done
+    done
+done
+
+# 50,000 idle connections. One process may hold about $big sockets here
+# (the open-files hard limit), so the sidecar runs as several processes
+# sharing the port, nginx with as many workers, and as many load tools.
+idle=50000
+procs=$(( (idle + big - 1) / big ))
+for run in $(seq "$runs"); do
+    for target in sidecar nchan; do
+        start_server "$target" "$procs"
+        echo "run $run: $target $idle idle ($procs processes)" >&2
+        each=$(( idle / procs ))
+        loads=""
+        for i in $(seq "$procs"); do
+            "$wsload" --target "$target" --server "127.0.0.1:$port" --subscribers "$each" \
+                --rate 0 --duration 20 --sources 4 --pid "$pids" \
+                --label "$idle idle" >"$work/idle.$i.json" &
+            loads="$loads $!"
+        done
+        for p in $loads; do wait "$p" || echo "  (a load tool failed)" >&2; done
+        python3 - "$work" "$procs" "$target" "$idle" >>"$results" <<'PY'
+import glob, json, sys
+work, procs, target, idle = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+parts = []
+for f in sorted(glob.glob(f"{work}/idle.*.json")):
+    text = open(f).read().strip()
+    if text:
+        parts.append(json.loads(text))
+conns = sum(p["subscribers"] for p in parts)
+before = min(p["rss_kib_before"] for p in parts) if parts else 0
+after = max(p["rss_kib"] for p in parts) if parts else 0
+print(json.dumps({"label": f"{idle} idle", "target": target, "subscribers": conns,
+                  "failed_connections": sum(p["failed_connections"] for p in parts),
+                  "processes": procs, "rss_kib_before": before, "rss_kib": after,
+                  "rss_kib_per_connection": (after - before) / conns if conns else None}))
+PY
+        rm -f "$work"/idle.*.json
+        stop_server
     done
 done
 

@@ -27,6 +27,11 @@ pub struct Config {
     /// Address to listen on (loopback or pod-local: identity headers are trusted).
     #[arg(long, env = "SIDECAR_LISTEN", default_value = "127.0.0.1:8081")]
     pub listen: SocketAddr,
+    /// Share the listening port with other sidecar processes (SO_REUSEPORT;
+    /// the kernel spreads connections between them). Replicas on one host
+    /// need `--bus nats` to share publishes.
+    #[arg(long, env = "SIDECAR_REUSE_PORT")]
+    pub reuse_port: bool,
     /// The entitlements policy (JSON, the entitlements filter's format); its
     /// channel rules decide subscriptions and publishes.
     #[arg(long, env = "SIDECAR_POLICY")]

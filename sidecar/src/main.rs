@@ -16,7 +16,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     rt.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        let listener = match listen(config.listen, config.reuse_port) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("sidecar: cannot listen on {}: {e}", config.listen);
@@ -44,4 +44,21 @@ fn main() -> std::process::ExitCode {
             }
         }
     })
+}
+
+fn listen(
+    addr: std::net::SocketAddr,
+    reuse_port: bool,
+) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
