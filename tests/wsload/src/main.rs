@@ -63,6 +63,9 @@ struct Args {
     /// Give up after this many seconds in all.
     #[arg(long, default_value_t = 300)]
     deadline: u64,
+    /// Worker threads of the load tool itself.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// A name for the row in the output.
     #[arg(long, default_value = "")]
     label: String,
@@ -502,7 +505,7 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(args.threads.max(1))
         .enable_all()
         .build()
     {
