@@ -336,7 +336,7 @@ async fn replay_since_after_a_reconnect() {
 #[tokio::test]
 async fn unanswered_pings_close_the_connection() {
     let sc = start_with(config(&[]), |c| {
-        c.ping_interval = Duration::from_millis(150)
+        c.ping_interval = Duration::from_millis(300)
     })
     .await;
     let mut s = raw(sc.addr).await;
@@ -346,8 +346,8 @@ async fn unanswered_pings_close_the_connection() {
     assert_eq!(sc.app.ctx.hub.metrics.closes.ping_timeout.get(), 1);
     // tungstenite answers them while it reads: that connection stays.
     let mut ws = connect(sc.addr, &[]).await;
-    for _ in 0..8 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..16 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
         send(&mut ws, json!({"type": "ping"})).await;
         assert_eq!(recv(&mut ws).await, json!({"type": "pong"}));
     }
