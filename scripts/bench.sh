@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Every hot path measured side by side, in one go (the harness of issue 9;
+# rows are added as the parts land):
+#   1. one request through each filter in the emulator, against a no-op
+#      filter, and the same cores natively;
+#   2. WebSocket fan-out, the sidecar and nginx+nchan in the same run.
+# Still to come: the local stack end to end under load, usage ingestion.
+#
+#   scripts/bench.sh [--quick]
+#
+# Each bench prints its own table; at the end one summary table, and
+# target/bench/all.json with every figure (min/median/max per row).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quick=""
+case "${1:-}" in
+    --quick) quick="--quick" ;;
+    "") ;;
+    *) echo "usage: $0 [--quick]" >&2; exit 2 ;;
+esac
+
+scripts/build-filters.sh >/dev/null
+mkdir -p target/bench
+rm -f target/bench/*.json
+
+benches=(
+    "wasm-host stream"
+    "filter-tests auth"
+    "filter-tests entitlements"
+    "filter-tests ratelimit"
+    "entitlements-core decision"
+    "auth-core verify"
+)
+for b in "${benches[@]}"; do
+    read -r package bench <<<"$b"
+    echo "== cargo bench -p $package --bench $bench $quick" >&2
+    # shellcheck disable=SC2086
+    cargo bench -q -p "$package" --bench "$bench" -- $quick 2>&1 | grep -v '^wrote '
+done
+
+echo "== scripts/bench-fanout.sh $quick" >&2
+# shellcheck disable=SC2086
+scripts/bench-fanout.sh $quick | grep -v '^wrote '
+
+python3 - <<'PY'
+import glob, json, os
+out = {"benches": []}
+print("\n## Summary (medians; µs per call unless noted)\n")
+print("| bench | case | min | median | max |")
+print("|---|---|---:|---:|---:|")
+for f in sorted(glob.glob("target/bench/*.json")):
+    name = os.path.basename(f)[:-5]
+    if name in ("all", "fanout"):
+        continue
+    d = json.load(open(f))
+    out["benches"].append(d)
+    for r in d.get("rows", []):
+        print(f"| {name} | {r['name']} | {r['min']:.2f} | {r['median']:.2f} | {r['max']:.2f} |")
+if os.path.exists("target/bench/fanout.json"):
+    d = json.load(open("target/bench/fanout.json"))
+    out["fanout"] = d
+    print("\n| fan-out scenario | server | CPU µs/delivery | p99 ms | KiB/conn |")
+    print("|---|---|---:|---:|---:|")
+    for e in d["scenarios"]:
+        for t in ("sidecar", "nchan"):
+            m = e.get(t)
+            if m:
+                f = lambda v: "–" if v is None or v != v else f"{v:.2f}"
+                print(f"| {e['scenario']} | {t} | {f(m['cpu_us_per_delivery'])} | {f(m['p99_ms'])} | {f(m['rss_kib_per_connection'])} |")
+json.dump(out, open("target/bench/all.json", "w"), indent=1)
+print("\nwrote target/bench/all.json")
+PY
