@@ -318,6 +318,21 @@ pub fn pong(payload: &[u8]) -> Bytes {
     frame(OP_PONG, payload)
 }
 
+/// A client frame (masked with a fixed key), as a test or load client
+/// sends it; `op` is the opcode (1 text, 2 binary, 8 close, 9 ping, 10 pong).
+pub fn client_frame(fin: bool, op: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut f = BytesMut::with_capacity(payload.len() + 14);
+    put_header(&mut f, op, payload.len());
+    if !fin {
+        f[0] &= 0x7f;
+    }
+    f[1] |= 0x80;
+    f.put_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f.to_vec()
+}
+
 /// A close frame; the reason is cut to fit a control frame.
 pub fn close_frame(code: u16, reason: &str) -> Bytes {
     let mut p = code.to_be_bytes().to_vec();

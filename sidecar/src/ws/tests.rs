@@ -1,23 +1,7 @@
 use super::*;
 
-/// A client frame: masked with a fixed key.
 fn client(fin: bool, op: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x37, 0xfa, 0x21, 0x3d];
-    let mut f = vec![if fin { 0x80 } else { 0 } | op];
-    match payload.len() {
-        n @ 0..=125 => f.push(0x80 | n as u8),
-        n @ 126..=0xffff => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
+    client_frame(fin, op, payload)
 }
 
 fn parse(p: &mut Parser, data: &[u8]) -> Result<Vec<Incoming>, Violation> {

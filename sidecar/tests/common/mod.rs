@@ -216,25 +216,8 @@ pub async fn raw(addr: SocketAddr) -> TcpStream {
     s
 }
 
-/// A masked client frame.
-pub fn frame(fin: bool, op: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [1, 2, 3, 4];
-    let mut f = vec![if fin { 0x80 } else { 0 } | op];
-    match payload.len() {
-        n @ 0..=125 => f.push(0x80 | n as u8),
-        n @ 126..=0xffff => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
-}
+#[allow(unused_imports)]
+pub use sidecar::ws::client_frame as frame;
 
 /// Reads server frames until a close; returns (texts before it, close code, reason).
 pub async fn raw_until_close(s: &mut TcpStream) -> (Vec<Value>, u16, String) {
