@@ -4,6 +4,9 @@
 use crate::fanout::{HubConfig, SlowPolicy};
 use crate::server::{FrontConfig, IdentityHeaders};
 use crate::session::SessionConfig;
+use crate::usage::agg::Limits;
+use crate::usage::pg::PgConfig;
+use crate::usage::UsageConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -130,6 +133,42 @@ pub struct Config {
     /// Key prefix of the rate limit buckets in Redis.
     #[arg(long, env = "SIDECAR_REDIS_PREFIX", default_value = "rl:")]
     pub redis_prefix: String,
+
+    /// Shared secret for `POST /v1/usage` (header `x-usage-secret`); without
+    /// it only loopback peers may post usage.
+    #[arg(long, env = "SIDECAR_USAGE_SECRET", hide_env_values = true)]
+    pub usage_secret: Option<String>,
+    /// Largest usage batch in bytes (beyond: 413).
+    #[arg(long, env = "SIDECAR_USAGE_MAX_BATCH_BYTES", default_value_t = 8 << 20)]
+    pub usage_max_batch_bytes: usize,
+    /// Tenants with their own usage series; the rest count as `other`.
+    #[arg(long, env = "SIDECAR_USAGE_MAX_TENANTS", default_value_t = 1000)]
+    pub usage_max_tenants: usize,
+    /// Routes with their own usage series; the rest count as `other`.
+    #[arg(long, env = "SIDECAR_USAGE_MAX_ROUTES", default_value_t = 500)]
+    pub usage_max_routes: usize,
+    /// Application metric series (name and labels); beyond: `app_other`.
+    #[arg(long, env = "SIDECAR_USAGE_MAX_APP_SERIES", default_value_t = 10_000)]
+    pub usage_max_app_series: usize,
+    /// Batch ids remembered to ignore a resent batch (without PostgreSQL).
+    #[arg(long, env = "SIDECAR_USAGE_DEDUP_BATCHES", default_value_t = 100_000)]
+    pub usage_dedup_batches: usize,
+    /// Minutes of per-minute rollups kept in memory (`GET /v1/usage/rollups`).
+    #[arg(long, env = "SIDECAR_USAGE_ROLLUP_MINUTES", default_value_t = 120)]
+    pub usage_rollup_minutes: u64,
+    /// Most rollup rows in memory; beyond, new rows fold into `other`.
+    #[arg(long, env = "SIDECAR_USAGE_MAX_ROLLUP_ROWS", default_value_t = 200_000)]
+    pub usage_max_rollup_rows: usize,
+    /// PostgreSQL for billing rollups (libpq key=value or URL); when set,
+    /// a batch is acknowledged once its rollups are committed.
+    #[arg(long, env = "SIDECAR_USAGE_POSTGRES", hide_env_values = true)]
+    pub usage_postgres: Option<String>,
+    /// Most batches per PostgreSQL transaction.
+    #[arg(long, env = "SIDECAR_USAGE_PG_GROUP", default_value_t = 64)]
+    pub usage_pg_group: usize,
+    /// Batches waiting for the PostgreSQL writer (beyond: 503, retried).
+    #[arg(long, env = "SIDECAR_USAGE_PG_QUEUE", default_value_t = 1024)]
+    pub usage_pg_queue: usize,
 }
 
 impl Config {
@@ -158,6 +197,26 @@ impl Config {
             client_rate: self.client_rate,
             client_burst: self.client_burst.max(1.0),
             close_timeout: Duration::from_secs(5),
+        }
+    }
+
+    pub fn usage(&self) -> UsageConfig {
+        UsageConfig {
+            secret: self.usage_secret.clone().filter(|s| !s.is_empty()),
+            max_batch_bytes: self.usage_max_batch_bytes,
+            limits: Limits {
+                max_tenants: self.usage_max_tenants,
+                max_routes: self.usage_max_routes,
+                max_app_series: self.usage_max_app_series,
+            },
+            dedup_batches: self.usage_dedup_batches,
+            rollup_minutes: self.usage_rollup_minutes,
+            max_rollup_rows: self.usage_max_rollup_rows,
+            postgres: self.usage_postgres.clone().map(|conninfo| PgConfig {
+                conninfo,
+                max_group: self.usage_pg_group.max(1),
+                queue: self.usage_pg_queue.max(1),
+            }),
         }
     }
 

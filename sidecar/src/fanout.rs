@@ -11,6 +11,7 @@
 
 use crate::metrics::Metrics;
 use crate::protocol::{self, Current, Id, Since};
+use crate::usage::agg::StreamUsage;
 use crate::ws::Violation;
 use bytes::Bytes;
 use entitlements_core::channel::{Pattern, Subject};
@@ -137,6 +138,8 @@ pub struct Client {
     blocked: AtomicBool,
     /// In a writer's list already.
     scheduled: AtomicBool,
+    /// The tenant's streaming usage, counting messages delivered.
+    usage: OnceLock<Arc<StreamUsage>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -152,6 +155,11 @@ pub const SLOW_CONSUMER: Violation = Violation {
 const MAX_SLICES: usize = 64;
 
 impl Client {
+    /// Counts the messages delivered to this client in `u`.
+    pub fn count_for(&self, u: Arc<StreamUsage>) {
+        let _ = self.usage.set(u);
+    }
+
     /// Hands the client its socket: from now on frames go out directly.
     pub fn attach(&self, socket: Arc<TcpStream>) {
         let _ = self.socket.set(socket);
@@ -187,7 +195,7 @@ impl Client {
         if from_writer && self.blocked() {
             return Flushed::Blocked;
         }
-        let r = write_out(&mut o, sock, metrics);
+        let r = write_out(&mut o, sock, metrics, self.usage.get().map(|u| &u.messages));
         drop(o);
         match r {
             Flushed::All => self.blocked.store(false, Ordering::Relaxed),
@@ -342,7 +350,21 @@ impl Client {
 }
 
 /// Writes queued frames until done or the socket is full.
-fn write_out(o: &mut Outbox, sock: &TcpStream, m: &Metrics) -> Flushed {
+fn write_out(
+    o: &mut Outbox,
+    sock: &TcpStream,
+    m: &Metrics,
+    tenant_messages: Option<&AtomicU64>,
+) -> Flushed {
+    let mut delivered = 0u64;
+    let r = write_frames(o, sock, m, &mut delivered);
+    if let (Some(t), true) = (tenant_messages, delivered > 0) {
+        t.fetch_add(delivered, Ordering::Relaxed);
+    }
+    r
+}
+
+fn write_frames(o: &mut Outbox, sock: &TcpStream, m: &Metrics, delivered: &mut u64) -> Flushed {
     while !o.queue.is_empty() {
         let mut slices = [std::io::IoSlice::new(&[]); MAX_SLICES];
         let mut n = 0;
@@ -382,6 +404,7 @@ fn write_out(o: &mut Outbox, sock: &TcpStream, m: &Metrics) -> Flushed {
                 m.queued.dec();
                 if let Some(at) = done.published {
                     m.delivered.inc();
+                    *delivered += 1;
                     m.latency.observe(at.elapsed().as_secs_f64());
                 }
                 if o.closing.is_some() && o.queue.is_empty() {
@@ -520,6 +543,7 @@ impl Hub {
             close_requested: AtomicBool::new(false),
             blocked: AtomicBool::new(false),
             scheduled: AtomicBool::new(false),
+            usage: OnceLock::new(),
         })
     }
 

@@ -1,11 +1,12 @@
 //! The native access sidecar, as a library with a thin binary
 //! (`src/main.rs`): WebSocket fan-out of live channels with the embedded
 //! bus ([`server`], [`session`], [`fanout`], [`bus`]), Prometheus metrics
-//! ([`metrics`]), and the Envoy Rate Limit Service backed by Redis
+//! ([`metrics`], [`expo`]), usage metering ([`usage`]), and the Envoy Rate Limit Service backed by Redis
 //! ([`rls`], [`resp`]). [`run`] wires them from a [`config::Config`].
 
 pub mod bus;
 pub mod config;
+pub mod expo;
 pub mod fanout;
 pub mod metrics;
 pub mod protocol;
@@ -13,6 +14,7 @@ pub mod resp;
 pub mod rls;
 pub mod server;
 pub mod session;
+pub mod usage;
 pub mod ws;
 
 use entitlements_core::policy::Policy;
@@ -30,6 +32,8 @@ pub enum StartError {
     Rls { addr: String, reason: String },
     #[error("bus: {0}")]
     Bus(#[from] bus::BusError),
+    #[error("usage: {0}")]
+    Usage(String),
 }
 
 /// Loads and compiles the entitlements policy file.
@@ -54,7 +58,8 @@ pub fn hub(config: &config::Config) -> (Arc<fanout::Hub>, prometheus_client::reg
 pub fn app(config: &config::Config, policy: Policy) -> Arc<server::App> {
     let (hub, registry) = hub(config);
     let bus: Arc<dyn bus::Bus> = Arc::new(bus::MemoryBus::new(hub.clone()));
-    assemble(config, policy, hub, registry, bus)
+    let usage = Arc::new(usage::Usage::in_memory(config.usage()));
+    assemble(config, policy, hub, registry, bus, usage)
 }
 
 /// Builds the application on the bus the configuration names.
@@ -72,12 +77,22 @@ pub async fn app_with_bus(
                 &config.nats_prefix,
                 hub.clone(),
                 Duration::from_secs(5),
-                shutdown,
+                shutdown.clone(),
             )
             .await?
         }
     };
-    Ok(assemble(config, policy, hub, registry, bus))
+    let usage = usage::Usage::start(config.usage(), shutdown)
+        .await
+        .map_err(StartError::Usage)?;
+    Ok(assemble(
+        config,
+        policy,
+        hub,
+        registry,
+        bus,
+        Arc::new(usage),
+    ))
 }
 
 fn assemble(
@@ -86,13 +101,14 @@ fn assemble(
     hub: Arc<fanout::Hub>,
     registry: prometheus_client::registry::Registry,
     bus: Arc<dyn bus::Bus>,
+    usage: Arc<usage::Usage>,
 ) -> Arc<server::App> {
     let ctx = Arc::new(session::Context {
         hub,
         policy: Arc::new(policy),
         cfg: config.session(),
     });
-    Arc::new(server::App::new(ctx, bus, registry, config.front()))
+    Arc::new(server::App::new(ctx, bus, registry, config.front(), usage))
 }
 
 /// Runs the sidecar on `listener` until `shutdown` is cancelled.
@@ -117,13 +133,17 @@ pub async fn run(
         tokio::spawn(async move { rls::serve(l, limiter, stop.cancelled_owned()).await });
     }
     let hub = app.ctx.hub.clone();
+    let usage = app.usage.clone();
     let stop = shutdown.clone();
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = every.tick() => hub.expire_history(),
+                _ = every.tick() => {
+                    hub.expire_history();
+                    usage.expire();
+                }
             }
         }
     });

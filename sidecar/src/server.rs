@@ -1,14 +1,17 @@
 //! The sidecar's HTTP front on one listener: `/ws` (the WebSocket upgrade),
-//! `POST /publish/{channel}`, `/healthz`, `/readyz`, `/metrics`.
+//! `POST /publish/{channel}`, `POST /v1/usage`, `GET /v1/usage/rollups`,
+//! `/healthz`, `/readyz`, `/metrics` (Prometheus or OpenMetrics text).
 //!
 //! It trusts the `x-auth-*` identity headers because only Envoy, whose auth
 //! filter strips client copies and sets them, can reach it (bind it to
 //! loopback or a pod-local address).
 
 use crate::bus::{Bus, BusError};
+use crate::expo::{Format, Writer};
 use crate::fanout::PublishError;
 use crate::metrics;
 use crate::session::{self, Context};
+use crate::usage::{IngestError, Usage};
 use crate::ws;
 use base64::Engine as _;
 use bytes::Bytes;
@@ -20,6 +23,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,17 +83,25 @@ pub struct App {
     pub bus: Arc<dyn Bus>,
     pub registry: Registry,
     pub cfg: FrontConfig,
+    pub usage: Arc<Usage>,
     connections: AtomicUsize,
     shutdown: CancellationToken,
 }
 
 impl App {
-    pub fn new(ctx: Arc<Context>, bus: Arc<dyn Bus>, registry: Registry, cfg: FrontConfig) -> App {
+    pub fn new(
+        ctx: Arc<Context>,
+        bus: Arc<dyn Bus>,
+        registry: Registry,
+        cfg: FrontConfig,
+        usage: Arc<Usage>,
+    ) -> App {
         App {
             ctx,
             bus,
             registry,
             cfg,
+            usage,
             connections: AtomicUsize::new(0),
             shutdown: CancellationToken::new(),
         }
@@ -168,7 +180,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationT
         tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => {
-                let Ok((socket, _)) = accepted else {
+                let Ok((socket, peer)) = accepted else {
                     // Out of descriptors, most likely: back off a little.
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
@@ -176,7 +188,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationT
                 let _ = socket.set_nodelay(true);
                 let app = app.clone();
                 let tracker2 = tracker.clone();
-                tracker.spawn(connection(socket, app, tracker2));
+                tracker.spawn(connection(socket, peer, app, tracker2));
             }
         }
     }
@@ -186,13 +198,13 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationT
     let _ = tokio::time::timeout(app.cfg.drain_timeout, tracker.wait()).await;
 }
 
-async fn connection(socket: TcpStream, app: Arc<App>, tracker: TaskTracker) {
+async fn connection(socket: TcpStream, peer: SocketAddr, app: Arc<App>, tracker: TaskTracker) {
     let service = {
         let app = app.clone();
         hyper::service::service_fn(move |req| {
             let app = app.clone();
             let tracker = tracker.clone();
-            async move { Ok::<_, std::convert::Infallible>(route(req, app, tracker).await) }
+            async move { Ok::<_, std::convert::Infallible>(route(req, peer, app, tracker).await) }
         })
     };
     let conn = hyper::server::conn::http1::Builder::new()
@@ -208,7 +220,12 @@ async fn connection(socket: TcpStream, app: Arc<App>, tracker: TaskTracker) {
     }
 }
 
-async fn route(req: Request<Incoming>, app: Arc<App>, tracker: TaskTracker) -> Response<Body> {
+async fn route(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    app: Arc<App>,
+    tracker: TaskTracker,
+) -> Response<Body> {
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
@@ -220,22 +237,29 @@ async fn route(req: Request<Incoming>, app: Arc<App>, tracker: TaskTracker) -> R
             }
         }
         (&Method::GET, "/metrics") => {
-            let mut r = Response::new(Full::new(Bytes::from(metrics::render(&app.registry))));
+            let format = Format::negotiate(
+                req.headers()
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
+            let mut r = Response::new(Full::new(Bytes::from(render_metrics(&app, format))));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
-                header::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
+                header::HeaderValue::from_static(format.content_type()),
             );
             r
         }
+        (&Method::POST, "/v1/usage") => ingest(req, peer, app).await,
+        (&Method::GET, "/v1/usage/rollups") => rollups(&req, peer, &app),
         (&Method::GET, "/ws") => upgrade(req, app, tracker),
         (&Method::POST, p) if p.starts_with("/publish/") => publish(req, app).await,
-        (_, "/ws" | "/healthz" | "/readyz" | "/metrics") => error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "method not allowed",
-        ),
+        (_, "/ws" | "/healthz" | "/readyz" | "/metrics" | "/v1/usage" | "/v1/usage/rollups") => {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed",
+            )
+        }
         (_, p) if p.starts_with("/publish/") => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -317,7 +341,20 @@ fn upgrade(req: Request<Incoming>, app: Arc<App>, tracker: TaskTracker) -> Respo
         }
         m.connections.inc();
         m.connections_opened.inc();
-        session::run(stream, leftover, who, app.ctx.clone(), shutdown).await;
+        let tenant = who.tenant.clone().unwrap_or_else(|| "anonymous".into());
+        let usage = app.usage.stream_usage(&tenant);
+        usage.connections.fetch_add(1, Ordering::Relaxed);
+        usage.opened.fetch_add(1, Ordering::Relaxed);
+        session::run(
+            stream,
+            leftover,
+            who,
+            app.ctx.clone(),
+            shutdown,
+            Some(usage.clone()),
+        )
+        .await;
+        usage.connections.fetch_sub(1, Ordering::Relaxed);
         m.connections.dec();
         app.connections.fetch_sub(1, Ordering::AcqRel);
     });
@@ -425,4 +462,129 @@ async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
             e.to_string(),
         ),
     }
+}
+
+/// The registry and the usage families, in `format`.
+pub fn render_metrics(app: &App, format: Format) -> String {
+    let om = metrics::render(&app.registry);
+    let mut out = match format {
+        Format::OpenMetrics => om.strip_suffix("# EOF\n").unwrap_or(&om).to_string(),
+        Format::Prometheus => crate::expo::to_prometheus(&om),
+    };
+    app.usage.render(&mut Writer {
+        out: &mut out,
+        format,
+    });
+    if format == Format::OpenMetrics {
+        out.push_str("# EOF\n");
+    }
+    out
+}
+
+const USAGE_SECRET_HEADER: &str = "x-usage-secret";
+
+fn usage_forbidden() -> Response<Body> {
+    error(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        "usage endpoints take loopback peers, or the x-usage-secret header when a secret is set",
+    )
+}
+
+/// `POST /v1/usage`: a batch in usage-core's format.
+async fn ingest(req: Request<Incoming>, peer: SocketAddr, app: Arc<App>) -> Response<Body> {
+    let u = &app.usage;
+    let secret = req
+        .headers()
+        .get(USAGE_SECRET_HEADER)
+        .map(|v| v.as_bytes().to_vec());
+    if !u.authorized(Some(peer), secret.as_deref()) {
+        return usage_forbidden();
+    }
+    let limit = u.max_batch_bytes();
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return if e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                u.too_large();
+                error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("a batch is at most {limit} bytes"),
+                )
+            } else {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "the body could not be read",
+                )
+            };
+        }
+    };
+    match u.ingest(&body).await {
+        Ok(a) => json(
+            StatusCode::OK,
+            serde_json::json!({
+                "batch": a.batch, "records": a.records, "metrics": a.metrics,
+                "duplicate": a.duplicate,
+            }),
+        ),
+        Err(IngestError::Bad(e)) => error(StatusCode::BAD_REQUEST, "invalid_batch", e),
+        Err(IngestError::Unavailable(e)) => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", e);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            r
+        }
+    }
+}
+
+/// `GET /v1/usage/rollups[?tenant=t]`: the per-minute rollups in memory.
+fn rollups(req: &Request<Incoming>, peer: SocketAddr, app: &App) -> Response<Body> {
+    let secret = req.headers().get(USAGE_SECRET_HEADER).map(|v| v.as_bytes());
+    if !app.usage.authorized(Some(peer), secret) {
+        return usage_forbidden();
+    }
+    let tenant = req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("tenant="))
+            .map(percent_decode)
+    });
+    json(StatusCode::OK, app.usage.rollups_json(tenant.as_deref()))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (b.get(i), b.get(i + 1..i + 3)) {
+            (Some(b'%'), Some(h)) => match std::str::from_utf8(h)
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                Some(v) => {
+                    out.push(v);
+                    i += 3;
+                }
+                None => {
+                    out.push(b'%');
+                    i += 1;
+                }
+            },
+            (Some(b'+'), _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (Some(&c), _) => {
+                out.push(c);
+                i += 1;
+            }
+            (None, _) => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

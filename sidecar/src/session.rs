@@ -100,6 +100,7 @@ pub async fn run(
     identity: Identity,
     ctx: Arc<Context>,
     shutdown: CancellationToken,
+    usage: Option<Arc<crate::usage::agg::StreamUsage>>,
 ) {
     let metrics = &ctx.hub.metrics;
     let now = Instant::now();
@@ -120,6 +121,9 @@ pub async fn run(
         },
     };
     s.client.attach(stream.clone());
+    if let Some(u) = usage {
+        s.client.count_for(u);
+    }
     if !leftover.is_empty() {
         s.input(&leftover);
     }

@@ -481,7 +481,34 @@ async fn health_readiness_and_metrics() {
             "missing {line:?} in\n{text}"
         );
     }
-    assert!(text.ends_with("# EOF\n"));
+    // Prometheus text by default: counters named with _total, no # EOF.
+    assert!(text
+        .lines()
+        .any(|l| l == "# TYPE sidecar_ws_connections_opened_total counter"));
+    assert!(!text.contains("# EOF"));
+    // Streaming usage per tenant, in the same registry.
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("usage_ws_messages_total{tenant=") && l.ends_with(" 1")),
+        "{text}"
+    );
+    let (status, om) = http(
+        sc.addr,
+        "GET",
+        "/metrics",
+        &[(
+            "accept".to_string(),
+            "application/openmetrics-text; version=1.0.0".to_string(),
+        )],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(om
+        .lines()
+        .any(|l| l == "# TYPE sidecar_ws_connections_opened counter"));
+    assert!(om.ends_with("# EOF\n"));
+    assert_eq!(om.matches("# EOF").count(), 1);
 }
 
 #[tokio::test]

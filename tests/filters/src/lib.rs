@@ -40,6 +40,15 @@ pub fn ratelimit_config(config: &Value) -> PluginConfig {
         .config_json(config)
 }
 
+/// The usage filter with this plugin configuration.
+pub fn usage_config(config: &Value) -> PluginConfig {
+    PluginConfig::new(wasm_host::wasm_path("usage"))
+        .name("usage")
+        .root_id("usage")
+        .vm_id("usage")
+        .config_json(config)
+}
+
 /// base64url (no padding) of a JSON value: an `x-auth-claims` header.
 pub fn claims_header(claims: &Value) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string())

@@ -193,6 +193,13 @@ pub(crate) struct StreamData {
     destination: String,
     mtls: bool,
     start_ns: u64,
+    /// Host clock when the stream finished (Envoy's `requestComplete`);
+    /// `request.duration` is NotFound until then.
+    end_ns: Option<u64>,
+    /// Request body bytes received from the client (`bytesReceived`).
+    bytes_received: u64,
+    /// Response body bytes sent to the client (`bytesSent`).
+    bytes_sent: u64,
     connection_id: u64,
     in_log: bool,
 }
@@ -333,6 +340,9 @@ pub(crate) fn open(host: &Host, chain: &Chain, options: StreamOptions) -> Stream
             destination: options.destination,
             mtls: options.mtls,
             start_ns,
+            end_ns: None,
+            bytes_received: 0,
+            bytes_sent: 0,
             connection_id: id,
             in_log: false,
         }),
@@ -547,6 +557,11 @@ impl Engine {
     }
 
     fn data_in(&mut self, dir: Direction, bytes: Vec<u8>, eos: bool) {
+        if dir == Direction::Request {
+            // Envoy counts what the client sent as it arrives, before the
+            // filter chain (and whether the request is still processed).
+            self.shared.lock().bytes_received += bytes.len() as u64;
+        }
         if self.finished || self.dirs[dir.index()].halted {
             return;
         }
@@ -633,6 +648,11 @@ impl Engine {
             Frame::Data { bytes, eos } => {
                 if let Some(m) = msg.as_mut() {
                     m.body.extend_from_slice(&bytes);
+                    if dir == Direction::Response {
+                        // Body bytes the client received (`bytesSent`),
+                        // a local reply's body sent through the encoders included.
+                        self.shared.lock().bytes_sent += bytes.len() as u64;
+                    }
                 }
                 eos
             }
@@ -1053,7 +1073,13 @@ impl Engine {
                 s.queue.clear();
                 s.stop = Stop::None;
             }
-            self.shared.lock().maps[2] = Some(h.clone());
+            {
+                // The reply's body goes to the client here, not through
+                // `output`, so it is counted here (once).
+                let mut s = self.shared.lock();
+                s.maps[2] = Some(h.clone());
+                s.bytes_sent += body.len() as u64;
+            }
             self.downstream = Some(Message {
                 headers: h,
                 body,
@@ -1104,6 +1130,9 @@ impl Engine {
         if self.finished {
             return;
         }
+        // Envoy's `onRequestComplete`: the end time `request.duration` reads.
+        let end_ns = self.host.inner.core.lock().now();
+        self.shared.lock().end_ns = Some(end_ns);
         self.finished = true;
         self.dirs[0].halted = true;
         self.dirs[1].halted = true;
@@ -1271,6 +1300,42 @@ pub(crate) fn property(
                 )
             }
         }
+        // Envoy's RequestWrapper: a valid `content-length` when the headers
+        // are reachable (an invalid one: NotFound), otherwise bytesReceived.
+        ["request", "size"] => match header("content-length") {
+            Some(v) => {
+                let n: i64 = std::str::from_utf8(&v).ok()?.trim().parse().ok()?;
+                Some(n.to_le_bytes().to_vec())
+            }
+            None => Some((d.bytes_received as i64).to_le_bytes().to_vec()),
+        },
+        ["request", "total_size"] => {
+            let headers = if req_live {
+                byte_size(d.maps[0].as_deref())
+            } else {
+                0
+            };
+            Some(((d.bytes_received + headers) as i64).to_le_bytes().to_vec())
+        }
+        // Set once the stream is complete (Envoy's `requestComplete`).
+        ["request", "duration"] => {
+            let ns = d.end_ns?.saturating_sub(d.start_ns);
+            Some((ns as i64).to_le_bytes().to_vec())
+        }
+        ["response", "size"] => Some((d.bytes_sent as i64).to_le_bytes().to_vec()),
+        // bytesSent plus the headers and trailers while reachable (as the
+        // request's: in their callback or in `on_log`).
+        ["response", "total_size"] => {
+            let a = &d.access[l.filter];
+            let mut n = d.bytes_sent;
+            if a.read[2] || d.in_log {
+                n += byte_size(d.maps[2].as_deref());
+            }
+            if a.read[3] || d.in_log {
+                n += byte_size(d.maps[3].as_deref());
+            }
+            Some((n as i64).to_le_bytes().to_vec())
+        }
         ["response", "code"] => {
             let h = d.maps[2].as_ref()?;
             let s = h.iter().find(|(k, _)| k == ":status")?;
@@ -1285,6 +1350,13 @@ pub(crate) fn property(
         ["connection", "id"] => Some(d.connection_id.to_le_bytes().to_vec()),
         _ => None,
     }
+}
+
+/// Envoy's `HeaderMap::byteSize`: every name and value, pseudo-headers included.
+fn byte_size(map: Option<&Pairs>) -> u64 {
+    map.map_or(0, |m| {
+        m.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum()
+    })
 }
 
 /// gRPC status for an HTTP status, as Envoy's `Grpc::Utility::httpToGrpcStatus`.

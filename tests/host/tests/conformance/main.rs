@@ -2,6 +2,7 @@
 //! with the probe filter (tests/probes/probe). Build it first:
 //! scripts/build-filters.sh
 
+mod attributes;
 mod callouts;
 mod common;
 mod faults;
