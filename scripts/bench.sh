@@ -3,8 +3,10 @@
 # rows are added as the parts land):
 #   1. one request through each filter in the emulator, against a no-op
 #      filter, and the same cores natively;
-#   2. WebSocket fan-out, the sidecar and nginx+nchan in the same run.
-# Still to come: the local stack end to end under load, usage ingestion.
+#   2. WebSocket fan-out, the sidecar and nginx+nchan in the same run;
+#   3. usage ingestion: records/s aggregated in memory and persisted to
+#      PostgreSQL (127.0.0.1:5432).
+# Still to come: the local stack end to end under load.
 #
 #   scripts/bench.sh [--quick]
 #
@@ -31,6 +33,7 @@ benches=(
     "filter-tests ratelimit"
     "entitlements-core decision"
     "auth-core verify"
+    "sidecar usage"
 )
 for b in "${benches[@]}"; do
     read -r package bench <<<"$b"

@@ -4,6 +4,7 @@
 //! in one order). [`MemRollups`] keeps them in memory for a bounded window;
 //! the PostgreSQL writer upserts the same rows.
 
+use foldhash::fast::RandomState;
 use serde::Serialize;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -96,7 +97,7 @@ impl Rollup {
     /// in the minute of `now_ms`.
     pub fn of_batch(b: &Batch<'_>, now_ms: u64) -> Rollup {
         type K<'a> = (i64, &'a str, &'a str, &'a str, &'static str);
-        let mut usage: HashMap<K<'_>, UsageVal> = HashMap::new();
+        let mut usage: HashMap<K<'_>, UsageVal, RandomState> = HashMap::default();
         for r in &b.records {
             let k = (
                 minute_of(r.time_ms, now_ms),
@@ -113,7 +114,7 @@ impl Rollup {
                 duration_us_max: r.duration_us,
             });
         }
-        let mut app: HashMap<AppKey, AppVal> = HashMap::new();
+        let mut app: HashMap<AppKey, AppVal, RandomState> = HashMap::default();
         for m in &b.metrics {
             let k = AppKey {
                 minute: minute_of(m.time_ms, now_ms),
