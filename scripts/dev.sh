@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The local stack in the foreground; Ctrl-C stops all of it.
+#
+#   scripts/dev.sh
+#
+# Builds the filters (wasm32-wasip1) and the stack, then starts:
+#   - the gateway on 127.0.0.1:10000: Envoy (`func-e run -c envoy/envoy.yaml`)
+#     when func-e is on PATH or ACCESS_PROXY=envoy, else the embedded dev
+#     proxy (ACCESS_PROXY=embedded forces it): the same filters, plugin
+#     configurations, routes and clusters, run in the host emulator. The
+#     embedded proxy is a stand-in for development, not a production proxy;
+#   - the dev identity provider on 127.0.0.1:8090 (JWKS, OIDC discovery,
+#     scripts/token.sh), the demo upstream on 127.0.0.1:8080, the sidecar on
+#     127.0.0.1:8081 (rate limit service on 127.0.0.1:8082), and the demo
+#     publisher (curve updates every second).
+#
+# ACCESS_WASM_RUNTIME=wasmtime runs Envoy's filters on wasmtime instead of V8.
+# Extra sidecar flags: DEVSTACK_ARGS="--sidecar-arg=--usage-postgres=host=127.0.0.1 user=postgres dbname=test"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+proxy="${ACCESS_PROXY:-auto}"
+if [ "$proxy" = auto ]; then
+    if command -v func-e >/dev/null 2>&1; then proxy=envoy; else proxy=embedded; fi
+fi
+case "$proxy" in
+    envoy|embedded) ;;
+    *) echo "dev.sh: ACCESS_PROXY must be envoy, embedded or auto" >&2; exit 2 ;;
+esac
+runtime="${ACCESS_WASM_RUNTIME:-v8}"
+case "$runtime" in
+    v8|wasmtime) ;;
+    *) echo "dev.sh: ACCESS_WASM_RUNTIME must be v8 or wasmtime" >&2; exit 2 ;;
+esac
+
+rustup target add wasm32-wasip1 >/dev/null 2>&1 || true
+echo "== building the filters and the stack" >&2
+scripts/build-filters.sh >/dev/null
+cargo build -q -p devstack
+
+pids=()
+stop() {
+    trap - INT TERM EXIT
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap stop INT TERM EXIT
+
+# shellcheck disable=SC2086
+if [ "$proxy" = envoy ]; then
+    mkdir -p target/dev
+    sed "s/envoy\.wasm\.runtime\.v8/envoy.wasm.runtime.$runtime/" envoy/envoy.yaml >target/dev/envoy.yaml
+    target/debug/devstack --no-proxy ${DEVSTACK_ARGS:-} &
+    pids+=($!)
+    sleep 1
+    func-e run -c target/dev/envoy.yaml --concurrency 2 &
+    pids+=($!)
+    gateway="Envoy (func-e, runtime $runtime)"
+else
+    target/debug/devstack ${DEVSTACK_ARGS:-} &
+    pids+=($!)
+    gateway="the embedded dev proxy (not a production proxy)"
+fi
+
+cat >&2 <<EOF
+
+== the local stack is starting; Ctrl-C stops it
+  gateway            http://127.0.0.1:10000   ($gateway)
+  identity provider  http://127.0.0.1:8090/realms/254carbon/.well-known/openid-configuration
+  demo upstream      http://127.0.0.1:8080
+  sidecar            http://127.0.0.1:8081/metrics
+
+  TOKEN=\$(scripts/token.sh --sub alice --tenant acme --roles trader --markets EU-ETS,CAISO)
+  curl -H "authorization: Bearer \$TOKEN" http://127.0.0.1:10000/api/v1/curves/EU-ETS/latest
+  scripts/ws.py --token "\$TOKEN" pricing.curves.EU-ETS.DEC26
+
+EOF
+wait -n "${pids[@]}"

@@ -1,0 +1,397 @@
+//! End to end, against the running local stack: the gateway on
+//! 127.0.0.1:10000 (Envoy or the embedded dev proxy) with the dev identity
+//! provider, the demo upstream, the sidecar and the publisher behind it.
+//!
+//! If something already answers on the gateway's address (`scripts/dev.sh`
+//! running, with Envoy or without), the tests run against it; otherwise
+//! they start the stack in-process from `envoy/envoy.yaml` (the embedded
+//! proxy), on the same addresses. `E2E_REQUIRE_RUNNING=1` refuses to start
+//! one (to be sure a real Envoy is what is tested).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+
+const GATEWAY: &str = "127.0.0.1:10000";
+const IDP: &str = "127.0.0.1:8090";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The stack: found running, or started once for all tests of this binary.
+fn stack() {
+    static STARTED: OnceLock<()> = OnceLock::new();
+    STARTED.get_or_init(|| {
+        let gw: SocketAddr = GATEWAY.parse().unwrap();
+        if TcpStream::connect_timeout(&gw, Duration::from_millis(300)).is_ok() {
+            eprintln!("e2e: testing the stack already running on {GATEWAY}");
+            return;
+        }
+        assert!(
+            std::env::var("E2E_REQUIRE_RUNNING").is_err(),
+            "E2E_REQUIRE_RUNNING is set and nothing listens on {GATEWAY}"
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let cfg = devstack::StackConfig {
+                    root: root(),
+                    gateway: root().join("envoy/envoy.yaml"),
+                    proxy: true,
+                    publish_every: Duration::from_millis(200),
+                    sidecar_args: vec![],
+                    log_level: wasm_host::LogLevel::Warn,
+                };
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                let r = devstack::start(&cfg, shutdown.clone()).await;
+                let ok = r.is_ok();
+                tx.send(r).unwrap();
+                if ok {
+                    // Lives as long as the test process.
+                    std::future::pending::<()>().await;
+                }
+            });
+        });
+        rx.recv()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("starting the stack: {e}"));
+        eprintln!("e2e: started the stack in-process (embedded dev proxy)");
+    });
+}
+
+/// One HTTP/1.1 request: (status, lower-cased headers, body).
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Vec<(String, String)>, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    h.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+fn unique(prefix: &str) -> String {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+fn token(sub: &str, markets: &str) -> String {
+    stack();
+    let (status, _, body) = http(
+        IDP,
+        "GET",
+        &format!(
+            "/dev/token?sub={sub}&tenant=acme&roles=trader&markets={markets}&ttl=600&format=raw"
+        ),
+        &[],
+    );
+    assert_eq!(status, 200, "{body}");
+    body.trim().to_string()
+}
+
+fn get(
+    path: &str,
+    token: Option<&str>,
+    extra: &[(&str, &str)],
+) -> (u16, Vec<(String, String)>, String) {
+    stack();
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let mut h: Vec<(&str, &str)> = extra.to_vec();
+    if let Some(b) = &bearer {
+        h.push(("authorization", b));
+    }
+    http(GATEWAY, "GET", path, &h)
+}
+
+#[test]
+fn no_token_gets_401_with_a_challenge() {
+    let (status, h, body) = get("/api/v1/curves/EU-ETS/latest", None, &[]);
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(
+        header(&h, "www-authenticate"),
+        Some(r#"Bearer realm="254carbon""#)
+    );
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "invalid_token");
+    let (status, h, _) = get("/api/v1/curves/EU-ETS/latest", Some("not.a.token"), &[]);
+    assert_eq!(status, 401);
+    assert!(header(&h, "www-authenticate")
+        .unwrap()
+        .contains(r#"error="invalid_token""#));
+}
+
+#[test]
+fn a_valid_token_reaches_the_upstream_with_identity_headers() {
+    let sub = unique("alice");
+    let t = token(&sub, "EU-ETS,CAISO");
+    let (status, _, body) = get(
+        "/api/v1/curves/EU-ETS/latest",
+        Some(&t),
+        &[
+            ("x-auth-subject", "mallory"),
+            ("x-auth-tenant", "evil"),
+            ("x-auth-roles", "admin"),
+        ],
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let echo = &v["echo"];
+    assert_eq!(echo["method"], "GET");
+    assert_eq!(echo["path"], "/api/v1/curves/EU-ETS/latest");
+    assert_eq!(
+        echo["headers"]["x-auth-subject"],
+        json!(sub),
+        "never the client's copy"
+    );
+    assert_eq!(echo["headers"]["x-auth-tenant"], "acme");
+    assert_eq!(echo["headers"]["x-auth-roles"], "trader");
+    assert_eq!(
+        echo["headers"]["x-auth-issuer"],
+        format!("http://{IDP}/realms/254carbon")
+    );
+    assert_eq!(v["market"], "EU-ETS");
+}
+
+#[test]
+fn spoofed_identity_headers_never_reach_the_upstream_without_a_token_either() {
+    // An instruments route needs a tenant: a forged one must not open it.
+    let (status, _, body) = get(
+        "/api/v1/instruments/all",
+        None,
+        &[("x-auth-subject", "mallory"), ("x-auth-tenant", "evil")],
+    );
+    assert_eq!(status, 401, "{body}");
+}
+
+#[test]
+fn an_unentitled_market_gets_403() {
+    let t = token(&unique("bob"), "EU-ETS");
+    let (status, h, body) = get("/api/v1/curves/PJM/latest", Some(&t), &[]);
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(header(&h, "content-type"), Some("application/json"));
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "forbidden");
+    assert!(v["rule"].is_string());
+}
+
+#[test]
+fn over_the_limit_gets_429_with_its_headers() {
+    let t = token(&unique("carol"), "EU-ETS");
+    let mut limited = None;
+    for i in 0..60 {
+        let (status, h, body) = get("/api/v1/curves/EU-ETS/history", Some(&t), &[]);
+        match status {
+            200 => continue,
+            429 => {
+                limited = Some((i, h, body));
+                break;
+            }
+            s => panic!("request {i}: {s} {body}"),
+        }
+    }
+    let (i, h, body) = limited.expect("no 429 within 60 requests");
+    assert!(i >= 10, "limited after only {i} requests");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "rate_limited");
+    assert!(header(&h, "retry-after").unwrap().parse::<u64>().unwrap() >= 1);
+    assert!(header(&h, "ratelimit-policy").is_some());
+    assert!(header(&h, "ratelimit").is_some());
+    assert_eq!(header(&h, "x-ratelimit-remaining"), Some("0"));
+}
+
+async fn ws(
+    token: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let url = format!("ws://{GATEWAY}/ws?access_token={token}");
+    let req = url.into_client_request().unwrap();
+    let (ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 101);
+    ws
+}
+
+async fn next_json(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> Value {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("no frame within 10 s")
+            .expect("closed")
+            .unwrap();
+        if let Message::Text(t) = m {
+            return serde_json::from_str(&t).unwrap();
+        }
+    }
+}
+
+fn run<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+#[test]
+fn a_websocket_subscription_gets_the_snapshot_then_live_updates() {
+    let t = token(&unique("dave"), "EU-ETS");
+    run(async {
+        let mut ws = ws(&t).await;
+        // The publisher writes every channel at least once a second.
+        let ch = "pricing.curves.EU-ETS.DEC26";
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        ws.send(Message::text(
+            json!({"type": "subscribe", "id": 7, "channels": [ch]}).to_string(),
+        ))
+        .await
+        .unwrap();
+        let sub = next_json(&mut ws).await;
+        assert_eq!(sub["type"], "subscribed", "{sub}");
+        assert_eq!(sub["id"], 7);
+        let snap = sub["snapshot"].as_array().unwrap();
+        assert_eq!(snap.len(), 1, "{sub}");
+        assert_eq!(snap[0]["channel"], ch);
+        let seq0 = snap[0]["seq"].as_u64().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut got = 0;
+        while got < 2 {
+            assert!(Instant::now() < deadline);
+            let m = next_json(&mut ws).await;
+            if m["type"] == "message" {
+                assert_eq!(m["channel"], ch);
+                assert!(m["seq"].as_u64().unwrap() > seq0);
+                got += 1;
+            }
+        }
+    });
+}
+
+#[test]
+fn an_unentitled_channel_gets_an_error_frame() {
+    let t = token(&unique("erin"), "EU-ETS");
+    run(async {
+        let mut ws = ws(&t).await;
+        ws.send(Message::text(
+            json!({"type": "subscribe", "id": "x", "channels": ["pricing.curves.PJM.DEC26"]})
+                .to_string(),
+        ))
+        .await
+        .unwrap();
+        let mut error = None;
+        for _ in 0..3 {
+            let m = next_json(&mut ws).await;
+            if m["type"] == "error" {
+                error = Some(m);
+                break;
+            }
+        }
+        let e = error.expect("no error frame");
+        assert_eq!(e["code"], "forbidden", "{e}");
+        assert_eq!(e["channel"], "pricing.curves.PJM.DEC26");
+        // The connection stays usable.
+        ws.send(Message::text(json!({"type": "ping", "id": 2}).to_string()))
+            .await
+            .unwrap();
+        loop {
+            let m = next_json(&mut ws).await;
+            if m["type"] == "pong" {
+                break;
+            }
+        }
+    });
+}
+
+#[test]
+fn a_websocket_without_a_token_is_refused() {
+    stack();
+    let (status, h, _) = http(
+        GATEWAY,
+        "GET",
+        "/ws",
+        &[
+            ("upgrade", "websocket"),
+            ("connection", "Upgrade"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-version", "13"),
+        ],
+    );
+    assert_eq!(status, 401);
+    assert!(header(&h, "www-authenticate").is_some());
+}
+
+#[test]
+fn requests_are_metered_in_the_sidecar() {
+    let sub = unique("frank");
+    let t = token(&sub, "CAISO");
+    for _ in 0..3 {
+        assert_eq!(get("/api/v1/curves/CAISO/latest", Some(&t), &[]).0, 200);
+    }
+    // The usage filter flushes every second; the sidecar aggregates.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, body) = http("127.0.0.1:8081", "GET", "/metrics", &[]);
+        assert_eq!(status, 200);
+        let n: u64 = body
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"usage_requests_total{tenant="acme",route="/api/v1/curves/{market}/latest",status_class="2xx"} "#)
+            })
+            .map_or(0, |v| v.parse().unwrap());
+        if n >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "usage not metered:\n{body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
