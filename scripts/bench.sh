@@ -5,8 +5,10 @@
 #      filter, and the same cores natively;
 #   2. WebSocket fan-out, the sidecar and nginx+nchan in the same run;
 #   3. usage ingestion: records/s aggregated in memory and persisted to
-#      PostgreSQL (127.0.0.1:5432).
-# Still to come: the local stack end to end under load.
+#      PostgreSQL (127.0.0.1:5432);
+#   4. the local stack end to end under load: the embedded dev proxy with the
+#      full chain against the same path without filters (needs DESIGN.md's
+#      ports free: stop scripts/dev.sh first).
 #
 #   scripts/bench.sh [--quick]
 #
@@ -34,6 +36,7 @@ benches=(
     "entitlements-core decision"
     "auth-core verify"
     "sidecar usage"
+    "devstack e2e"
 )
 for b in "${benches[@]}"; do
     read -r package bench <<<"$b"
