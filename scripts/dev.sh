@@ -33,6 +33,7 @@ case "$runtime" in
     *) echo "dev.sh: ACCESS_WASM_RUNTIME must be v8 or wasmtime" >&2; exit 2 ;;
 esac
 
+scripts/ensure-deps.sh tools
 rustup target add wasm32-wasip1 >/dev/null 2>&1 || true
 echo "== building the filters and the stack" >&2
 scripts/build-filters.sh >/dev/null

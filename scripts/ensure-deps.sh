@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Makes sure what the scripts need is there, on a fresh Debian machine with
+# Rust installed; does nothing when it already is.
+#
+#   scripts/ensure-deps.sh tools      python3 (and Node.js with --node)
+#   scripts/ensure-deps.sh services   Redis 127.0.0.1:6379, NATS 127.0.0.1:4222,
+#                                     PostgreSQL 127.0.0.1:5432 (trust, database `test`)
+#
+# Missing pieces are installed from Debian's packages (apt-get; root or
+# sudo needed) and started on loopback. Without root it says what is missing.
+set -euo pipefail
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        echo "ensure-deps: need root to run: $*" >&2; return 1; fi
+}
+
+updated=""
+apt_install() {
+    if [ -z "$updated" ]; then as_root apt-get update -qq; updated=1; fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_for() {
+    for _ in $(seq 50); do listening "$1" && return 0; sleep 0.2; done
+    echo "ensure-deps: $2 did not start on 127.0.0.1:$1" >&2
+    return 1
+}
+
+tools() {
+    local missing=()
+    command -v python3 >/dev/null || missing+=(python3)
+    if [ "${1:-}" = --node ]; then command -v node >/dev/null || missing+=(nodejs); fi
+    command -v curl >/dev/null || missing+=(curl)
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "ensure-deps: installing ${missing[*]}" >&2
+        apt_install "${missing[@]}"
+    fi
+}
+
+services() {
+    if ! listening 6379; then
+        echo "ensure-deps: starting Redis on 127.0.0.1:6379" >&2
+        command -v redis-server >/dev/null || apt_install redis-server
+        redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no >/dev/null
+        wait_for 6379 Redis
+    fi
+    if ! listening 4222; then
+        echo "ensure-deps: starting NATS (JetStream) on 127.0.0.1:4222" >&2
+        command -v nats-server >/dev/null || apt_install nats-server
+        mkdir -p /tmp/254carbon-nats
+        setsid nats-server -a 127.0.0.1 -p 4222 -js -sd /tmp/254carbon-nats >/tmp/254carbon-nats/log 2>&1 < /dev/null &
+        wait_for 4222 NATS
+    fi
+    if ! listening 5432; then
+        echo "ensure-deps: starting PostgreSQL on 127.0.0.1:5432" >&2
+        command -v pg_ctlcluster >/dev/null || apt_install postgresql
+        local v
+        v=$(ls /etc/postgresql | sort -n | tail -1)
+        [ -d "/etc/postgresql/$v/main" ] || as_root pg_createcluster "$v" main >/dev/null
+        local hba="/etc/postgresql/$v/main/pg_hba.conf"
+        if ! as_root grep -q '^host all all 127.0.0.1/32 trust' "$hba"; then
+            # Trust on loopback only, ahead of the packaged rules.
+            as_root sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+        fi
+        as_root pg_ctlcluster "$v" main start || as_root pg_ctlcluster "$v" main reload
+        wait_for 5432 PostgreSQL
+    fi
+    if command -v psql >/dev/null &&
+        ! psql -h 127.0.0.1 -U postgres -Atc "SELECT 1 FROM pg_database WHERE datname = 'test'" postgres 2>/dev/null | grep -q 1; then
+        echo "ensure-deps: creating database test" >&2
+        psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE test" postgres
+    fi
+}
+
+case "${1:-}" in
+    tools) shift; tools "$@" ;;
+    services) services ;;
+    *) echo "usage: $0 tools [--node] | services" >&2; exit 2 ;;
+esac
