@@ -12,8 +12,10 @@
 #
 #   scripts/bench.sh [--quick]
 #
-# Each bench prints its own table; at the end one summary table, and
-# target/bench/all.json with every figure (min/median/max per row).
+# Each bench prints its own table; at the end one summary table,
+# target/bench/all.json with every figure (min/median/max per row), and
+# target/bench/chart.svg (the spread of every row's samples, and the fan-out
+# latency percentiles).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -77,3 +79,4 @@ if os.path.exists("target/bench/fanout.json"):
 json.dump(out, open("target/bench/all.json", "w"), indent=1)
 print("\nwrote target/bench/all.json")
 PY
+python3 scripts/bench_chart.py target/bench
