@@ -7,6 +7,12 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n== %s\n' "$*"; }
 
+step "tools and services"
+# python3, Node.js; Redis, NATS and PostgreSQL on loopback (installed from
+# Debian and started when missing; nothing happens when they run).
+scripts/ensure-deps.sh tools --node
+scripts/ensure-deps.sh services
+
 step "toolchain"
 rustup show active-toolchain
 rustup target add wasm32-wasip1 >/dev/null
@@ -28,6 +34,13 @@ cargo clippy --target wasm32-wasip1 --release --locked $wasm $cores -- -D warnin
 
 step "build filters (wasm32-wasip1)"
 scripts/build-filters.sh --locked
+
+step "deployment files"
+# envoy/envoy.yaml against Envoy's v3 API, k8s/ against Kubernetes' and
+# Istio's schemas, no drift between them; the filters packaged as OCI images
+# and the layouts verified. Installs its own venv (target/venv-deploy).
+scripts/package-oci.sh
+scripts/check-deploy.sh
 
 step "tests"
 # shellcheck disable=SC2086

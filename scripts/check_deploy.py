@@ -1,0 +1,1434 @@
+#!/usr/bin/env python3
+"""Checks the deployment files; run through scripts/check-deploy.sh (venv).
+
+  envoy/envoy.yaml   parsed as envoy.config.bootstrap.v3.Bootstrap by the
+                     betterproto2 classes of `envoy-data-plane`, strictly:
+                     unknown fields, wrong types, bad enums, two members of
+                     a oneof, unregistered `@type`s are errors; every
+                     typed_config Any is resolved to its message (all of the
+                     package's modules are imported so the message pool knows
+                     every type). Each wasm filter's configuration must be a
+                     google.protobuf.StringValue holding a JSON object.
+                     `envoy --mode validate` too when envoy is on PATH.
+  k8s/               every kustomization (base, overlays) built (kubectl
+                     kustomize when present, compared with a built-in
+                     resolver that is used otherwise); core kinds validated
+                     against Kubernetes' own JSON schemas, strict
+                     (kubernetes-validate, offline); Istio kinds against the
+                     openAPIV3Schema of ../shared/schemas/istio-crds.gen.yaml,
+                     made strict (unknown fields rejected except under
+                     x-kubernetes-preserve-unknown-fields) with its CEL rules;
+                     EnvoyFilter patch values parsed as Envoy messages like
+                     envoy.yaml. Then drift: plugin configurations, filter
+                     order, the policy ConfigMap, the sidecar's flags, ports,
+                     probes and selectors against envoy/envoy.yaml,
+                     k8s/deploy.json and sidecar/src/config.rs; generated
+                     files byte for byte against a fresh generation.
+  self-test          broken copies (in memory) of each kind must be refused.
+
+  --sync             rewrite the generated files (and the policy checksum
+                     annotation) from envoy/envoy.yaml and k8s/deploy.json.
+  --pin              with --sync: first take the image digests in
+                     k8s/deploy.json from target/oci (scripts/package-oci.sh).
+  --envoy FILE       check FILE instead of envoy/envoy.yaml.
+"""
+
+import argparse
+import copy
+import difflib
+import hashlib
+import importlib
+import json
+import keyword
+import os
+import pkgutil
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.dont_write_bytecode = True  # no __pycache__ in scripts/
+import oci_layout  # noqa: E402
+
+CRDS = os.path.normpath(os.path.join(ROOT, "..", "shared", "schemas", "istio-crds.gen.yaml"))
+DEPLOY_JSON = os.path.join(ROOT, "k8s", "deploy.json")
+SIDECAR_CONFIG_RS = os.path.join(ROOT, "sidecar", "src", "config.rs")
+KUSTOMIZATIONS = ["k8s/base", "k8s/overlays/wasmplugin", "k8s/overlays/trafficextension"]
+K8S_VERSION = "1.32.0"  # Kubernetes schema version for core kinds
+
+WASM_URL = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+STRING_VALUE_URL = "type.googleapis.com/google.protobuf.StringValue"
+HCM_URL = ("type.googleapis.com/envoy.extensions.filters.network."
+           "http_connection_manager.v3.HttpConnectionManager")
+ROUTER = "envoy.filters.http.router"
+HCM = "envoy.filters.network.http_connection_manager"
+
+# Where each filter goes in Istio's chain (WasmPlugin / TrafficExtension
+# phase). Within a phase a higher priority runs first, so the priorities are
+# assigned from envoy.yaml's order and the order stays envoy.yaml's:
+# AUTHN (usage, auth) < Istio authn < AUTHZ (entitlements, ratelimit) < RBAC.
+PHASES = {"usage": "AUTHN", "auth": "AUTHN", "entitlements": "AUTHZ", "ratelimit": "AUTHZ"}
+PHASE_RANK = {"AUTHN": 0, "AUTHZ": 1, "STATS": 2, "UNSPECIFIED_PHASE": 3, "UNSPECIFIED": 3}
+
+ENVOYFILTER_NAME = "access-layer-filters"
+POLICY_CONFIGMAP = "access-sidecar-policy"
+POLICY_KEY = "policy.json"
+SIDECAR_NAME = "access-sidecar"
+PART_OF = {"app.kubernetes.io/part-of": "access-layer"}
+
+# EnvoyFilter applyTo -> the Envoy message its patch value is.
+APPLY_TO_TYPE = {
+    "LISTENER": "envoy.config.listener.v3.Listener",
+    "FILTER_CHAIN": "envoy.config.listener.v3.FilterChain",
+    "NETWORK_FILTER": "envoy.config.listener.v3.Filter",
+    "HTTP_FILTER": "envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter",
+    "ROUTE_CONFIGURATION": "envoy.config.route.v3.RouteConfiguration",
+    "VIRTUAL_HOST": "envoy.config.route.v3.VirtualHost",
+    "HTTP_ROUTE": "envoy.config.route.v3.Route",
+    "CLUSTER": "envoy.config.cluster.v3.Cluster",
+    "EXTENSION_CONFIG": "envoy.config.core.v3.TypedExtensionConfig",
+    "BOOTSTRAP": "envoy.config.bootstrap.v3.Bootstrap",
+    "LISTENER_FILTER": "envoy.config.listener.v3.ListenerFilter",
+}
+CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
+                  "PersistentVolume", "StorageClass", "PriorityClass"}
+
+NOTES = []
+
+
+def note(msg):
+    NOTES.append(msg)
+    print(f"   note: {msg}")
+
+
+def rel(path):
+    return os.path.relpath(path, ROOT)
+
+
+def load_yaml(path):
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def sha256_text(s):
+    return hashlib.sha256(s.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------
+# Envoy protos: envoy-data-plane (betterproto2), strict
+
+
+class StrictError(Exception):
+    def __init__(self, path, msg):
+        super().__init__(msg)
+        self.path = path
+        self.msg = msg
+
+    def __str__(self):
+        return f"{''.join(self.path) or '(top)'}: {self.msg}"
+
+
+_POOL = None
+
+
+def envoy_pool():
+    """Imports every module of envoy_data_plane (so that the message pool
+    resolves every `@type`) and tightens the parser: see _strict_parser."""
+    global _POOL
+    if _POOL is None:
+        import betterproto2
+        import envoy_data_plane
+        for m in pkgutil.walk_packages(envoy_data_plane.__path__, "envoy_data_plane."):
+            importlib.import_module(m.name)
+        from envoy_data_plane.google import protobuf as wkt
+        from envoy_data_plane.message_pool import default_message_pool
+        _strict_parser(betterproto2, wkt.Any, default_message_pool)
+        _POOL = default_message_pool
+    return _POOL
+
+
+def _strict_parser(bp, any_cls, pool):
+    """betterproto2's Message.from_dict already refuses unknown fields
+    (ignore_unknown_fields=False raises KeyError), and the pydantic
+    dataclasses of envoy-data-plane check types, ranges and oneofs. Wrapped
+    here: field by field, so an error names its path; two spellings of one
+    field (`stat_prefix` and `statPrefix`); a bool or fractional number for
+    an integer (int() would take it); and, for an Any holding a well-known
+    type (StringValue, Struct, Duration...), anything beside `@type` and
+    `value` (Any.from_dict would silently drop it)."""
+    message = bp.Message
+    orig_init = message._from_dict_init.__func__
+    orig_any = any_cls.from_dict.__func__
+    int_types = set(bp.ALL_INT_TYPES)
+
+    def name_of(cls):
+        return pool.type_to_url.get(cls, cls.__name__).rsplit("/", 1)[-1]
+
+    def json_names(field):
+        proto = field[:-1] if field.endswith("_") and keyword.iskeyword(field[:-1]) else field
+        camel = re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), proto)
+        return {proto, camel}
+
+    def strict_init(cls, mapping, *, ignore_unknown_fields=False):
+        if not isinstance(mapping, Mapping):
+            raise StrictError([], f"{name_of(cls)} must be an object, not {type(mapping).__name__}")
+        seen = {}
+        out = {}
+        for key, value in mapping.items():
+            field = bp.casing.safe_snake_case(key)
+            meta = cls._betterproto.meta_by_field_name.get(field)
+            # betterproto2 maps any spelling that snake-cases to a field
+            # (`Stat-Prefix`, `disabled_`); protobuf JSON takes only the
+            # field's name and its lowerCamelCase JSON name.
+            if meta is None or key not in json_names(field):
+                raise StrictError([f".{key}"], f"unknown field of {name_of(cls)}")
+            if field in seen:
+                raise StrictError([f".{key}"], f"sets the same field as {seen[field]!r}")
+            seen[field] = key
+            if meta.repeated and isinstance(value, list):
+                items = [(f".{key}[{i}]", [v]) for i, v in enumerate(value)] or [(f".{key}", [])]
+            else:
+                items = [(f".{key}", value)]
+            for path, v in items:
+                try:
+                    if meta.proto_type in int_types:
+                        for x in v if isinstance(v, list) else [v]:
+                            if isinstance(x, bool) or (isinstance(x, float) and not x.is_integer()):
+                                raise StrictError([], f"{x!r} is not an integer")
+                    got = orig_init(cls, {key: v}, ignore_unknown_fields=False)
+                except StrictError as e:
+                    e.path.insert(0, path)
+                    raise
+                except Exception as e:  # pydantic, enum, duration, base64 errors
+                    msg = " ".join(str(e).split())
+                    raise StrictError([path], f"{type(e).__name__}: {msg[:300]}") from None
+                for k, x in got.items():
+                    if isinstance(x, list) and isinstance(out.get(k), list):
+                        out[k] = out[k] + x
+                    else:
+                        out[k] = x
+        return out
+
+    def strict_any(cls, value, *, ignore_unknown_fields=False):
+        if not isinstance(value, Mapping):
+            raise StrictError([], "an Any must be an object with @type")
+        url = value.get("@type")
+        target = pool.url_to_type.get(url)
+        if target is None:
+            raise StrictError([".@type"], f"unknown message type {url!r}")
+        if target.to_dict != message.to_dict:  # a type with a special JSON form
+            extra = sorted(set(value) - {"@type", "value"})
+            if extra:
+                raise StrictError([f".{extra[0]}"], f"unknown field beside @type and value of {url}")
+            if "value" not in value:
+                raise StrictError([], f"{url} needs `value`")
+        try:
+            return orig_any(cls, value, ignore_unknown_fields=False)
+        except StrictError as e:
+            e.path.insert(0, f"[{url.rsplit('/', 1)[-1]}]")
+            raise
+
+    message._from_dict_init = classmethod(strict_init)
+    any_cls.from_dict = classmethod(strict_any)
+
+
+def parse_envoy(type_name, data):
+    """Parses data as the Envoy message type_name; raises StrictError."""
+    cls = envoy_pool().url_to_type.get("type.googleapis.com/" + type_name)
+    if cls is None:
+        raise StrictError([], f"envoy-data-plane has no {type_name}")
+    try:
+        return cls.from_dict(data)
+    except StrictError:
+        raise
+    except Exception as e:
+        raise StrictError([], f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+
+
+def get(d, snake):
+    """A proto JSON field by its snake_case or lowerCamelCase name."""
+    if not isinstance(d, Mapping):
+        return None
+    if snake in d:
+        return d[snake]
+    parts = snake.split("_")
+    return d.get(parts[0] + "".join(p.title() for p in parts[1:]))
+
+
+def wasm_filters(doc, where):
+    """The wasm http filters of the bootstrap's listeners, in chain order:
+    [{name, config (PluginConfig dict), json}], and errors."""
+    errors, found = [], []
+    listeners = get(get(doc, "static_resources") or {}, "listeners") or []
+    for li, listener in enumerate(listeners):
+        for ci, chain in enumerate(get(listener, "filter_chains") or []):
+            for fi, nf in enumerate(get(chain, "filters") or []):
+                tc = get(nf, "typed_config") or {}
+                if tc.get("@type") != HCM_URL:
+                    continue
+                hf = get(tc, "http_filters") or []
+                base = f"{where}: listeners[{li}].filter_chains[{ci}].filters[{fi}].http_filters"
+                if not hf or hf[-1].get("name") != ROUTER:
+                    errors.append(f"{base}: the last filter must be {ROUTER}")
+                for i, f in enumerate(hf):
+                    ftc = get(f, "typed_config") or {}
+                    if ftc.get("@type") != WASM_URL:
+                        continue
+                    at = f"{base}[{i}] ({f.get('name')})"
+                    cfg = get(ftc, "config") or {}
+                    conf = get(cfg, "configuration")
+                    if not isinstance(conf, Mapping) or conf.get("@type") != STRING_VALUE_URL:
+                        errors.append(f"{at}: config.configuration must be a {STRING_VALUE_URL}")
+                        continue
+                    try:
+                        parsed = json.loads(conf.get("value", ""))
+                    except (TypeError, ValueError) as e:
+                        errors.append(f"{at}: config.configuration.value is not JSON: {e}")
+                        continue
+                    if not isinstance(parsed, dict):
+                        errors.append(f"{at}: config.configuration.value must be a JSON object")
+                        continue
+                    found.append({"name": f.get("name"), "config": cfg, "json": parsed})
+    names = [f["name"] for f in found]
+    if len(set(names)) != len(names):
+        errors.append(f"{where}: wasm filter names repeat: {names}")
+    return found, errors
+
+
+def check_envoy_doc(doc, where):
+    errors = []
+    try:
+        parse_envoy("envoy.config.bootstrap.v3.Bootstrap", doc)
+    except StrictError as e:
+        errors.append(f"{where}: envoy.config.bootstrap.v3.Bootstrap{e}")
+    filters, errs = wasm_filters(doc, where)
+    errors += errs
+    if not filters and not errs:
+        errors.append(f"{where}: no wasm filters found")
+    return filters, errors
+
+
+def envoy_binary(path):
+    exe = shutil.which("envoy")
+    if not exe:
+        note("envoy --mode validate skipped: no envoy binary on PATH")
+        return []
+    r = subprocess.run([exe, "--mode", "validate", "-c", path, "-l", "warning"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        out = (r.stdout + r.stderr).strip().splitlines()[-15:]
+        return [f"envoy --mode validate -c {rel(path)} failed:\n      " + "\n      ".join(out)]
+    print(f"   envoy --mode validate -c {rel(path)}: OK")
+    return []
+
+
+# --------------------------------------------------------------------------
+# What the k8s files must say, from envoy.yaml and k8s/deploy.json
+
+
+class Expected:
+    def __init__(self, filters, deploy):
+        self.filters = filters  # envoy.yaml order
+        self.deploy = deploy
+        self.errors = []
+        self.names = [f["name"] for f in filters]
+        self.k8s_json = {}
+        for f in filters:
+            self.k8s_json[f["name"]] = self.in_cluster(f["json"], f"envoy.yaml filter {f['name']}")
+        ent = self.k8s_json.get("entitlements", {})
+        self.policy = ent.get("policy") if isinstance(ent, dict) else None
+        if self.policy is None:
+            self.errors.append("envoy.yaml: the entitlements filter has no inline `policy` "
+                               "(the sidecar's ConfigMap is made from it)")
+        self.policy_text = json.dumps(self.policy, indent=2) + "\n"
+        for n in self.names:
+            if n not in PHASES:
+                self.errors.append(f"envoy.yaml filter {n!r}: no Istio phase for it in scripts/check_deploy.py PHASES")
+        self.priority = {}
+        for phase in set(PHASES.values()):
+            in_phase = [n for n in self.names if PHASES.get(n) == phase]
+            for i, n in enumerate(in_phase):
+                self.priority[n] = 10 * (len(in_phase) - i)
+        imgs = deploy["images"]
+        for n in self.names:
+            d = imgs["digests"].get(n, "")
+            if not re.fullmatch(r"[0-9a-f]{64}", d):
+                self.errors.append(
+                    f"k8s/deploy.json: images.digests.{n} is {d!r}, not a sha256 hex digest "
+                    "(scripts/package-oci.sh --pin, then scripts/check-deploy.sh --sync)")
+
+    def in_cluster(self, cfg, where):
+        """cfg with each envoy.yaml cluster replaced by Istio's outbound
+        cluster of its Service (k8s/deploy.json clusters) and the
+        `authority` beside it by the Service's host:port; nothing else."""
+        cfg = copy.deepcopy(cfg)
+        clusters = self.deploy["clusters"]
+
+        def walk(n, path):
+            if isinstance(n, dict):
+                if isinstance(n.get("cluster"), str):
+                    c = clusters.get(n["cluster"])
+                    if c is None:
+                        self.errors.append(f"{where}{path}.cluster: envoy cluster {n['cluster']!r} "
+                                           "has no in-cluster Service in k8s/deploy.json clusters")
+                    else:
+                        n["cluster"] = f"outbound|{c['port']}||{c['host']}"
+                        if "authority" in n:
+                            n["authority"] = f"{c['host']}:{c['port']}"
+                for k, v in n.items():
+                    walk(v, f"{path}.{k}")
+            elif isinstance(n, list):
+                for i, v in enumerate(n):
+                    walk(v, f"{path}[{i}]")
+        walk(cfg, "")
+        return cfg
+
+    def url(self, name):
+        i = self.deploy["images"]
+        return f"oci://{i['repository']}/{name}:{i['tag']}"
+
+    def digest(self, name):
+        return self.deploy["images"]["digests"].get(name, "")
+
+
+# --------------------------------------------------------------------------
+# Generation
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _repr_str(dumper, s):
+    return dumper.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None)
+
+
+_Dumper.add_representer(str, _repr_str)
+
+HEADER = ("# Generated by `scripts/check-deploy.sh --sync` from envoy/envoy.yaml and\n"
+          "# k8s/deploy.json. Do not edit: scripts/check-deploy.sh fails on drift.\n")
+
+
+def dump(objs, intro):
+    body = yaml.dump_all(objs, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
+                         width=1000, explicit_start=True)
+    return HEADER + "".join(f"# {line}\n" if line else "#\n" for line in intro) + body
+
+
+def labels(extra=None):
+    out = dict(PART_OF)
+    out.update(extra or {})
+    return out
+
+
+def ecds_name(name):
+    return f"access-layer.{name}"
+
+
+def gen_policy_configmap(exp):
+    obj = {"apiVersion": "v1", "kind": "ConfigMap",
+           "metadata": {"name": POLICY_CONFIGMAP, "labels": labels({"app.kubernetes.io/name": SIDECAR_NAME})},
+           "data": {POLICY_KEY: exp.policy_text}}
+    return dump([obj], ["The entitlements policy of envoy.yaml's entitlements filter; the sidecar",
+                        "reads it with --policy (channel subscriptions and publishes)."])
+
+
+def gen_envoyfilter(exp):
+    ext, http = [], []
+    for f in exp.filters:
+        n = f["name"]
+        cfg = copy.deepcopy(f["config"])
+        vm = cfg.setdefault("vm_config", {})
+        vm["code"] = {"remote": {
+            # Istio's agent fetches oci:// (and http) modules of ECDS
+            # resources itself and hands Envoy a local file; Envoy's schema
+            # still wants a cluster, which is then unused.
+            "http_uri": {"uri": exp.url(n), "cluster": "istio-agent-fetch", "timeout": "60s"},
+            "sha256": exp.digest(n)}}
+        cfg["configuration"] = {"@type": STRING_VALUE_URL,
+                                "value": json.dumps(exp.k8s_json[n], indent=2) + "\n"}
+        ext.append({"applyTo": "EXTENSION_CONFIG",
+                    "match": {"context": "SIDECAR_INBOUND"},
+                    "patch": {"operation": "ADD",
+                              "value": {"name": ecds_name(n),
+                                        "typed_config": {"@type": WASM_URL, "config": cfg}}}})
+        http.append({"applyTo": "HTTP_FILTER",
+                     "match": {"context": "SIDECAR_INBOUND",
+                               "listener": {"filterChain": {"filter": {"name": HCM, "subFilter": {"name": ROUTER}}}}},
+                     "patch": {"operation": "INSERT_BEFORE",
+                               "value": {"name": ecds_name(n),
+                                         "config_discovery": {
+                                             "config_source": {"ads": {}, "initial_fetch_timeout": "0s",
+                                                               "resource_api_version": "V3"},
+                                             "type_urls": [WASM_URL]}}}})
+    obj = {"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
+           "metadata": {"name": ENVOYFILTER_NAME, "labels": labels()},
+           "spec": {"workloadSelector": {"labels": dict(exp.deploy["workload_labels"])},
+                    "configPatches": ext + http}}
+    return dump([obj], [
+        "The wasm filters of envoy.yaml in the inbound HTTP chain of the selected",
+        "workloads' Istio proxies, each INSERT_BEFORE the router in envoy.yaml's",
+        f"order ({', '.join(exp.names)}), delivered by ECDS: Istio's agent pulls the",
+        "oci:// image, checks its digest (remote.sha256 = the image manifest digest)",
+        "and gives Envoy a local file; initial_fetch_timeout 0s keeps the listener",
+        "from serving before the module is there. Plugin configurations are",
+        "envoy.yaml's with the clusters mapped to Istio's outbound clusters."])
+
+
+def _wasm_spec(exp, f):
+    n = f["name"]
+    fail_open = bool(get(f["config"], "fail_open"))
+    return {"url": exp.url(n), "sha256": exp.digest(n), "imagePullPolicy": "IfNotPresent",
+            "pluginName": get(f["config"], "root_id") or n, "type": "HTTP",
+            "failStrategy": "FAIL_OPEN" if fail_open else "FAIL_CLOSE",
+            "pluginConfig": exp.k8s_json[n]}
+
+
+def gen_wasmplugins(exp):
+    objs = []
+    for f in exp.filters:
+        n = f["name"]
+        spec = {"selector": {"matchLabels": dict(exp.deploy["workload_labels"])},
+                "match": [{"mode": "SERVER"}],
+                "phase": PHASES.get(n, "UNSPECIFIED_PHASE"), "priority": exp.priority.get(n, 0)}
+        spec.update(_wasm_spec(exp, f))
+        objs.append({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
+                     "metadata": {"name": f"access-layer-{n}", "labels": labels()}, "spec": spec})
+    return dump(objs, [
+        "The wasm filters as WasmPlugins: inbound (mode SERVER) on the selected",
+        "workloads, ordered as in envoy.yaml by phase then descending priority.",
+        "sha256 is the OCI image manifest digest, which Istio checks for oci:// urls."])
+
+
+def gen_trafficextensions(exp):
+    objs = []
+    for f in exp.filters:
+        n = f["name"]
+        wasm = _wasm_spec(exp, f)
+        objs.append({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "TrafficExtension",
+                     "metadata": {"name": f"access-layer-{n}", "labels": labels()},
+                     "spec": {"selector": {"matchLabels": dict(exp.deploy["workload_labels"])},
+                              "match": [{"mode": "SERVER"}],
+                              "phase": PHASES.get(n, "UNSPECIFIED"), "priority": exp.priority.get(n, 0),
+                              "wasm": wasm}})
+    return dump(objs, [
+        "The wasm filters as TrafficExtensions (extensions.istio.io/v1alpha1, the",
+        "kind that also takes Lua): same phases, priorities and configurations as",
+        "the WasmPlugins."])
+
+
+def generated(exp):
+    return {
+        "k8s/base/policy-configmap.yaml": gen_policy_configmap(exp),
+        "k8s/base/envoyfilter.yaml": gen_envoyfilter(exp),
+        "k8s/overlays/wasmplugin/wasmplugins.yaml": gen_wasmplugins(exp),
+        "k8s/overlays/trafficextension/trafficextensions.yaml": gen_trafficextensions(exp),
+    }
+
+
+CHECKSUM_RE = re.compile(r'(checksum/policy:\s*)"?([0-9a-f]*)"?')
+
+
+def sync(exp, pin):
+    if pin:
+        deploy = load_yaml(DEPLOY_JSON)
+        for n in exp.names:
+            try:
+                got = oci_layout.verify(os.path.join(ROOT, "target", "oci", n))
+            except (OSError, ValueError, KeyError) as e:
+                sys.exit(f"--pin: target/oci/{n}: {e} (run scripts/package-oci.sh first)")
+            deploy["images"]["digests"][n] = got["digest"]
+            print(f"   pinned {n}: sha256:{got['digest']}")
+        with open(DEPLOY_JSON, "w") as f:
+            json.dump(deploy, f, indent=2)
+            f.write("\n")
+        exp = Expected(exp.filters, deploy)
+    for path, text in generated(exp).items():
+        full = os.path.join(ROOT, path)
+        old = open(full).read() if os.path.exists(full) else None
+        if old != text:
+            with open(full, "w") as f:
+                f.write(text)
+            print(f"   wrote {path}")
+    side = os.path.join(ROOT, "k8s/base/sidecar.yaml")
+    text = open(side).read()
+    new = CHECKSUM_RE.sub(lambda m: f'{m.group(1)}"{sha256_text(exp.policy_text)}"', text)
+    if new != text:
+        with open(side, "w") as f:
+            f.write(new)
+        print("   wrote k8s/base/sidecar.yaml (checksum/policy)")
+    return exp
+
+
+# --------------------------------------------------------------------------
+# Kustomize
+
+
+def kustomize(dirpath, errors, _stack=()):
+    """The built-in resolver: resources (files, directories), namespace, and
+    `$patch: delete` patches; anything else is refused, so it never differs
+    silently from kustomize. Returns [(source, object)]."""
+    dirpath = os.path.normpath(dirpath)
+    if dirpath in _stack:
+        errors.append(f"{rel(dirpath)}: kustomization cycle")
+        return []
+    kfile = next((os.path.join(dirpath, n) for n in ("kustomization.yaml", "kustomization.yml", "Kustomization")
+                  if os.path.exists(os.path.join(dirpath, n))), None)
+    if kfile is None:
+        errors.append(f"{rel(dirpath)}: no kustomization.yaml")
+        return []
+    k = load_yaml(kfile) or {}
+    where = rel(kfile)
+    unknown = set(k) - {"apiVersion", "kind", "namespace", "resources", "patches"}
+    if unknown:
+        errors.append(f"{where}: {sorted(unknown)} not supported by the built-in resolver")
+    if k.get("apiVersion") != "kustomize.config.k8s.io/v1beta1" or k.get("kind") != "Kustomization":
+        errors.append(f"{where}: apiVersion/kind must be kustomize.config.k8s.io/v1beta1 Kustomization")
+    out = []
+    for r in k.get("resources") or []:
+        p = os.path.normpath(os.path.join(dirpath, r))
+        if os.path.isdir(p):
+            out += kustomize(p, errors, _stack + (dirpath,))
+        elif os.path.isfile(p):
+            if not p.startswith(dirpath + os.sep):
+                errors.append(f"{where}: resource {r} is outside the kustomization's directory")
+            with open(p) as f:
+                out += [(rel(p), d) for d in yaml.safe_load_all(f) if d is not None]
+        else:
+            errors.append(f"{where}: resource {r} does not exist")
+    for i, patch in enumerate(k.get("patches") or []):
+        if set(patch) - {"patch", "path"}:
+            errors.append(f"{where}: patches[{i}]: only `patch`/`path` with `$patch: delete` are supported")
+            continue
+        body = yaml.safe_load(patch["patch"]) if "patch" in patch else load_yaml(os.path.join(dirpath, patch["path"]))
+        if not isinstance(body, dict) or body.get("$patch") != "delete":
+            errors.append(f"{where}: patches[{i}]: only `$patch: delete` is supported")
+            continue
+        md = body.get("metadata", {})
+        keep = []
+        for src, o in out:
+            om = o.get("metadata", {})
+            hit = (o.get("apiVersion") == body.get("apiVersion") and o.get("kind") == body.get("kind")
+                   and om.get("name") == md.get("name")
+                   and ("namespace" not in md or om.get("namespace") == md.get("namespace")))
+            if not hit:
+                keep.append((src, o))
+        if len(keep) == len(out):
+            errors.append(f"{where}: patches[{i}]: no {body.get('kind')} {md.get('name')} to delete")
+        out = keep
+    ns = k.get("namespace")
+    if ns:
+        for _, o in out:
+            if o.get("kind") not in CLUSTER_SCOPED:
+                o.setdefault("metadata", {})["namespace"] = ns
+    return out
+
+
+def kubectl_kustomize(path):
+    exe = shutil.which("kubectl") or shutil.which("kustomize")
+    if not exe:
+        return None, "no kubectl or kustomize on PATH"
+    cmd = [exe, "kustomize", path] if exe.endswith("kubectl") else [exe, "build", path]
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"{' '.join(cmd)}: {e}"
+    if r.returncode != 0:
+        return [], f"{' '.join(cmd)} failed: {r.stderr.strip()[:500]}"
+    return [d for d in yaml.safe_load_all(r.stdout) if d is not None], " ".join(cmd)
+
+
+def obj_id(o):
+    m = o.get("metadata", {})
+    return f"{o.get('kind')} {m.get('namespace', '')}/{m.get('name')}"
+
+
+# --------------------------------------------------------------------------
+# Kubernetes validation: core kinds
+
+
+_KV = None
+
+
+def k8s_schema_validate(obj):
+    """Kubernetes' own OpenAPI-derived JSON schema for the kind, strict."""
+    global _KV
+    if _KV is None:
+        import kubernetes_validate
+        _KV = kubernetes_validate
+    try:
+        _KV.validate(obj, K8S_VERSION, strict=True)
+        return []
+    except _KV.SchemaNotFoundError:
+        return [f"no Kubernetes {K8S_VERSION} schema for {obj.get('apiVersion')} {obj.get('kind')}"]
+    except _KV.ValidationError as e:
+        path = "/".join(str(p) for p in e.absolute_path)
+        return [f"{path or '(top)'}: {e.message[:400]}"]
+
+
+DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+IANA_SVC_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
+ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
+
+
+def check_meta(o):
+    """What the API server checks beyond the schema: names, labels."""
+    errs = []
+    m = o.get("metadata") or {}
+    name = m.get("name", "")
+    label_kinds = {"Namespace", "Service", "ConfigMap"}  # DNS-1123 label names (ConfigMap: subdomain, fine)
+    rx, lim = (DNS1123_LABEL, 63) if o.get("kind") in label_kinds - {"ConfigMap"} else (DNS1123_SUBDOMAIN, 253)
+    if not (rx.fullmatch(name or "") and len(name) <= lim):
+        errs.append(f"metadata.name {name!r} is not a valid {o.get('kind')} name")
+    ns = m.get("namespace")
+    if ns is not None and not (DNS1123_LABEL.fullmatch(ns) and len(ns) <= 63):
+        errs.append(f"metadata.namespace {ns!r} is not a DNS-1123 label")
+    for where, lab in (("metadata.labels", m.get("labels")),) + tuple(
+            (f"selector {p}", s) for p, s in selectors(o)):
+        for k, v in (lab or {}).items():
+            prefix, _, nm = k.rpartition("/")
+            if (prefix and not (DNS1123_SUBDOMAIN.fullmatch(prefix) and len(prefix) <= 253)) or \
+                    not (LABEL_NAME.fullmatch(nm) and len(nm) <= 63):
+                errs.append(f"{where}: {k!r} is not a valid label key")
+            if not isinstance(v, str) or not (v == "" or (LABEL_NAME.fullmatch(v) and len(v) <= 63)):
+                errs.append(f"{where}: {k}={v!r} is not a valid label value")
+    return errs
+
+
+def selectors(o):
+    spec = o.get("spec") or {}
+    k = o.get("kind")
+    if k in ("Deployment", "StatefulSet", "DaemonSet", "PodDisruptionBudget"):
+        yield "spec.selector.matchLabels", (spec.get("selector") or {}).get("matchLabels")
+    if k == "Service":
+        yield "spec.selector", spec.get("selector")
+    if k == "NetworkPolicy":
+        yield "spec.podSelector.matchLabels", (spec.get("podSelector") or {}).get("matchLabels")
+    if k == "EnvoyFilter":
+        yield "spec.workloadSelector.labels", (spec.get("workloadSelector") or {}).get("labels")
+    if k in ("WasmPlugin", "TrafficExtension"):
+        yield "spec.selector.matchLabels", (spec.get("selector") or {}).get("matchLabels")
+
+
+def check_pod_template(o):
+    errs = []
+    spec = o["spec"]
+    tmpl = spec.get("template", {})
+    plabels = tmpl.get("metadata", {}).get("labels", {})
+    sel = (spec.get("selector") or {}).get("matchLabels") or {}
+    if not sel or any(plabels.get(k) != v for k, v in sel.items()):
+        errs.append("spec.selector.matchLabels must be non-empty and match spec.template.metadata.labels")
+    pod = tmpl.get("spec", {})
+    volumes = {v.get("name") for v in pod.get("volumes", [])}
+    for ci, c in enumerate(pod.get("containers", [])):
+        at = f"spec.template.spec.containers[{ci}]"
+        if not (DNS1123_LABEL.fullmatch(c.get("name", "")) and len(c["name"]) <= 63):
+            errs.append(f"{at}.name {c.get('name')!r} is not a DNS-1123 label")
+        ports = {}
+        for p in c.get("ports", []):
+            n = p.get("name")
+            if n is not None:
+                if not (IANA_SVC_NAME.fullmatch(n) and len(n) <= 15 and "--" not in n and re.search("[a-z]", n)):
+                    errs.append(f"{at}.ports: {n!r} is not an IANA_SVC_NAME (≤ 15, lower case, a letter)")
+                if n in ports:
+                    errs.append(f"{at}.ports: name {n!r} repeats")
+                ports[n] = p.get("containerPort")
+        envs = [e.get("name") for e in c.get("env", [])]
+        for e in envs:
+            if not ENV_NAME.fullmatch(e or ""):
+                errs.append(f"{at}.env: {e!r} is not a valid variable name")
+        if len(set(envs)) != len(envs):
+            errs.append(f"{at}.env: names repeat")
+        for vm in c.get("volumeMounts", []):
+            if vm.get("name") not in volumes:
+                errs.append(f"{at}.volumeMounts: {vm.get('name')!r} is not a volume of the pod")
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            port = ((c.get(probe) or {}).get("httpGet") or {}).get("port")
+            if isinstance(port, str) and port not in ports:
+                errs.append(f"{at}.{probe}.httpGet.port {port!r} is not a named port of the container")
+    return errs
+
+
+def check_core(o):
+    errs = k8s_schema_validate(o) + check_meta(o)
+    if o.get("kind") in ("Deployment", "StatefulSet", "DaemonSet") and not errs:
+        errs += check_pod_template(o)
+    return errs
+
+
+# --------------------------------------------------------------------------
+# Istio kinds: the CRDs' openAPIV3Schema, strict, with their CEL rules
+
+
+def _strictify(s):
+    """An OpenAPI v3 structural schema as JSON Schema (draft 4) with
+    Kubernetes' semantics made explicit: fields the schema does not name are
+    errors (what `kubectl apply --validate=strict` reports; the API server
+    would otherwise prune them silently), except below
+    x-kubernetes-preserve-unknown-fields; `nullable` admits null."""
+    if not isinstance(s, dict):
+        return s
+    s = dict(s)
+    for key in ("properties", "patternProperties"):
+        if key in s:
+            s[key] = {k: _strictify(v) for k, v in s[key].items()}
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(s.get(key), dict):
+            s[key] = _strictify(s[key])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in s:
+            s[key] = [_strictify(x) for x in s[key]]
+    if s.get("nullable"):
+        if "type" in s:
+            s["type"] = [s["type"], "null"]
+        if "enum" in s:
+            s["enum"] = list(s["enum"]) + [None]
+    if s.get("type") == "object" and not s.get("x-kubernetes-preserve-unknown-fields") \
+            and "additionalProperties" not in s:
+        s["additionalProperties"] = False
+    return s
+
+
+def _norm(rule):
+    return " ".join(rule.split())
+
+
+def _is_url(s):
+    """CEL's isURL (Go url.ParseRequestURI): an absolute URI or path."""
+    return isinstance(s, str) and " " not in s and (
+        s.startswith("/") or re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", s) is not None)
+
+
+def _scheme(s):
+    m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", s)
+    return m.group(1).lower() if m else ""
+
+
+CEL_EXACT = {
+    _norm('!self.contains("*")'): lambda s: "*" not in s,
+    _norm('self.all(key, !key.contains("*"))'): lambda s: all("*" not in k for k in s),
+    _norm("self.all(key, key.size() != 0)"): lambda s: all(len(k) for k in s),
+    _norm("self.size() == 0"): lambda s: len(s) == 0,
+    _norm("0 < self && self <= 65535"): lambda s: 0 < s <= 65535,
+    _norm('(has(self.valueFrom) ? self.valueFrom : "") != "HOST" || !has(self.value)'):
+        lambda s: s.get("valueFrom", "") != "HOST" or "value" not in s,
+    _norm('has(self.context) ? ((self.context == "WAYPOINT") ? has(self.waypoint) : '
+          '!has(self.waypoint)) : !has(self.waypoint)'):
+        lambda s: (("waypoint" in s) if s.get("context") == "WAYPOINT" else "waypoint" not in s)
+        if "context" in s else "waypoint" not in s,
+}
+
+
+def eval_cel(rule, value):
+    """The CEL rules these CRDs use, in Python. None: not implemented
+    (reported as an error, so a new rule is never skipped silently)."""
+    r = _norm(rule)
+    if r in CEL_EXACT:
+        return CEL_EXACT[r](value)
+    if re.fullmatch(r"\(has\(self\.\w+\) \? 1 : 0\)( \+ \(has\(self\.\w+\) \? 1 : 0\))* <= 1", r):
+        return sum(f in value for f in re.findall(r"has\(self\.(\w+)\)", r)) <= 1
+    m = re.fullmatch(r"has\(self\.(\w+)\) != has\(self\.(\w+)\)", r)
+    if m:
+        return (m.group(1) in value) != (m.group(2) in value)
+    m = re.fullmatch(r'isURL\(self\) \? \(url\(self\)\.getScheme\(\) in \[([^\]]*)\]\) : '
+                     r'\(isURL\("http://" \+ self\) && url\("http://" \+ self\)\.getScheme\(\) in \[([^\]]*)\]\)', r)
+    if m:
+        allowed = [x.strip().strip('"') for x in m.group(1).split(",")]
+        if _is_url(value):
+            return _scheme(value) in allowed
+        return _is_url("http://" + value) and "http" in allowed
+    return None
+
+
+_CRD = None
+
+
+def crd_validators():
+    """{(apiVersion, kind): validator} for every served version."""
+    global _CRD
+    if _CRD is not None:
+        return _CRD
+    import jsonschema
+    from jsonschema import ValidationError, validators
+
+    def x_validations(validator, rules, instance, schema):
+        for r in rules:
+            ok = eval_cel(r["rule"], instance)
+            if ok is None:
+                yield ValidationError(f"CEL rule not implemented by scripts/check_deploy.py: {r['rule']!r}")
+            elif not ok:
+                yield ValidationError(f"{r.get('message') or 'CEL rule failed'} ({_norm(r['rule'])})")
+
+    def x_list_map_keys(validator, keys, instance, schema):
+        if isinstance(instance, list):
+            seen = set()
+            for item in instance:
+                key = tuple(json.dumps(item.get(k)) for k in keys) if isinstance(item, dict) else None
+                if key in seen:
+                    yield ValidationError(f"duplicate entry for list-map keys {keys}: {item}")
+                seen.add(key)
+
+    cls = validators.extend(jsonschema.Draft4Validator, {
+        "x-kubernetes-validations": x_validations,
+        "x-kubernetes-list-map-keys": x_list_map_keys,
+    })
+    fc = jsonschema.FormatChecker()
+    fc.checks("int32")(lambda v: not isinstance(v, int) or -2**31 <= v < 2**31)
+    fc.checks("int64")(lambda v: not isinstance(v, int) or -2**63 <= v < 2**63)
+    out = {}
+    with open(CRDS) as f:
+        for d in yaml.safe_load_all(f):
+            if not d or d.get("kind") != "CustomResourceDefinition":
+                continue
+            spec = d["spec"]
+            for v in spec["versions"]:
+                if not v.get("served"):
+                    continue
+                schema = _strictify(v["schema"]["openAPIV3Schema"])
+                schema.setdefault("properties", {})
+                schema["properties"].update({"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                                             "metadata": {"type": "object"}})
+                schema["required"] = sorted(set(schema.get("required", [])) | {"apiVersion", "kind", "metadata"})
+                cls.check_schema(schema)
+                out[(f"{spec['group']}/{v['name']}", spec["names"]["kind"])] = (
+                    cls(schema, format_checker=fc), spec["scope"])
+    _CRD = out
+    return out
+
+
+def check_istio(o):
+    key = (o.get("apiVersion"), o.get("kind"))
+    entry = crd_validators().get(key)
+    if entry is None:
+        return [f"{key[0]} {key[1]} is not served by any CRD in {rel(CRDS)}"]
+    validator, scope = entry
+    errs = []
+    for e in sorted(validator.iter_errors(o), key=lambda e: list(map(str, e.absolute_path))):
+        path = "/".join(str(p) for p in e.absolute_path)
+        errs.append(f"{path or '(top)'}: {e.message[:400]}")
+    # metadata: Kubernetes' ObjectMeta schema, through a ConfigMap around it
+    for e in k8s_schema_validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": o.get("metadata", {})}):
+        errs.append(e)
+    errs += check_meta(o)
+    if scope == "Namespaced" and not (o.get("metadata") or {}).get("namespace"):
+        errs.append("metadata.namespace: not set (the kustomization sets it)")
+    if o.get("kind") == "EnvoyFilter":
+        for i, p in enumerate((o.get("spec") or {}).get("configPatches") or []):
+            value = (p.get("patch") or {}).get("value")
+            t = APPLY_TO_TYPE.get(p.get("applyTo"))
+            if value is None or t is None:
+                continue
+            try:
+                parse_envoy(t, value)
+            except StrictError as e:
+                errs.append(f"spec/configPatches/{i}/patch/value: as {t}: {e}")
+    return errs
+
+
+# --------------------------------------------------------------------------
+# Drift and wiring
+
+
+def sidecar_flags():
+    """{--flag: SIDECAR_ENV} from sidecar/src/config.rs (clap derive)."""
+    text = open(SIDECAR_CONFIG_RS).read()
+    flags = {}
+    for m in re.finditer(r'#\[arg\(([^\]]*?)\)\]\s*(?:///[^\n]*\n\s*)*pub (\w+):', text, re.S):
+        args, field = m.group(1), m.group(2)
+        if "long" not in args:
+            continue
+        env = re.search(r'env\s*=\s*"([A-Z0-9_]+)"', args)
+        flags["--" + field.replace("_", "-")] = env.group(1) if env else None
+    return flags
+
+
+def by_kind(objs, kind):
+    return [o for _, o in objs if o.get("kind") == kind]
+
+
+def check_filters_resources(objs, exp):
+    errs = []
+    kinds = [k for k in ("EnvoyFilter", "WasmPlugin", "TrafficExtension") if by_kind(objs, k)]
+    if len(kinds) != 1:
+        return [f"exactly one of EnvoyFilter, WasmPlugin, TrafficExtension must install the filters, found {kinds}"]
+    want_labels = exp.deploy["workload_labels"]
+    if kinds == ["EnvoyFilter"]:
+        efs = by_kind(objs, "EnvoyFilter")
+        if len(efs) != 1:
+            return [f"one EnvoyFilter expected (the patches' order is the chain's), found {len(efs)}"]
+        ef = efs[0]
+        spec = ef.get("spec", {})
+        if (spec.get("workloadSelector") or {}).get("labels") != want_labels:
+            errs.append(f"EnvoyFilter: workloadSelector.labels must be {want_labels} (k8s/deploy.json)")
+        ecds, order = {}, []
+        for i, p in enumerate(spec.get("configPatches", [])):
+            at = f"EnvoyFilter configPatches[{i}]"
+            match = p.get("match") or {}
+            if match.get("context") != "SIDECAR_INBOUND":
+                errs.append(f"{at}: match.context must be SIDECAR_INBOUND")
+            value = (p.get("patch") or {}).get("value") or {}
+            if p.get("applyTo") == "EXTENSION_CONFIG":
+                tc = get(value, "typed_config") or {}
+                if tc.get("@type") != WASM_URL:
+                    errs.append(f"{at}: typed_config must be {WASM_URL}")
+                    continue
+                ecds[value.get("name")] = get(tc, "config") or {}
+            elif p.get("applyTo") == "HTTP_FILTER":
+                sub = ((((match.get("listener") or {}).get("filterChain") or {}).get("filter") or {})
+                       .get("subFilter") or {}).get("name")
+                if p["patch"].get("operation") != "INSERT_BEFORE" or sub != ROUTER:
+                    errs.append(f"{at}: must be INSERT_BEFORE the subFilter {ROUTER}")
+                cd = get(value, "config_discovery") or {}
+                if WASM_URL not in (get(cd, "type_urls") or []):
+                    errs.append(f"{at}: config_discovery.type_urls must name {WASM_URL}")
+                order.append(value.get("name"))
+        plugin_of = {}
+        for n in order:
+            if n not in ecds:
+                errs.append(f"EnvoyFilter: HTTP_FILTER {n!r} has no EXTENSION_CONFIG of that name")
+            else:
+                plugin_of[n] = get(ecds[n], "name")
+        got = [plugin_of.get(n) for n in order]
+        if got != exp.names:
+            errs.append(f"EnvoyFilter: filter order {got} differs from envoy.yaml's {exp.names}")
+        for f in exp.filters:
+            n = f["name"]
+            cfg = next((c for c in ecds.values() if get(c, "name") == n), None)
+            if cfg is None:
+                errs.append(f"EnvoyFilter: no EXTENSION_CONFIG for envoy.yaml's filter {n}")
+                continue
+            at = f"EnvoyFilter {n}"
+            strip = lambda c: {k: (v if k != "vm_config" else {kk: vv for kk, vv in v.items() if kk != "code"})
+                               for k, v in c.items() if k != "configuration"}
+            if strip(cfg) != strip(f["config"]):
+                errs.append(f"{at}: the Wasm config (beside code and configuration) differs from envoy.yaml's")
+            conf = get(cfg, "configuration") or {}
+            try:
+                got_json = json.loads(conf.get("value", ""))
+            except (TypeError, ValueError) as e:
+                errs.append(f"{at}: configuration.value is not JSON: {e}")
+                continue
+            if got_json != exp.k8s_json[n]:
+                errs.append(f"{at}: plugin configuration differs from envoy.yaml's (clusters mapped)")
+            remote = get(get(get(cfg, "vm_config") or {}, "code") or {}, "remote") or {}
+            if get(get(remote, "http_uri") or {}, "uri") != exp.url(n):
+                errs.append(f"{at}: code.remote.http_uri.uri must be {exp.url(n)}")
+            if get(remote, "sha256") != exp.digest(n):
+                errs.append(f"{at}: code.remote.sha256 must be the pinned digest {exp.digest(n)!r}")
+    else:
+        kind = kinds[0]
+        items = by_kind(objs, kind)
+        seen = {}
+        for o in items:
+            spec = o.get("spec", {})
+            w = spec if kind == "WasmPlugin" else spec.get("wasm", {})
+            at = f"{kind} {o['metadata'].get('name')}"
+            match = [f for f in exp.filters if (get(f["config"], "root_id") or f["name"]) == w.get("pluginName")]
+            if not match:
+                errs.append(f"{at}: pluginName {w.get('pluginName')!r} is no root_id of envoy.yaml's filters")
+                continue
+            n = match[0]["name"]
+            if n in seen:
+                errs.append(f"{at}: a second resource for filter {n}")
+            seen[n] = (PHASE_RANK.get(spec.get("phase"), 3), -(spec.get("priority") or 0))
+            if (spec.get("selector") or {}).get("matchLabels") != want_labels:
+                errs.append(f"{at}: selector.matchLabels must be {want_labels}")
+            if spec.get("match") != [{"mode": "SERVER"}]:
+                errs.append(f"{at}: match must be [{{mode: SERVER}}] (inbound, like SIDECAR_INBOUND)")
+            if w.get("pluginConfig") != exp.k8s_json[n]:
+                errs.append(f"{at}: pluginConfig differs from envoy.yaml's {n} configuration (clusters mapped)")
+            if w.get("url") != exp.url(n):
+                errs.append(f"{at}: url must be {exp.url(n)}")
+            if w.get("sha256") != exp.digest(n):
+                errs.append(f"{at}: sha256 must be the pinned image digest {exp.digest(n)!r}")
+        missing = [n for n in exp.names if n not in seen]
+        if missing:
+            errs.append(f"{kind}: no resource for {missing}")
+        ranks = list(seen.values())
+        if len(set(ranks)) != len(ranks):
+            errs.append(f"{kind}: two filters share phase and priority (order left to creation time)")
+        got = sorted(seen, key=lambda n: seen[n])
+        if got != [n for n in exp.names if n in seen]:
+            errs.append(f"{kind}: phase/priority order {got} differs from envoy.yaml's {exp.names}")
+    return errs
+
+
+def check_sidecar(objs, exp):
+    errs = []
+    deps = [o for o in by_kind(objs, "Deployment") if o["metadata"].get("name") == SIDECAR_NAME]
+    svcs = [o for o in by_kind(objs, "Service") if o["metadata"].get("name") == SIDECAR_NAME]
+    cms = [o for o in by_kind(objs, "ConfigMap") if o["metadata"].get("name") == POLICY_CONFIGMAP]
+    if len(deps) != 1 or len(svcs) != 1 or len(cms) != 1:
+        return [f"want one Deployment and Service {SIDECAR_NAME} and one ConfigMap {POLICY_CONFIGMAP}"]
+    dep, svc, cm = deps[0], svcs[0], cms[0]
+    ns = dep["metadata"].get("namespace")
+    # the policy
+    text = (cm.get("data") or {}).get(POLICY_KEY)
+    try:
+        policy = json.loads(text or "")
+    except ValueError as e:
+        return [f"ConfigMap {POLICY_CONFIGMAP}: {POLICY_KEY} is not JSON: {e}"]
+    if policy != exp.policy:
+        errs.append(f"ConfigMap {POLICY_CONFIGMAP}: {POLICY_KEY} differs from envoy.yaml's entitlements policy")
+    tmpl = dep["spec"]["template"]
+    ann = (tmpl.get("metadata") or {}).get("annotations") or {}
+    if ann.get("checksum/policy") != sha256_text(text):
+        errs.append("Deployment: pod annotation checksum/policy is not the sha256 of the policy "
+                    "(scripts/check-deploy.sh --sync)")
+    pod = tmpl["spec"]
+    c = pod["containers"][0]
+    # flags and environment against the sidecar's own definition
+    flags = sidecar_flags()
+    envs = {e["name"]: e.get("value") for e in c.get("env", [])}
+    settings = {}
+    for a in c.get("args", []):
+        flag, eq, val = a.partition("=")
+        if flag not in flags:
+            errs.append(f"Deployment: argument {flag} is not a flag of sidecar/src/config.rs")
+        elif not eq:
+            errs.append(f"Deployment: write {flag}=VALUE as one argument")
+        settings[flag] = val
+    env_to_flag = {v: k for k, v in flags.items() if v}
+    for name, val in envs.items():
+        if name.startswith("SIDECAR_"):
+            if name not in env_to_flag:
+                errs.append(f"Deployment: env {name} is not a variable of sidecar/src/config.rs")
+            elif env_to_flag[name] in settings:
+                errs.append(f"Deployment: {name} and {env_to_flag[name]} both set")
+            else:
+                settings[env_to_flag[name]] = val
+    if c.get("command"):
+        errs.append("Deployment: use the image's entrypoint (the sidecar binary), not command")
+    # --policy is the ConfigMap's key where it is mounted
+    pol = settings.get("--policy")
+    mounts = {m["name"]: m["mountPath"].rstrip("/") for m in c.get("volumeMounts", [])}
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    ok = False
+    for vname, mpath in mounts.items():
+        v = vols.get(vname, {})
+        if (v.get("configMap") or {}).get("name") == POLICY_CONFIGMAP and pol == f"{mpath}/{POLICY_KEY}":
+            ok = True
+    if not ok:
+        errs.append(f"Deployment: --policy ({pol!r}) must be {POLICY_KEY} of the mounted ConfigMap {POLICY_CONFIGMAP}")
+    # listen addresses, ports, probes, Service
+    cports = {p.get("name"): p.get("containerPort") for p in c.get("ports", [])}
+
+    def port_of(addr, default):
+        m = re.fullmatch(r"(.*):(\d+)", addr or default)
+        return (m.group(1), int(m.group(2))) if m else (None, None)
+    host, http_port = port_of(settings.get("--listen"), "127.0.0.1:8081")
+    if host in ("127.0.0.1", "localhost", "[::1]"):
+        errs.append("Deployment: --listen on loopback is unreachable behind Istio (it forwards to the pod IP)")
+    if cports.get("http") != http_port:
+        errs.append(f"Deployment: container port `http` must be the --listen port {http_port}")
+    if settings.get("--rls-listen"):
+        if cports.get("grpc-rls") != port_of(settings["--rls-listen"], "")[1]:
+            errs.append("Deployment: container port `grpc-rls` must be the --rls-listen port")
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        hg = (c.get(probe) or {}).get("httpGet") or {}
+        if hg.get("path") != path or hg.get("port") not in ("http", http_port):
+            errs.append(f"Deployment: {probe} must be GET {path} on the http port")
+    sc = c.get("securityContext") or {}
+    psc = pod.get("securityContext") or {}
+    if not (sc.get("readOnlyRootFilesystem") and sc.get("allowPrivilegeEscalation") is False
+            and (sc.get("runAsNonRoot") or psc.get("runAsNonRoot"))):
+        errs.append("Deployment: the container must run non-root, read-only, without privilege escalation")
+    res = c.get("resources") or {}
+    if not (res.get("requests") and (res.get("limits") or {}).get("memory")):
+        errs.append("Deployment: resources need requests and a memory limit")
+    if settings.get("--bus", "memory") == "memory" and dep["spec"].get("replicas", 1) > 1:
+        errs.append("Deployment: several replicas need --bus nats (the memory bus is one replica's)")
+    plabels = (tmpl.get("metadata") or {}).get("labels") or {}
+    for o in objs:
+        o = o[1]
+        for path, sel in selectors(o):
+            if o.get("kind") in ("Service", "PodDisruptionBudget", "NetworkPolicy") and \
+                    o["metadata"].get("name") == SIDECAR_NAME:
+                if not sel or any(plabels.get(k) != v for k, v in sel.items()):
+                    errs.append(f"{o['kind']} {SIDECAR_NAME}: {path} does not select the sidecar's pods")
+    sports = {p.get("name"): p for p in svc["spec"].get("ports", [])}
+    for name, want in (("http", "http"), ("grpc-rls", "grpc")):
+        p = sports.get(name)
+        if not p or p.get("targetPort") not in (name, cports.get(name)) or p.get("appProtocol") != want:
+            errs.append(f"Service: port {name} must target the container port {name}, appProtocol {want}")
+    # the clusters the filters call are this Service
+    fqdn = f"{SIDECAR_NAME}.{ns}.svc.cluster.local"
+    for cname, port in (("sidecar", sports.get("http", {}).get("port")),
+                        ("ratelimit", sports.get("grpc-rls", {}).get("port"))):
+        c2 = exp.deploy["clusters"].get(cname)
+        if c2 and c2 != {"host": fqdn, "port": port}:
+            errs.append(f"k8s/deploy.json clusters.{cname} must be {{host: {fqdn}, port: {port}}} (the Service)")
+    # the NetworkPolicy admits the filtered workloads
+    nps = [o for o in by_kind(objs, "NetworkPolicy") if o["metadata"].get("name") == SIDECAR_NAME]
+    admits = any(((f.get("podSelector") or {}).get("matchLabels") == exp.deploy["workload_labels"])
+                 for np in nps for rule in np["spec"].get("ingress", []) for f in rule.get("from", []))
+    if not admits:
+        errs.append("NetworkPolicy: must admit the workloads that run the filters (k8s/deploy.json workload_labels)")
+    return errs
+
+
+def check_build(label, objs, exp):
+    """Every check of one kustomize build; returns errors."""
+    errs = []
+    ids = [obj_id(o) for _, o in objs]
+    for dup in sorted({i for i in ids if ids.count(i) > 1}):
+        errs.append(f"{label}: {dup} appears twice")
+    for src, o in objs:
+        at = f"{label}: {obj_id(o)} ({src})"
+        api = o.get("apiVersion", "")
+        if api.split("/")[0].endswith(".istio.io"):
+            errs += [f"{at}: {e}" for e in check_istio(o)]
+        else:
+            errs += [f"{at}: {e}" for e in check_core(o)]
+    if errs:
+        return errs  # the wiring checks below assume well-formed objects
+    nss = {o["metadata"].get("namespace") for _, o in objs if o.get("kind") not in CLUSTER_SCOPED}
+    if nss != {exp.deploy["namespace"]}:
+        errs.append(f"{label}: namespaces {sorted(map(str, nss))}, want {exp.deploy['namespace']} (k8s/deploy.json)")
+    errs += [f"{label}: {e}" for e in check_filters_resources(objs, exp)]
+    errs += [f"{label}: {e}" for e in check_sidecar(objs, exp)]
+    return errs
+
+
+def check_generated(exp):
+    errs = []
+    for path, text in generated(exp).items():
+        full = os.path.join(ROOT, path)
+        old = open(full).read() if os.path.exists(full) else ""
+        if old != text:
+            diff = "".join(list(difflib.unified_diff(old.splitlines(True), text.splitlines(True),
+                                                     f"{path} (file)", f"{path} (generated)", n=1))[:40])
+            errs.append(f"{path} drifted from envoy/envoy.yaml + k8s/deploy.json "
+                        f"(scripts/check-deploy.sh --sync):\n{diff}")
+    return errs
+
+
+def check_oci(exp):
+    """Layouts in target/oci (scripts/package-oci.sh) must be sound; whether
+    the pins are this build's is only reported (a release pins digests, a
+    build of other sources differs)."""
+    errs = []
+    for n in exp.names:
+        layout = os.path.join(ROOT, "target", "oci", n)
+        wasm = os.path.join(ROOT, "target", "wasm32-wasip1", "release", f"{n}.wasm")
+        if os.path.isdir(layout):
+            try:
+                got = oci_layout.verify(layout)
+            except (OSError, ValueError, KeyError) as e:
+                errs.append(f"target/oci/{n}: {e}")
+                continue
+            if os.path.exists(wasm):
+                with open(wasm, "rb") as f:
+                    if got["wasm_sha256"] != hashlib.sha256(f.read()).hexdigest():
+                        note(f"target/oci/{n} holds an older build of {n}.wasm (scripts/package-oci.sh)")
+            state = "= the pin" if got["digest"] == exp.digest(n) else "!= the pin in k8s/deploy.json"
+            print(f"   target/oci/{n}: OK, image sha256:{got['digest'][:16]}… {state}")
+        elif os.path.exists(wasm):
+            with open(wasm, "rb") as f:
+                _, _, d = oci_layout.build(f.read(), n, exp.deploy["images"]["tag"])
+            if d != exp.digest(n):
+                note(f"{n}: an image of the built {n}.wasm would be sha256:{d[:16]}…, not the pinned one")
+    return errs
+
+
+# --------------------------------------------------------------------------
+# Self-test: broken copies must be refused
+
+
+def self_test(envoy_doc, builds, exp):
+    hcm = lambda d: d["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    first_wasm = lambda d: next(f for f in hcm(d)["http_filters"] if f["typed_config"]["@type"] == WASM_URL)
+    router = lambda d: hcm(d)["http_filters"][-1]["typed_config"]
+
+    def envoy_case(mutate):
+        def run():
+            d = copy.deepcopy(envoy_doc)
+            mutate(d)
+            return check_envoy_doc(d, "broken envoy.yaml")[1]
+        return run
+
+    def find(objs, kind, name=None):
+        return next(o for _, o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name))
+
+    def k8s_case(build, mutate):
+        def run():
+            objs = copy.deepcopy(builds[build])
+            mutate(objs)
+            return check_build(f"broken {build}", objs, exp)
+        return run
+
+    def set_(d, k, v):
+        d[k] = v
+
+    cases = [
+        ("envoy.yaml: unknown field in the HttpConnectionManager",
+         envoy_case(lambda d: set_(hcm(d), "stat_prefixx", "x"))),
+        ("envoy.yaml: unknown field in a Wasm filter's config",
+         envoy_case(lambda d: set_(first_wasm(d)["typed_config"]["config"], "fail_opne", True))),
+        ("envoy.yaml: unknown field beside the StringValue configuration",
+         envoy_case(lambda d: set_(first_wasm(d)["typed_config"]["config"]["configuration"], "json", True))),
+        ("envoy.yaml: unknown field in the Router",
+         envoy_case(lambda d: set_(router(d), "dynamic_stat", True))),
+        ("envoy.yaml: a string for an integer port",
+         envoy_case(lambda d: set_(d["admin"]["address"]["socket_address"], "port_value", "admin"))),
+        ("envoy.yaml: an unregistered @type",
+         envoy_case(lambda d: set_(router(d), "@type", "type.googleapis.com/envoy.extensions.filters.http.router.v3.Routr"))),
+        ("envoy.yaml: plugin configuration that is not JSON",
+         envoy_case(lambda d: set_(first_wasm(d)["typed_config"]["config"]["configuration"], "value", "{cluster: x"))),
+        ("Deployment: unknown container field",
+         k8s_case("k8s/base", lambda o: set_(find(o, "Deployment")["spec"]["template"]["spec"]["containers"][0],
+                                             "imagePullPolicyy", "Always"))),
+        ("Service: a port that is not a number",
+         k8s_case("k8s/base", lambda o: set_(find(o, "Service")["spec"]["ports"][0], "port", "http"))),
+        ("PodDisruptionBudget: unknown spec field",
+         k8s_case("k8s/base", lambda o: set_(find(o, "PodDisruptionBudget")["spec"], "minAvailabel", 1))),
+        ("EnvoyFilter: unknown field in the CRD schema",
+         k8s_case("k8s/base", lambda o: set_(find(o, "EnvoyFilter")["spec"], "workloadSelectors", {}))),
+        ("EnvoyFilter: unknown Envoy field inside a patch value (preserve-unknown-fields in the CRD)",
+         k8s_case("k8s/base", lambda o: set_(find(o, "EnvoyFilter")["spec"]["configPatches"][-1]["patch"]["value"],
+                                             "disabled_", True))),
+        ("EnvoyFilter: the filters out of envoy.yaml's order",
+         k8s_case("k8s/base", lambda o: find(o, "EnvoyFilter")["spec"]["configPatches"].reverse())),
+        ("EnvoyFilter: a plugin configuration drifted from envoy.yaml",
+         k8s_case("k8s/base", lambda o: set_(
+             find(o, "EnvoyFilter")["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["config"]
+             ["configuration"], "value", json.dumps({**exp.k8s_json[exp.names[0]], "timeout_ms": 1})))),
+        ("ConfigMap: the policy drifted from envoy.yaml",
+         k8s_case("k8s/base", lambda o: set_(find(o, "ConfigMap")["data"], POLICY_KEY,
+                                             json.dumps({**exp.policy, "default": "allow"})))),
+        ("Deployment: a flag the sidecar does not have",
+         k8s_case("k8s/base", lambda o: find(o, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+                  ["args"].append("--max-conections=5"))),
+        ("WasmPlugin: unknown spec field",
+         k8s_case("k8s/overlays/wasmplugin", lambda o: set_(find(o, "WasmPlugin")["spec"], "vmId", "x"))),
+        ("WasmPlugin: a phase the CRD does not have",
+         k8s_case("k8s/overlays/wasmplugin", lambda o: set_(find(o, "WasmPlugin")["spec"], "phase", "AUTHENTICATION"))),
+        ("WasmPlugin: priorities that reorder the filters",
+         k8s_case("k8s/overlays/wasmplugin", lambda o: set_(find(o, "WasmPlugin")["spec"], "priority", 1))),
+        ("WasmPlugin: sha256 not hex",
+         k8s_case("k8s/overlays/wasmplugin", lambda o: set_(find(o, "WasmPlugin")["spec"], "sha256", "sha256:abc"))),
+        ("TrafficExtension: selector and targetRefs together (CEL rule)",
+         k8s_case("k8s/overlays/trafficextension", lambda o: set_(
+             find(o, "TrafficExtension")["spec"], "targetRefs", [{"kind": "Service", "name": "x"}]))),
+        ("TrafficExtension: url scheme the CRD refuses (CEL rule)",
+         k8s_case("k8s/overlays/trafficextension", lambda o: set_(
+             find(o, "TrafficExtension")["spec"]["wasm"], "url", "ftp://x/y.wasm"))),
+        ("TrafficExtension: unknown field under wasm",
+         k8s_case("k8s/overlays/trafficextension", lambda o: set_(
+             find(o, "TrafficExtension")["spec"]["wasm"], "sha", "x"))),
+    ]
+    failures = 0
+    for name, run in cases:
+        try:
+            errs = run()
+        except Exception as e:  # a crash is not a refusal
+            errs, crash = [], e
+        else:
+            crash = None
+        if errs:
+            print(f"   refused as it should: {name}\n      -> {errs[0].splitlines()[0][-240:]}")
+        else:
+            failures += 1
+            print(f"   SELF-TEST FAILED: accepted {name}" + (f" (crashed: {crash!r})" if crash else ""))
+    return failures, len(cases)
+
+
+# --------------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sync", action="store_true")
+    ap.add_argument("--pin", action="store_true")
+    ap.add_argument("--envoy", default=os.path.join(ROOT, "envoy", "envoy.yaml"))
+    args = ap.parse_args()
+    t0 = time.monotonic()
+    errors = []
+
+    def step(title):
+        print(f"-- {title} ({time.monotonic() - t0:.1f}s)")
+
+    step(f"envoy: {rel(args.envoy)} as envoy.config.bootstrap.v3.Bootstrap (envoy-data-plane, strict)")
+    envoy_doc = load_yaml(args.envoy)
+    envoy_pool()
+    filters, errs = check_envoy_doc(envoy_doc, rel(args.envoy))
+    errors += errs
+    if not errs:
+        print(f"   OK: wasm filters {[f['name'] for f in filters]}, configurations are JSON objects")
+    errors += envoy_binary(args.envoy)
+    if errs:  # nothing below is meaningful without a sound envoy.yaml
+        return finish(errors, t0)
+
+    exp = Expected(filters, load_yaml(DEPLOY_JSON))
+    if args.sync:
+        step("sync: generated k8s files")
+        exp = sync(exp, args.pin)
+    errors += exp.errors
+
+    step("k8s: generated files against envoy.yaml and k8s/deploy.json")
+    errs = check_generated(exp)
+    errors += errs
+    if not errs:
+        print("   OK: " + ", ".join(generated(exp)))
+
+    builds = {}
+    for kdir in KUSTOMIZATIONS:
+        step(f"k8s: {kdir}")
+        kerrs = []
+        objs = kustomize(os.path.join(ROOT, kdir), kerrs)
+        errors += kerrs
+        ref, how = kubectl_kustomize(kdir)
+        if ref is None:
+            note(f"{kdir}: built with the built-in resolver only ({how})")
+        else:
+            canon = lambda os_: sorted(json.dumps(o, sort_keys=True) for o in os_)
+            if not ref:
+                errors.append(f"{kdir}: {how}")
+            elif canon(ref) != canon([o for _, o in objs]):
+                mine = {obj_id(o): o for _, o in objs}
+                theirs = {obj_id(o): o for o in ref}
+                diff = sorted(i for i in set(mine) | set(theirs) if mine.get(i) != theirs.get(i))
+                errors.append(f"{kdir}: {how} differs from the built-in resolver on {diff}")
+            else:
+                print(f"   `{how}` = the built-in resolver ({len(ref)} objects)")
+        errs = check_build(kdir, objs, exp)
+        errors += errs
+        builds[kdir] = objs
+        if not errs:
+            print(f"   OK: {', '.join(obj_id(o) for _, o in objs)}")
+
+    step("OCI images (target/oci)")
+    errors += check_oci(exp)
+
+    if not errors:
+        step("self-test: broken copies must be refused")
+        failed, total = self_test(envoy_doc, builds, exp)
+        if failed:
+            errors.append(f"self-test: {failed} of {total} broken copies were accepted")
+        else:
+            print(f"   {total} broken copies refused")
+    return finish(errors, t0)
+
+
+def finish(errors, t0):
+    print()
+    for e in errors:
+        print(f"ERROR: {e}")
+    took = time.monotonic() - t0
+    if errors:
+        print(f"check-deploy: FAILED, {len(errors)} error(s) ({took:.1f}s)")
+        return 1
+    print(f"check-deploy: OK ({took:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
