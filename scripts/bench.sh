@@ -35,6 +35,7 @@ benches=(
     "filter-tests auth"
     "filter-tests entitlements"
     "filter-tests ratelimit"
+    "filter-tests chain"
     "entitlements-core decision"
     "auth-core verify"
     "sidecar usage"
