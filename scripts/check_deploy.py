@@ -56,7 +56,21 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 sys.dont_write_bytecode = True  # no __pycache__ in scripts/
 import oci_layout  # noqa: E402
 
-CRDS = os.path.normpath(os.path.join(ROOT, "..", "shared", "schemas", "istio-crds.gen.yaml"))
+def _crds():
+    """Istio's CRD schemas: $ISTIO_CRDS, else ../shared/schemas next to the
+    checkout, else the workplace's /work/shared/schemas (a clean clone for
+    CI may live anywhere on the machine)."""
+    candidates = [os.environ.get("ISTIO_CRDS", ""),
+                  os.path.join(ROOT, "..", "shared", "schemas", "istio-crds.gen.yaml"),
+                  "/work/shared/schemas/istio-crds.gen.yaml"]
+    for c in candidates:
+        if c and os.path.isfile(c):
+            return os.path.normpath(c)
+    sys.exit("check-deploy: Istio's CRD schemas not found; set ISTIO_CRDS to istio-crds.gen.yaml "
+             "(looked in: " + ", ".join(c for c in candidates if c) + ")")
+
+
+CRDS = _crds()
 DEPLOY_JSON = os.path.join(ROOT, "k8s", "deploy.json")
 SIDECAR_CONFIG_RS = os.path.join(ROOT, "sidecar", "src", "config.rs")
 KUSTOMIZATIONS = ["k8s/base", "k8s/overlays/wasmplugin", "k8s/overlays/trafficextension"]
