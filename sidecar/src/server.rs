@@ -413,27 +413,9 @@ async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
             serde_json::json!({"error": "forbidden", "rule": d.rule}),
         );
     }
-    let limit = app.cfg.max_publish_bytes;
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            return if e
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "too_large",
-                    format!("a message is at most {limit} bytes"),
-                )
-            } else {
-                error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    "the body could not be read",
-                )
-            };
-        }
+    let body = match read_body(req, app.cfg.max_publish_bytes, "a message").await {
+        Ok(b) => b,
+        Err(r) => return r,
     };
     let data = match serde_json::from_slice::<&serde_json::value::RawValue>(&body) {
         Ok(v) => Bytes::copy_from_slice(v.get().as_bytes()),
@@ -481,6 +463,33 @@ pub fn render_metrics(app: &App, format: Format) -> String {
     out
 }
 
+/// The whole body, at most `limit` bytes: else 413 (or 400 if it could
+/// not be read). `what` names it in the message.
+async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    what: &str,
+) -> Result<Bytes, Response<Body>> {
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("{what} is at most {limit} bytes"),
+            ))
+        }
+        Err(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the body could not be read",
+        )),
+    }
+}
+
 const USAGE_SECRET_HEADER: &str = "x-usage-secret";
 
 fn usage_forbidden() -> Response<Body> {
@@ -501,27 +510,13 @@ async fn ingest(req: Request<Incoming>, peer: SocketAddr, app: Arc<App>) -> Resp
     if !u.authorized(Some(peer), secret.as_deref()) {
         return usage_forbidden();
     }
-    let limit = u.max_batch_bytes();
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            return if e
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
+    let body = match read_body(req, u.max_batch_bytes(), "a batch").await {
+        Ok(b) => b,
+        Err(r) => {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 u.too_large();
-                error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "too_large",
-                    format!("a batch is at most {limit} bytes"),
-                )
-            } else {
-                error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    "the body could not be read",
-                )
-            };
+            }
+            return r;
         }
     };
     match u.ingest(&body).await {
