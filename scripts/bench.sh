@@ -63,6 +63,7 @@ for f in sorted(glob.glob("target/bench/*.json")):
     if name in ("all", "fanout"):
         continue
     d = json.load(open(f))
+    d["_file"] = name
     out["benches"].append(d)
     for r in d.get("rows", []):
         print(f"| {name} | {r['name']} | {r['min']:.2f} | {r['median']:.2f} | {r['max']:.2f} |")
@@ -77,6 +78,44 @@ if os.path.exists("target/bench/fanout.json"):
             if m:
                 f = lambda v: "–" if v is None or v != v else f"{v:.2f}"
                 print(f"| {e['scenario']} | {t} | {f(m['cpu_us_per_delivery'])} | {f(m['p99_ms'])} | {f(m['rss_kib_per_connection'])} |")
+def med(bench, case):
+    for b in out["benches"]:
+        if b.get("bench") == bench or b.get("_file") == bench:
+            for r in b.get("rows", []):
+                if r["name"] == case:
+                    return r["median"]
+    return None
+ratios = []
+def ratio(label, a, b, sub_a=None, sub_b=None):
+    va, vb = med(*a), med(*b)
+    if va is None or vb is None:
+        return
+    if sub_a:
+        sa = med(*sub_a)
+        if sa is None:
+            return
+        va -= sa
+    if sub_b:
+        sb = med(*sub_b)
+        if sb is None:
+            return
+        vb -= sb
+    if vb > 0:
+        ratios.append((label, va, vb, va / vb))
+noop = ("entitlements-emulator", "1 no-op filter")
+ratio("auth, cold RS256: wasm in the emulator / native", ("auth", "emulator: auth, cold RS256"), ("auth", "native: parse + verify RS256"))
+ratio("auth, cold ES256: wasm in the emulator / native", ("auth", "emulator: auth, cold ES256"), ("auth", "native: parse + verify ES256"))
+ratio("entitlements, cache hit: filter over a no-op filter / core natively", ("entitlements-emulator", "entitlements, cache hit"), ("entitlements-native", "cache hit: key + lookup"), sub_a=noop)
+ratio("entitlements, no caches: filter over a no-op filter / core natively (cache miss)", ("entitlements-emulator", "entitlements, no caches (decode + evaluate)"), ("entitlements-native", "cache miss: key + lookup + evaluate + insert"), sub_a=noop)
+ratio("full chain / 1 no-op filter (emulator)", ("chain", "full chain: usage, auth (cached), entitlements (200 rules), ratelimit"), ("chain", "1 no-op filter"))
+ratio("end to end: full chain / no filters (µs per request)", ("e2e", "gateway, full chain: µs per request (1 / throughput, 16 clients)"), ("e2e", "gateway, no filters: µs per request (1 / throughput, 16 clients)"))
+ratio("end to end: full chain / no filters (p99 latency)", ("e2e", "gateway, full chain: latency p99 µs"), ("e2e", "gateway, no filters: latency p99 µs"))
+if ratios:
+    print("\n| same-run ratio | a (µs) | b (µs) | a / b |")
+    print("|---|---:|---:|---:|")
+    for label, a, b, r in ratios:
+        print(f"| {label} | {a:.2f} | {b:.2f} | {r:.2f}× |")
+    out["ratios"] = [{"name": l, "a_us": a, "b_us": b, "ratio": r} for l, a, b, r in ratios]
 json.dump(out, open("target/bench/all.json", "w"), indent=1)
 print("\nwrote target/bench/all.json")
 PY
