@@ -37,6 +37,7 @@ benches=(
     "filter-tests ratelimit"
     "filter-tests chain"
     "entitlements-core decision"
+    "ratelimit-core admit"
     "auth-core verify"
     "sidecar usage"
     "devstack e2e"
@@ -107,6 +108,7 @@ ratio("auth, cold RS256: wasm in the emulator / native", ("auth", "emulator: aut
 ratio("auth, cold ES256: wasm in the emulator / native", ("auth", "emulator: auth, cold ES256"), ("auth", "native: parse + verify ES256"))
 ratio("entitlements, cache hit: filter over a no-op filter / core natively", ("entitlements-emulator", "entitlements, cache hit"), ("entitlements-native", "cache hit: key + lookup"), sub_a=noop)
 ratio("entitlements, no caches: filter over a no-op filter / core natively (cache miss)", ("entitlements-emulator", "entitlements, no caches (decode + evaluate)"), ("entitlements-native", "cache miss: key + lookup + evaluate + insert"), sub_a=noop)
+ratio("ratelimit, 4 VMs: filter over a no-op filter / core natively", ("ratelimit", "ratelimit, 4 VMs"), ("ratelimit-native", "match + key + admit (GCRA, slot table, in-memory CAS store)"), sub_a=("ratelimit", "1 no-op filter, 4 VMs"))
 ratio("full chain / 1 no-op filter (emulator)", ("chain", "full chain: usage, auth (cached), entitlements (200 rules), ratelimit"), ("chain", "1 no-op filter"))
 ratio("end to end: full chain / no filters (µs per request)", ("e2e", "gateway, full chain: µs per request (1 / throughput, 16 clients)"), ("e2e", "gateway, no filters: µs per request (1 / throughput, 16 clients)"))
 ratio("end to end: full chain / no filters (p99 latency)", ("e2e", "gateway, full chain: latency p99 µs"), ("e2e", "gateway, no filters: latency p99 µs"))
