@@ -551,7 +551,8 @@ fn rollups(req: &Request<Incoming>, peer: SocketAddr, app: &App) -> Response<Bod
     json(StatusCode::OK, app.usage.rollups_json(tenant.as_deref()))
 }
 
-fn percent_decode(s: &str) -> String {
+/// `%XX` and `+` decoded (query values); invalid escapes kept as they are.
+pub fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
