@@ -82,6 +82,12 @@ impl NatsBus {
             .subscribe(format!("{prefix}.>"))
             .await
             .map_err(|e| BusError::Unavailable(format!("subscribe {prefix}.>: {e}")))?;
+        // Send the subscription now rather than with the next write, so a
+        // replica is subscribed before it serves its first client.
+        client
+            .flush()
+            .await
+            .map_err(|e| BusError::Unavailable(format!("subscribe {prefix}.>: {e}")))?;
         let bus = Arc::new(NatsBus {
             client,
             prefix: prefix.to_string(),
