@@ -77,8 +77,11 @@ async fn replicas_share_publishes_through_nats() {
     assert_eq!((status, body), (202, json!({"channel": "open.curves.x"})));
     publish(b, "open.curves.y", json!({"mid": 2})).await;
     for ws in [&mut on_a, &mut on_b] {
-        let m1 = recv(ws).await;
-        let m2 = recv(ws).await;
+        // Published through two replicas (two NATS connections): the
+        // server may order them either way.
+        let mut got = [recv(ws).await, recv(ws).await];
+        got.sort_by_key(|m| m["channel"].to_string());
+        let [m1, m2] = got;
         assert_eq!(
             (m1["channel"].clone(), m1["seq"].clone()),
             (json!("open.curves.x"), json!(1))
