@@ -33,9 +33,9 @@ async fn a_subscriber_gets_the_snapshot_then_live_updates() {
         sub["snapshot"],
         json!([{"channel": EU, "seq": 1, "data": {"mid": 70.1}}])
     );
-    publish(sc.addr, EU, json!({"mid": 70.2})).await;
-    publish(sc.addr, "pricing.curves.CAISO.DEC26", json!({"mid": 1})).await;
-    publish(sc.addr, "pricing.curves.EU-ETS.DEC27", json!({"mid": 72})).await;
+    publish_ok(sc.addr, EU, json!({"mid": 70.2})).await;
+    publish_ok(sc.addr, "pricing.curves.CAISO.DEC26", json!({"mid": 1})).await;
+    publish_ok(sc.addr, "pricing.curves.EU-ETS.DEC27", json!({"mid": 72})).await;
     assert_eq!(
         recv(&mut ws).await,
         json!({"type": "message", "channel": EU, "seq": 2, "data": {"mid": 70.2}})
@@ -55,7 +55,7 @@ async fn a_subscriber_gets_the_snapshot_then_live_updates() {
         recv(&mut ws).await,
         json!({"type": "unsubscribed", "id": "u", "channels": ["pricing.curves.EU-ETS.>"]})
     );
-    publish(sc.addr, EU, json!({"mid": 70.3})).await;
+    publish_ok(sc.addr, EU, json!({"mid": 70.3})).await;
     send(&mut ws, json!({"type": "ping"})).await;
     assert_eq!(recv(&mut ws).await, json!({"type": "pong"}));
     let m = &sc.app.ctx.hub.metrics;
@@ -208,8 +208,11 @@ async fn a_subscribe_flood_closes_the_connection() {
     assert_eq!((code, reason.as_str()), (1008, "too many messages"));
     assert_eq!(sc.app.ctx.hub.metrics.closes.rate_limited.get(), 1);
     // Its subscriptions are gone with it.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(sc.app.ctx.hub.metrics.subscriptions.get(), 0);
+    let m = sc.app.ctx.hub.metrics.clone();
+    eventually("the closed connection's subscriptions removed", || {
+        m.subscriptions.get() == 0
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -266,8 +269,11 @@ async fn a_slow_consumer_is_disconnected_and_the_others_get_everything() {
     ))
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let hub = sc.app.ctx.hub.clone();
+    eventually("the slow client subscribed", || {
+        hub.metrics.subscriptions.get() == 2
+    })
+    .await;
     let data = format!("\"{}\"", "x".repeat(60_000));
     let n = 600; // 36 MB: more than the socket buffers hold
     let reader = tokio::spawn(async move {
@@ -304,11 +310,11 @@ async fn replay_since_after_a_reconnect() {
     send(&mut ws, json!({"type": "subscribe", "channels": [EU]})).await;
     let sub = recv(&mut ws).await;
     let epoch = sub["epoch"].as_str().unwrap().to_string();
-    publish(sc.addr, EU, json!(1)).await;
+    publish_ok(sc.addr, EU, json!(1)).await;
     assert_eq!(recv(&mut ws).await["seq"], 1);
     drop(ws);
-    publish(sc.addr, EU, json!(2)).await;
-    publish(sc.addr, EU, json!(3)).await;
+    publish_ok(sc.addr, EU, json!(2)).await;
+    publish_ok(sc.addr, EU, json!(3)).await;
     let mut ws = connect(sc.addr, &who).await;
     send(
         &mut ws,
@@ -460,7 +466,7 @@ async fn health_readiness_and_metrics() {
     )
     .await;
     recv(&mut ws).await;
-    publish(sc.addr, "open.m", json!(1)).await;
+    publish_ok(sc.addr, "open.m", json!(1)).await;
     recv(&mut ws).await;
     let (status, text) = http(sc.addr, "GET", "/metrics", &[], b"").await;
     assert_eq!(status, 200);
@@ -522,8 +528,11 @@ async fn a_slow_reader_gets_the_latest_value_of_each_channel() {
     ))
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let hub = sc.app.ctx.hub.clone();
+    eventually("the slow client subscribed to open.a and open.b", || {
+        hub.metrics.subscriptions.get() == 2
+    })
+    .await;
     let data = format!("\"{}\"", "x".repeat(60_000));
     let (a, b) = (
         entitlements_core::channel::Subject::parse("open.a").unwrap(),

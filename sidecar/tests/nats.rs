@@ -48,14 +48,22 @@ async fn replica(nats_url: &str, prefix: &str) -> (SocketAddr, Arc<App>, Cancell
     (addr, app, shutdown)
 }
 
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..200 {
-        if f() {
-            return;
+/// Reads messages until every one of `want` has arrived (in any order) or
+/// 5 s have passed; the failure names the replica, what is missing and
+/// what came instead.
+async fn expect_all(ws: &mut Ws, replica: &str, want: &[serde_json::Value]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut got = Vec::new();
+    while !want.iter().all(|w| got.contains(w)) {
+        match tokio::time::timeout_at(deadline, recv_any(ws)).await {
+            Ok(m) => got.push(m),
+            Err(_) => {
+                let missing: Vec<_> = want.iter().filter(|w| !got.contains(w)).collect();
+                panic!("replica {replica}: within 5 s, missing {missing:?}; received {got:?}");
+            }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("{what} did not happen within 10 s");
+    assert_eq!(got.len(), want.len(), "replica {replica}: {got:?}");
 }
 
 #[tokio::test]
@@ -74,22 +82,26 @@ async fn replicas_share_publishes_through_nats() {
         assert_eq!(recv(ws).await["type"], "subscribed");
     }
     let (status, body) = publish(a, "open.curves.x", json!({"mid": 1})).await;
-    assert_eq!((status, body), (202, json!({"channel": "open.curves.x"})));
-    publish(b, "open.curves.y", json!({"mid": 2})).await;
-    for ws in [&mut on_a, &mut on_b] {
-        // Published through two replicas (two NATS connections): the
-        // server may order them either way.
-        let mut got = [recv(ws).await, recv(ws).await];
-        got.sort_by_key(|m| m["channel"].to_string());
-        let [m1, m2] = got;
-        assert_eq!(
-            (m1["channel"].clone(), m1["seq"].clone()),
-            (json!("open.curves.x"), json!(1))
-        );
-        assert_eq!(
-            (m2["channel"].clone(), m2["data"].clone()),
-            (json!("open.curves.y"), json!({"mid": 2}))
-        );
+    assert_eq!(
+        (status, body),
+        (202, json!({"channel": "open.curves.x"})),
+        "publish through replica A"
+    );
+    let (status, body) = publish(b, "open.curves.y", json!({"mid": 2})).await;
+    assert_eq!(
+        (status, body),
+        (202, json!({"channel": "open.curves.y"})),
+        "publish through replica B"
+    );
+    // Published through two replicas (two NATS connections): the server
+    // may order them either way. Each is the first of its channel on every
+    // replica, so seq 1 everywhere.
+    let want = [
+        json!({"type": "message", "channel": "open.curves.x", "seq": 1, "data": {"mid": 1}}),
+        json!({"type": "message", "channel": "open.curves.y", "seq": 1, "data": {"mid": 2}}),
+    ];
+    for (who, ws) in [("A", &mut on_a), ("B", &mut on_b)] {
+        expect_all(ws, who, &want).await;
     }
     // Something else on the subjects that is not JSON is dropped and counted.
     let raw = async_nats::connect(NATS).await.unwrap();

@@ -82,10 +82,9 @@ impl NatsBus {
             .subscribe(format!("{prefix}.>"))
             .await
             .map_err(|e| BusError::Unavailable(format!("subscribe {prefix}.>: {e}")))?;
-        // Send the subscription now rather than with the next write, so a
-        // replica is subscribed before it serves its first client.
-        client
-            .flush()
+        // A replica serves only once the server holds its subscription:
+        // before that, what other replicas publish would not reach it.
+        confirm_subscribed(&client, timeout)
             .await
             .map_err(|e| BusError::Unavailable(format!("subscribe {prefix}.>: {e}")))?;
         let bus = Arc::new(NatsBus {
@@ -121,6 +120,37 @@ impl NatsBus {
         });
         Ok(bus)
     }
+}
+
+/// Waits until the server has processed every subscription sent so far.
+///
+/// `flush` only puts `SUB` on the wire: the server reads each connection on
+/// its own, so a message published on another connection right after can
+/// still be routed before it has read ours, and is then lost to this
+/// replica (seen in tests on a loaded machine, a few milliseconds after the
+/// flush). The server handles one connection's operations in order, so a
+/// message to a private inbox, sent after `SUB` and received back, proves
+/// the subscription is in place.
+///
+/// On one server that is the whole guarantee; in a NATS cluster interest
+/// reaches the other servers asynchronously, which no client can wait for.
+async fn confirm_subscribed(client: &async_nats::Client, timeout: Duration) -> Result<(), String> {
+    let inbox = client.new_inbox();
+    let mut probe = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    client
+        .publish(inbox, Bytes::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    client.flush().await.map_err(|e| e.to_string())?;
+    match tokio::time::timeout(timeout, probe.next()).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return Err("the connection closed before the server answered".into()),
+        Err(_) => return Err(format!("the server did not answer within {timeout:?}")),
+    }
+    probe.unsubscribe().await.map_err(|e| e.to_string())
 }
 
 impl Bus for NatsBus {

@@ -111,12 +111,21 @@ pub async fn send(ws: &mut Ws, v: Value) {
     ws.send(Message::Text(v.to_string().into())).await.unwrap();
 }
 
-/// The next text message as JSON (pings are answered by tungstenite).
+/// The next text message as JSON (pings are answered by tungstenite),
+/// waiting at most 5 s.
 pub async fn recv(ws: &mut Ws) -> Value {
+    tokio::time::timeout(Duration::from_secs(5), recv_any(ws))
+        .await
+        .expect("a message within 5 s")
+}
+
+/// The next text message as JSON, however long it takes (the caller
+/// bounds the wait).
+pub async fn recv_any(ws: &mut Ws) -> Value {
     loop {
-        let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        let m = ws
+            .next()
             .await
-            .expect("a message within 5 s")
             .expect("the connection open")
             .expect("a valid frame");
         match m {
@@ -189,6 +198,25 @@ pub async fn publish(addr: SocketAddr, channel: &str, data: Value) -> (u16, Valu
     )
     .await;
     (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// Publishes and checks the sidecar accepted it (202).
+pub async fn publish_ok(addr: SocketAddr, channel: &str, data: Value) -> Value {
+    let (status, body) = publish(addr, channel, data.clone()).await;
+    assert_eq!(status, 202, "publish {data} to {channel}: {body}");
+    body
+}
+
+/// Waits (up to 10 s, polling every 20 ms) until `f` holds.
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} did not happen within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A raw connection after a successful upgrade, for hand-made frames.
