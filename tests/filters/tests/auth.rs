@@ -94,6 +94,7 @@ fn a_valid_token_becomes_identity_headers_and_spoofed_ones_are_removed() {
             .header("authorization", &format!("Bearer {}", es256()))
             .header("x-auth-roles", "admin")
             .header("x-auth-tenant", "someone-else")
+            .header("x-auth-expires", "99999999999")
             .header("x-auth-anything", "x"),
     );
     assert_eq!(s.response().unwrap().status(), Some(200));
@@ -116,6 +117,18 @@ fn a_valid_token_becomes_identity_headers_and_spoofed_ones_are_removed() {
     assert_eq!(
         upstream_header(&s, "x-auth-claims").as_deref(),
         Some(es256().split('.').nth(1).unwrap())
+    );
+    assert_eq!(
+        upstream_header(&s, "x-auth-expires"),
+        Some((NOW + 300).to_string()),
+        "the token's exp, not the client's"
+    );
+    assert_eq!(
+        s.upstream_request()
+            .unwrap()
+            .header_all("x-auth-expires")
+            .len(),
+        1
     );
     assert_eq!(upstream_header(&s, "x-auth-anything"), None);
     assert_eq!(

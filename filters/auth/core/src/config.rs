@@ -223,6 +223,10 @@ pub struct OutputConfig {
     pub roles_header: String,
     /// Header for the base64url payload; empty: not set.
     pub claims_header: String,
+    /// Header for the token's `exp` (whole seconds since the epoch), so a
+    /// stream can end when the token does; empty: not set. Not set for a
+    /// token without `exp`.
+    pub expires_header: String,
     /// Claim path of the tenant.
     pub tenant_claim: String,
     /// Claim paths whose values make up the roles (merged, in order, deduplicated).
@@ -239,6 +243,7 @@ impl Default for OutputConfig {
             tenant_header: "x-auth-tenant".into(),
             roles_header: "x-auth-roles".into(),
             claims_header: "x-auth-claims".into(),
+            expires_header: "x-auth-expires".into(),
             tenant_claim: "tenant".into(),
             roles_claims: vec!["realm_access.roles".into()],
             forward_token: false,
@@ -531,6 +536,7 @@ impl Settings {
         header_name("output.tenant_header", &o.tenant_header, false)?;
         header_name("output.roles_header", &o.roles_header, false)?;
         header_name("output.claims_header", &o.claims_header, true)?;
+        header_name("output.expires_header", &o.expires_header, true)?;
         let tenant_claim =
             ClaimPath::parse(&o.tenant_claim).map_err(|e| format!("output.tenant_claim: {e}"))?;
         let mut roles_claims = Vec::new();
@@ -589,7 +595,7 @@ impl Settings {
     ) -> Vec<(String, String)> {
         let o = &self.output;
         let obj = Value::Object(claims.clone());
-        let mut out = Vec::with_capacity(5);
+        let mut out = Vec::with_capacity(6);
         let text = |k: &str| claims.get(k).and_then(Value::as_str).map(str::to_string);
         if let Some(sub) = text("sub") {
             out.push((o.subject_header.clone(), sub));
@@ -612,6 +618,15 @@ impl Settings {
         out.push((o.roles_header.clone(), roles.join(",")));
         if !o.claims_header.is_empty() {
             out.push((o.claims_header.clone(), payload_b64.to_string()));
+        }
+        if !o.expires_header.is_empty() {
+            // Verified already: a finite number. Whole seconds, rounded down.
+            if let Some(exp) = claims.get("exp").and_then(Value::as_f64) {
+                out.push((
+                    o.expires_header.clone(),
+                    format!("{}", exp.max(0.0).floor() as u64),
+                ));
+            }
         }
         out
     }

@@ -98,10 +98,22 @@ fn identity_headers_follow_the_output_configuration() {
     assert_eq!(get("x-auth-tenant"), Some("acme"));
     assert_eq!(get("x-auth-roles"), Some("trader,viewer"));
     assert_eq!(get("x-auth-claims"), Some("PAYLOAD"));
+    assert_eq!(
+        get("x-auth-expires"),
+        Some(c["exp"].as_u64().unwrap().to_string().as_str())
+    );
+    // A fractional exp is rounded down; none, no header.
+    let mut c = claims();
+    c["exp"] = json!(1_790_000_300.9);
+    let h = s.identity_headers(c.as_object().unwrap(), "PAYLOAD");
+    assert!(h.contains(&("x-auth-expires".into(), "1790000300".into())));
+    c.as_object_mut().unwrap().remove("exp");
+    let h = s.identity_headers(c.as_object().unwrap(), "PAYLOAD");
+    assert!(h.iter().all(|(k, _)| k != "x-auth-expires"), "{h:?}");
     let mut cfg = keycloak();
     cfg["output"] = json!({
         "tenant_claim": "org.id", "roles_claims": ["realm_access.roles", "resource_access.pricing-api.roles"],
-        "claims_header": "", "roles_header": "x-roles"
+        "claims_header": "", "roles_header": "x-roles", "expires_header": ""
     });
     let s = compile(cfg).unwrap();
     let mut c = claims();
@@ -112,6 +124,7 @@ fn identity_headers_follow_the_output_configuration() {
     assert_eq!(get("x-auth-tenant"), Some("org-7"));
     assert_eq!(get("x-roles"), Some("trader,viewer,publisher"));
     assert_eq!(get("x-auth-claims"), None);
+    assert_eq!(get("x-auth-expires"), None);
 }
 
 #[test]

@@ -375,6 +375,7 @@ impl HttpContext for Stream {
                     &o.tenant_header,
                     &o.roles_header,
                     &o.claims_header,
+                    &o.expires_header,
                 ]
                 .iter()
                 .any(|h| !h.is_empty() && h.as_str() == name)
