@@ -12,7 +12,7 @@ use ratelimit_core::rls::{Code, Descriptor, Request};
 use serde_json::json;
 use sidecar::rls::{serve, Limiter};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use wasm_host::{Host, Message, PluginConfig};
 
 const REDIS: &str = "127.0.0.1:6379";
@@ -53,9 +53,13 @@ fn redis_counts_each_descriptor_with_gcra() {
             descriptors: vec![descriptor("acme", 3)],
             hits_addend: 0,
         };
+        let started = Instant::now();
         let mut codes = Vec::new();
-        for _ in 0..5 {
-            let r = limiter.should_rate_limit(&req).await.unwrap();
+        for i in 0..5 {
+            let r = limiter
+                .should_rate_limit(&req)
+                .await
+                .unwrap_or_else(|e| panic!("hit {i} on Redis at {REDIS}: {e}"));
             codes.push((r.overall, r.statuses[0].remaining));
         }
         assert_eq!(
@@ -68,19 +72,36 @@ fn redis_counts_each_descriptor_with_gcra() {
                 (Code::OverLimit, 0)
             ]
         );
-        // The wait until one more: about 20 s (3 per minute).
-        let r = limiter.should_rate_limit(&req).await.unwrap();
+        // The wait until one more: 20 s (3 per minute) from the first hit,
+        // less the time the hits took (Redis' clock runs meanwhile; on a
+        // loaded machine that can be more than a second).
+        let r = limiter
+            .should_rate_limit(&req)
+            .await
+            .unwrap_or_else(|e| panic!("hit 5 on Redis at {REDIS}: {e}"));
+        let elapsed = u64::try_from(started.elapsed().as_nanos()).unwrap();
         let wait = r.statuses[0].reset_ns;
-        assert!((19_000_000_000..=20_000_000_000).contains(&wait), "{wait}");
+        let earliest = 20_000_000_000u64.saturating_sub(elapsed + 5_000_000);
+        assert!(
+            (earliest..=20_000_000_000).contains(&wait),
+            "wait {wait} ns, expected 20 s less the {elapsed} ns since the first hit"
+        );
         // Another tenant, and a descriptor without a limit, are untouched.
         let other = Request {
             domain: "carbon".into(),
             descriptors: vec![descriptor("other", 3), Descriptor::default()],
             hits_addend: 0,
         };
-        let r = limiter.should_rate_limit(&other).await.unwrap();
-        assert_eq!(r.overall, Code::Ok);
-        assert_eq!(r.statuses[1].limit, None);
+        let r = limiter
+            .should_rate_limit(&other)
+            .await
+            .unwrap_or_else(|e| panic!("tenant other on Redis at {REDIS}: {e}"));
+        assert_eq!(
+            r.overall,
+            Code::Ok,
+            "tenant other has its own bucket: {r:?}"
+        );
+        assert_eq!(r.statuses[1].limit, None, "{r:?}");
     });
 }
 
@@ -121,7 +142,7 @@ fn filter_with_service(
     host.add_grpc_server("ratelimit", addr);
     let cfg = json!({
         "policies": [{"id": "per-tenant", "key": ["tenant"], "rate": {"requests": 3, "per": "minute"}}],
-        "global": {"cluster": "ratelimit", "domain": "carbon", "timeout_ms": 2000}
+        "global": {"cluster": "ratelimit", "domain": "carbon", "timeout_ms": 5000}
     });
     let p = host
         .load(
@@ -148,11 +169,16 @@ fn send(host: &Host, chain: &wasm_host::Chain, tenant: &str) -> u16 {
         ],
         true,
     );
+    // Longer than the filter's timeout (5 s), so the call always ends here.
     assert!(
-        host.wait_for_callouts(Duration::from_secs(5)),
-        "the service answered"
+        host.wait_for_callouts(Duration::from_secs(10)),
+        "tenant {tenant}: the rate limit call still pending after 10 s: {:?}",
+        host.pending_calls()
     );
-    s.response().expect("a response").status().unwrap()
+    s.response()
+        .unwrap_or_else(|| panic!("tenant {tenant}: no response after the rate limit call"))
+        .status()
+        .unwrap_or_else(|| panic!("tenant {tenant}: a response without :status"))
 }
 
 #[test]
@@ -162,6 +188,14 @@ fn the_filter_in_global_mode_is_limited_by_the_service_and_redis() {
     let statuses: Vec<u16> = (0..5).map(|_| send(&host, &chain, "acme")).collect();
     assert_eq!(statuses, vec![200, 200, 200, 429, 429]);
     assert_eq!(send(&host, &chain, "other"), 200);
+    // Every 200 was the service's answer, not the filter failing open
+    // (a timeout or an error would also let the request through).
+    assert_eq!(
+        host.counter("wasmcustom.ratelimit.fail_open"),
+        0,
+        "the service failed to answer: {:?}",
+        host.logs_containing("ratelimit:")
+    );
     let _ = stop.send(());
 }
 

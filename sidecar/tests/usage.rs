@@ -40,7 +40,9 @@ fn start_at(addr: &str, args: &[&str]) -> Result<Running, String> {
         let app = sidecar::app_with_bus(&cfg, policy, shutdown.clone())
             .await
             .map_err(|e| e.to_string())?;
-        let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("bind {addr}: {e}"))?;
         let addr = l.local_addr().unwrap();
         let done = tokio::spawn(sidecar::server::serve(l, app, shutdown.clone()));
         Ok::<_, String>((addr, done))
@@ -76,7 +78,8 @@ fn http(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
+    let what = format!("{method} {path} on {addr}");
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("{what}: connect: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nhost: sidecar\r\ncontent-length: {}\r\nconnection: close\r\n",
@@ -86,13 +89,21 @@ fn http(
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
+    s.write_all(req.as_bytes())
+        .and_then(|()| s.write_all(body))
+        .unwrap_or_else(|e| panic!("{what}: write: {e}"));
     let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap();
+    s.read_to_end(&mut out)
+        .unwrap_or_else(|e| panic!("{what}: no complete answer within 10 s: {e}"));
     let text = String::from_utf8(out).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("{what}: not an HTTP answer: {text:?}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: no status in {head:?}"));
     let body = if head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked")
@@ -119,13 +130,19 @@ fn dechunk(mut s: &str) -> String {
 
 fn post(addr: SocketAddr, body: &Value) -> (u16, Value) {
     let (status, text) = http(addr, "POST", "/v1/usage", &[], body.to_string().as_bytes());
-    (status, serde_json::from_str(&text).unwrap())
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "POST /v1/usage {}: {status} with a body that is not JSON ({e}): {text:?}",
+            body["batch"]
+        )
+    });
+    (status, v)
 }
 
 fn metrics(addr: SocketAddr, accept: Option<&str>) -> String {
     let h: Vec<(&str, &str)> = accept.map(|a| ("accept", a)).into_iter().collect();
     let (status, text) = http(addr, "GET", "/metrics", &h, b"");
-    assert_eq!(status, 200);
+    assert_eq!(status, 200, "GET /metrics: {text}");
     text
 }
 
@@ -224,16 +241,18 @@ fn batches_are_aggregated_and_exposed_in_both_formats() {
 fn recent_rollups_are_kept_in_memory() {
     let sc = start(&[]);
     let now = sidecar::usage::now_ms();
-    let (status, _) = post(
+    let (status, v) = post(
         sc.addr,
         &json!({"batch": "r-1", "records": [
             rec("acme", "/a", 200, 10, now), rec("acme", "/a", 201, 30, now),
             rec("beta", "/a", 200, 5, now)],
             "metrics": [{"name": "m", "value": 4, "labels": {"k": "v"}, "time_ms": now}]}),
     );
-    assert_eq!(status, 200);
-    let (_, text) = http(sc.addr, "GET", "/v1/usage/rollups?tenant=acme", &[], b"");
-    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(status, 200, "batch r-1 accepted: {v}");
+    let (status, text) = http(sc.addr, "GET", "/v1/usage/rollups?tenant=acme", &[], b"");
+    assert_eq!(status, 200, "GET /v1/usage/rollups: {text}");
+    let v: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("GET /v1/usage/rollups: not JSON ({e}): {text:?}"));
     let minute = (now / 60_000 * 60) as i64;
     assert_eq!(
         v["usage"],
@@ -257,7 +276,7 @@ fn a_bad_batch_is_refused_whole_with_the_field() {
         rec("acme", "/a", 700, 1, T0),
     ]});
     let (status, v) = post(sc.addr, &bad);
-    assert_eq!(status, 400);
+    assert_eq!(status, 400, "{v}");
     assert_eq!(v["error"], "invalid_batch");
     assert!(
         v["message"]
@@ -291,24 +310,24 @@ fn with_a_secret_only_the_secret_is_accepted() {
         status, 403,
         "loopback alone is not enough once a secret is set"
     );
-    let (status, _) = http(
+    let (status, text) = http(
         sc.addr,
         "POST",
         "/v1/usage",
         &[("x-usage-secret", "wrong")],
         b.as_bytes(),
     );
-    assert_eq!(status, 403);
-    let (status, _) = http(
+    assert_eq!(status, 403, "a wrong secret: {text}");
+    let (status, text) = http(
         sc.addr,
         "POST",
         "/v1/usage",
         &[("x-usage-secret", "s3cret")],
         b.as_bytes(),
     );
-    assert_eq!(status, 200);
-    let (status, _) = http(sc.addr, "GET", "/v1/usage/rollups", &[], b"");
-    assert_eq!(status, 403);
+    assert_eq!(status, 200, "the right secret: {text}");
+    let (status, text) = http(sc.addr, "GET", "/v1/usage/rollups", &[], b"");
+    assert_eq!(status, 403, "rollups without the secret: {text}");
     has(
         &metrics(sc.addr, None),
         r#"usage_ingest_batches_total{outcome="unauthorized"} 3"#,
@@ -319,14 +338,14 @@ fn with_a_secret_only_the_secret_is_accepted() {
 #[test]
 fn tenants_beyond_the_cap_fold_into_other() {
     let sc = start(&["--usage-max-tenants", "2", "--usage-max-app-series", "1"]);
-    let (status, _) = post(
+    let (status, v) = post(
         sc.addr,
         &json!({"batch": "c-1", "records": [
             rec("t1", "/a", 200, 1, T0), rec("t2", "/a", 200, 1, T0),
             rec("t3", "/a", 200, 1, T0), rec("t4", "/a", 200, 1, T0)],
             "metrics": [{"name": "x", "value": 1}, {"name": "y", "value": 1}]}),
     );
-    assert_eq!(status, 200);
+    assert_eq!(status, 200, "{v}");
     let p = metrics(sc.addr, None);
     has(
         &p,
@@ -380,7 +399,7 @@ impl Schema {
         self.rt.block_on(async {
             let (c, conn) = tokio_postgres::connect(&self.conninfo(), tokio_postgres::NoTls)
                 .await
-                .unwrap();
+                .unwrap_or_else(|e| panic!("connect to PostgreSQL ({PG}): {e}"));
             tokio::spawn(conn);
             c
         })
@@ -388,14 +407,16 @@ impl Schema {
 
     fn exec(&self, sql: &str) {
         let c = self.client();
-        self.rt.block_on(c.batch_execute(sql)).unwrap();
+        self.rt
+            .block_on(c.batch_execute(sql))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
     fn int(&self, sql: &str) -> i64 {
         let c = self.client();
         self.rt
             .block_on(c.query_one(sql, &[]))
-            .unwrap()
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
             .get::<_, Option<i64>>(0)
             .unwrap_or(0)
     }
@@ -469,12 +490,24 @@ fn a_lost_database_connection_is_replaced_and_nothing_counts_twice() {
     let conninfo = format!("{} application_name={}", db.conninfo(), db.name);
     let sc = start(&["--usage-postgres", &conninfo]);
     let b = |id: &str| json!({"batch": id, "records": [rec("acme", "/a", 200, 1, T0)]});
-    assert_eq!(post(sc.addr, &b("d-1")).0, 200);
-    // Take the writer's connection away.
-    db.exec(&format!(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{}'",
+    let (status, v) = post(sc.addr, &b("d-1"));
+    assert_eq!(status, 200, "batch d-1 before the connection is lost: {v}");
+    // Take the writer's connection away, and wait until its backend is gone
+    // (pg_terminate_backend alone only signals it): otherwise d-2 could
+    // still go through the old connection and nothing be replaced.
+    let writer = format!(
+        "FROM pg_stat_activity WHERE application_name = '{}'",
         db.name
+    );
+    let old = db.int(&format!("SELECT max(pid)::int8 {writer}"));
+    assert!(old > 0, "no backend for the sidecar's writer ({writer})");
+    let terminated = db.int(&format!(
+        "SELECT count(*) FILTER (WHERE t) FROM (SELECT pg_terminate_backend(pid, 10000) AS t {writer}) s"
     ));
+    assert!(
+        terminated >= 1,
+        "the writer's backend {old} was not terminated within 10 s"
+    );
     // Each batch is committed (200) or not at all (503, to be resent);
     // the writer reconnects within a second or two.
     let mut statuses = Vec::new();
@@ -489,6 +522,11 @@ fn a_lost_database_connection_is_replaced_and_nothing_counts_twice() {
         assert!(Instant::now() < deadline, "no reconnect: {statuses:?}");
         std::thread::sleep(Duration::from_millis(300));
     }
+    assert_eq!(
+        db.int(&format!("SELECT count(*) {writer} AND pid <> {old}")),
+        1,
+        "d-2 was committed through a new connection, not the terminated {old} ({statuses:?})"
+    );
     assert_eq!(db.int("SELECT count(*) FROM usage_batches"), 2);
     assert_eq!(db.int("SELECT sum(requests)::int8 FROM usage_minute"), 2);
     sc.kill();
@@ -501,7 +539,7 @@ fn a_lost_database_connection_is_replaced_and_nothing_counts_twice() {
         ],
     )
     .err()
-    .unwrap();
+    .expect("a sidecar started although PostgreSQL is unreachable");
     assert!(err.contains("usage: postgres"), "{err}");
 }
 
@@ -585,35 +623,63 @@ fn totals_are_exact_across_a_restart_with_batches_in_flight() {
                 ],
                 true,
             );
-            assert!(s.is_complete());
+            assert!(
+                s.is_complete(),
+                "request {i} of tenant {tenant} not completed"
+            );
             sent += 1;
         }
     };
     let counter = |n: &str| host.counter(&format!("usage.{n}"));
 
     // 1. The sidecar commits batches but its answers are lost.
+    let settle = |step: &str| {
+        assert!(
+            host.wait_for_callouts(Duration::from_secs(20)),
+            "{step}: batches still in flight after 20 s: {:?}",
+            host.pending_calls()
+        );
+    };
     send(230, "acme");
     host.advance(Duration::from_millis(1000));
-    assert!(host.wait_for_callouts(Duration::from_secs(20)));
+    settle("1. first flush, answers lost");
     host.advance(Duration::from_millis(1000));
-    assert!(host.wait_for_callouts(Duration::from_secs(20)));
+    settle("1. the resend, answers lost");
     // The same batch went twice, was committed, and both answers were lost.
-    assert!(counter("batch_failures") >= 2, "answers were lost");
-    assert_eq!(counter("records_sent"), 0);
-    assert!(db.int("SELECT count(*) FROM usage_batches") >= 1);
+    assert!(
+        counter("batch_failures") >= 2,
+        "answers were lost: {} batch failures",
+        counter("batch_failures")
+    );
+    assert_eq!(counter("records_sent"), 0, "no answer reached the filter");
+    assert!(
+        db.int("SELECT count(*) FROM usage_batches") >= 1,
+        "the sidecar committed what it answered"
+    );
 
     // 2. Batches go out and the sidecar dies under them.
     swallow.store(false, Ordering::SeqCst);
     send(170, "beta");
     host.advance(Duration::from_millis(1000));
     sc.kill();
-    assert!(host.wait_for_callouts(Duration::from_secs(20)));
+    settle("2. the sidecar killed under batches");
     send(100, "gamma");
     host.advance(Duration::from_millis(1000));
-    assert!(host.wait_for_callouts(Duration::from_secs(20)));
+    settle("2. batches while the sidecar is down");
 
-    // 3. A new sidecar on the same port, the same database.
-    let sc = start_at(&port.to_string(), &args).unwrap();
+    // 3. A new sidecar on the same port, the same database. The port can
+    // be held a moment (a loopback connection of another test may have
+    // been given it as its own): retry the bind, bounded.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sc = loop {
+        match start_at(&port.to_string(), &args) {
+            Ok(sc) => break sc,
+            Err(e) if e.starts_with("bind ") && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("3. restarting the sidecar on {port}: {e}"),
+        }
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
     while counter("records_sent") < sent {
         assert!(
@@ -622,13 +688,18 @@ fn totals_are_exact_across_a_restart_with_batches_in_flight() {
             counter("records_sent")
         );
         host.advance(Duration::from_millis(500));
-        assert!(host.wait_for_callouts(Duration::from_secs(20)));
+        settle("3. resending to the new sidecar");
     }
-    assert_eq!(counter("records"), sent);
-    assert_eq!(counter("records_dropped"), 0);
+    assert_eq!(counter("records"), sent, "records seen by the filter");
+    assert_eq!(
+        counter("records_dropped"),
+        0,
+        "records dropped by the filter"
+    );
     assert_eq!(
         db.int("SELECT sum(requests)::int8 FROM usage_minute"),
-        sent as i64
+        sent as i64,
+        "requests in usage_minute"
     );
     for (tenant, n) in [("acme", 230), ("beta", 170), ("gamma", 100)] {
         assert_eq!(
@@ -649,7 +720,7 @@ fn totals_are_exact_across_a_restart_with_batches_in_flight() {
     let dup = p
         .lines()
         .find_map(|l| l.strip_prefix("usage_postgres_duplicate_batches_total "))
-        .unwrap();
+        .unwrap_or_else(|| panic!("no usage_postgres_duplicate_batches_total in\n{p}"));
     assert!(dup.parse::<u64>().unwrap() >= 1, "{p}");
     sc.kill();
 }

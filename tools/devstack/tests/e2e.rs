@@ -163,10 +163,13 @@ fn no_token_gets_401_with_a_challenge() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"], "invalid_token");
     let (status, h, _) = get("/api/v1/curves/EU-ETS/latest", Some("not.a.token"), &[]);
-    assert_eq!(status, 401);
-    assert!(header(&h, "www-authenticate")
-        .unwrap()
-        .contains(r#"error="invalid_token""#));
+    assert_eq!(status, 401, "a malformed token");
+    let challenge = header(&h, "www-authenticate")
+        .unwrap_or_else(|| panic!("no www-authenticate for a malformed token: {h:?}"));
+    assert!(
+        challenge.contains(r#"error="invalid_token""#),
+        "{challenge}"
+    );
 }
 
 #[test]
@@ -242,9 +245,14 @@ fn over_the_limit_gets_429_with_its_headers() {
     assert!(i >= 10, "limited after only {i} requests");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"], "rate_limited");
-    assert!(header(&h, "retry-after").unwrap().parse::<u64>().unwrap() >= 1);
-    assert!(header(&h, "ratelimit-policy").is_some());
-    assert!(header(&h, "ratelimit").is_some());
+    let retry_after =
+        header(&h, "retry-after").unwrap_or_else(|| panic!("a 429 without retry-after: {h:?}"));
+    assert!(
+        retry_after.parse::<u64>().is_ok_and(|s| s >= 1),
+        "retry-after {retry_after:?}, expected whole seconds >= 1"
+    );
+    assert!(header(&h, "ratelimit-policy").is_some(), "{h:?}");
+    assert!(header(&h, "ratelimit").is_some(), "{h:?}");
     assert_eq!(header(&h, "x-ratelimit-remaining"), Some("0"));
 }
 
@@ -253,24 +261,29 @@ async fn ws(
 ) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
     let url = format!("ws://{GATEWAY}/ws?access_token={token}");
     let req = url.into_client_request().unwrap();
-    let (ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let (ws, resp) = tokio_tungstenite::connect_async(req)
+        .await
+        .unwrap_or_else(|e| panic!("websocket upgrade through {GATEWAY}/ws: {e}"));
     assert_eq!(resp.status().as_u16(), 101);
     ws
 }
 
+/// The next text frame, as JSON; `what` names the frame awaited.
 async fn next_json(
     ws: &mut tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >,
+    what: &str,
 ) -> Value {
     loop {
         let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
             .await
-            .expect("no frame within 10 s")
-            .expect("closed")
-            .unwrap();
+            .unwrap_or_else(|_| panic!("waiting for {what}: no frame within 10 s"))
+            .unwrap_or_else(|| panic!("waiting for {what}: the connection closed"))
+            .unwrap_or_else(|e| panic!("waiting for {what}: {e}"));
         if let Message::Text(t) = m {
-            return serde_json::from_str(&t).unwrap();
+            return serde_json::from_str(&t)
+                .unwrap_or_else(|e| panic!("waiting for {what}: not JSON ({e}): {t}"));
         }
     }
 }
@@ -287,30 +300,58 @@ fn run<F: std::future::Future>(f: F) -> F::Output {
 fn a_websocket_subscription_gets_the_snapshot_then_live_updates() {
     let t = token(&unique("dave"), "EU-ETS");
     run(async {
-        let mut ws = ws(&t).await;
-        // The publisher writes every channel at least once a second.
         let ch = "pricing.curves.EU-ETS.DEC26";
-        tokio::time::sleep(Duration::from_millis(1200)).await;
-        ws.send(Message::text(
-            json!({"type": "subscribe", "id": 7, "channels": [ch]}).to_string(),
-        ))
-        .await
-        .unwrap();
-        let sub = next_json(&mut ws).await;
-        assert_eq!(sub["type"], "subscribed", "{sub}");
-        assert_eq!(sub["id"], 7);
+        // The publisher writes every channel at least once a second; until
+        // it first has, the snapshot is empty (a stack just started): then
+        // subscribe again on a new connection, bounded.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut attempts = 0;
+        let (mut ws, sub) = loop {
+            attempts += 1;
+            let mut ws = ws(&t).await;
+            ws.send(Message::text(
+                json!({"type": "subscribe", "id": 7, "channels": [ch]}).to_string(),
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("sending the subscribe to {ch}: {e}"));
+            let sub = next_json(&mut ws, "the subscribed frame").await;
+            assert_eq!(sub["type"], "subscribed", "{sub}");
+            assert_eq!(sub["id"], 7, "{sub}");
+            let empty = sub["snapshot"]
+                .as_array()
+                .unwrap_or_else(|| panic!("no snapshot array: {sub}"))
+                .is_empty();
+            if !empty {
+                break (ws, sub);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the snapshot of {ch} still empty after {attempts} subscriptions in 10 s: \
+                 the publisher has not written it"
+            );
+            let _ = ws.close(None).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         let snap = sub["snapshot"].as_array().unwrap();
         assert_eq!(snap.len(), 1, "{sub}");
-        assert_eq!(snap[0]["channel"], ch);
-        let seq0 = snap[0]["seq"].as_u64().unwrap();
+        assert_eq!(snap[0]["channel"], ch, "{sub}");
+        let seq0 = snap[0]["seq"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("a snapshot entry without seq: {sub}"));
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut got = 0;
         while got < 2 {
-            assert!(Instant::now() < deadline);
-            let m = next_json(&mut ws).await;
+            assert!(
+                Instant::now() < deadline,
+                "only {got} of 2 live messages on {ch} after seq {seq0} within 10 s"
+            );
+            let m = next_json(&mut ws, &format!("live message {} on {ch}", got + 1)).await;
             if m["type"] == "message" {
-                assert_eq!(m["channel"], ch);
-                assert!(m["seq"].as_u64().unwrap() > seq0);
+                assert_eq!(m["channel"], ch, "{m}");
+                assert!(
+                    m["seq"].as_u64().is_some_and(|seq| seq > seq0),
+                    "a live message not after the snapshot's seq {seq0}: {m}"
+                );
                 got += 1;
             }
         }
@@ -327,27 +368,35 @@ fn an_unentitled_channel_gets_an_error_frame() {
                 .to_string(),
         ))
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("sending the subscribe: {e}"));
         let mut error = None;
+        let mut seen = Vec::new();
         for _ in 0..3 {
-            let m = next_json(&mut ws).await;
+            let m = next_json(&mut ws, "the error frame for PJM").await;
             if m["type"] == "error" {
                 error = Some(m);
                 break;
             }
+            seen.push(m);
         }
-        let e = error.expect("no error frame");
+        let e = error.unwrap_or_else(|| panic!("no error frame in the first 3: {seen:?}"));
         assert_eq!(e["code"], "forbidden", "{e}");
-        assert_eq!(e["channel"], "pricing.curves.PJM.DEC26");
+        assert_eq!(e["channel"], "pricing.curves.PJM.DEC26", "{e}");
         // The connection stays usable.
         ws.send(Message::text(json!({"type": "ping", "id": 2}).to_string()))
             .await
-            .unwrap();
+            .unwrap_or_else(|e| panic!("sending the ping after the error: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let m = next_json(&mut ws).await;
+            let m = next_json(&mut ws, "the pong after the error").await;
             if m["type"] == "pong" {
+                assert_eq!(m["id"], 2, "{m}");
                 break;
             }
+            assert!(
+                Instant::now() < deadline,
+                "no pong within 10 s after the error, last frame {m}"
+            );
         }
     });
 }
@@ -366,32 +415,47 @@ fn a_websocket_without_a_token_is_refused() {
             ("sec-websocket-version", "13"),
         ],
     );
-    assert_eq!(status, 401);
-    assert!(header(&h, "www-authenticate").is_some());
+    assert_eq!(status, 401, "a websocket upgrade without a token");
+    assert!(header(&h, "www-authenticate").is_some(), "{h:?}");
 }
 
 #[test]
 fn requests_are_metered_in_the_sidecar() {
     let sub = unique("frank");
     let t = token(&sub, "CAISO");
-    for _ in 0..3 {
-        assert_eq!(get("/api/v1/curves/CAISO/latest", Some(&t), &[]).0, 200);
-    }
-    // The usage filter flushes every second; the sidecar aggregates.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    // The series is shared with the other tests (same tenant and route,
+    // run in parallel): count from what it holds now.
+    let metered = || {
         let (status, _, body) = http("127.0.0.1:8081", "GET", "/metrics", &[]);
-        assert_eq!(status, 200);
+        assert_eq!(status, 200, "the sidecar's /metrics: {body}");
         let n: u64 = body
             .lines()
             .find_map(|l| {
                 l.strip_prefix(r#"usage_requests_total{tenant="acme",route="/api/v1/curves/{market}/latest",status_class="2xx"} "#)
             })
-            .map_or(0, |v| v.parse().unwrap());
-        if n >= 3 {
+            .map_or(0, |v| {
+                v.parse()
+                    .unwrap_or_else(|e| panic!("usage_requests_total {v:?}: {e}"))
+            });
+        (n, body)
+    };
+    let (before, _) = metered();
+    for i in 0..3 {
+        let (status, _, body) = get("/api/v1/curves/CAISO/latest", Some(&t), &[]);
+        assert_eq!(status, 200, "request {i}: {body}");
+    }
+    // The usage filter flushes every second; the sidecar aggregates.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (n, body) = metered();
+        if n >= before + 3 {
             break;
         }
-        assert!(Instant::now() < deadline, "usage not metered:\n{body}");
+        assert!(
+            Instant::now() < deadline,
+            "after 10 s {} of the 3 requests metered ({before} before):\n{body}",
+            n.saturating_sub(before)
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
