@@ -39,6 +39,10 @@ pub struct Config {
     /// channel rules decide subscriptions and publishes.
     #[arg(long, env = "SIDECAR_POLICY")]
     pub policy: PathBuf,
+    /// Seconds between looks at the policy file (a changed file is
+    /// reloaded; SIGHUP reloads at once). 0: only on SIGHUP.
+    #[arg(long, env = "SIDECAR_POLICY_POLL", default_value_t = 2)]
+    pub policy_poll: u64,
 
     /// Most open WebSocket connections (beyond: close 1013).
     #[arg(long, env = "SIDECAR_MAX_CONNECTIONS", default_value_t = 100_000)]
@@ -120,6 +124,21 @@ pub struct Config {
     pub roles_header: String,
     #[arg(long, env = "SIDECAR_CLAIMS_HEADER", default_value = "x-auth-claims")]
     pub claims_header: String,
+    #[arg(long, env = "SIDECAR_EXPIRES_HEADER", default_value = "x-auth-expires")]
+    pub expires_header: String,
+    /// Seconds of tolerance after a token's `exp` before its stream closes
+    /// (the auth filter's `clock_skew_s`).
+    #[arg(long, env = "SIDECAR_CLOCK_SKEW", default_value_t = 60)]
+    pub clock_skew: u64,
+    /// Seconds before an identity's end at which the client is sent
+    /// `expiring` (time to refresh).
+    #[arg(long, env = "SIDECAR_EXPIRY_WARNING", default_value_t = 30)]
+    pub expiry_warning: u64,
+    /// Longest life, in seconds, of an identity without an expiry (no
+    /// `x-auth-expires`, a token without `exp`); then the connection closes
+    /// 4001 unless refreshed. 0: unbounded.
+    #[arg(long, env = "SIDECAR_MAX_LIFETIME", default_value_t = 86_400)]
+    pub max_lifetime: u64,
 
     /// Also serve the Envoy rate limit service (gRPC, h2c) on this address.
     #[arg(long, env = "SIDECAR_RLS_LISTEN")]
@@ -197,6 +216,9 @@ impl Config {
             client_rate: self.client_rate,
             client_burst: self.client_burst.max(1.0),
             close_timeout: Duration::from_secs(5),
+            clock_skew: Duration::from_secs(self.clock_skew),
+            expiry_warning: Duration::from_secs(self.expiry_warning),
+            max_lifetime: Duration::from_secs(self.max_lifetime),
         }
     }
 
@@ -231,6 +253,7 @@ impl Config {
                 tenant: self.tenant_header.to_ascii_lowercase(),
                 roles: self.roles_header.to_ascii_lowercase(),
                 claims: self.claims_header.to_ascii_lowercase(),
+                expires: self.expires_header.to_ascii_lowercase(),
             },
         }
     }

@@ -4,12 +4,14 @@
 //! ([`metrics`], [`expo`]), usage metering ([`usage`]), and the Envoy Rate Limit Service backed by Redis
 //! ([`rls`], [`resp`]). [`run`] wires them from a [`config::Config`].
 
+pub mod access;
 pub mod bus;
 pub mod config;
 pub mod expo;
 pub mod fanout;
 pub mod metrics;
 pub mod protocol;
+pub mod reload;
 pub mod resp;
 pub mod rls;
 pub mod server;
@@ -103,11 +105,7 @@ fn assemble(
     bus: Arc<dyn bus::Bus>,
     usage: Arc<usage::Usage>,
 ) -> Arc<server::App> {
-    let ctx = Arc::new(session::Context {
-        hub,
-        policy: Arc::new(policy),
-        cfg: config.session(),
-    });
+    let ctx = Arc::new(session::Context::new(hub, policy, config.session()));
     Arc::new(server::App::new(ctx, bus, registry, config.front(), usage))
 }
 
@@ -118,7 +116,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let policy = load_policy(&config.policy)?;
+    let seen = std::fs::read(&config.policy).ok();
     let app = app_with_bus(&config, policy, shutdown.clone()).await?;
+    tokio::spawn(reload::watch_file(
+        reload::FileSource::new(&config.policy, seen),
+        app.ctx.clone(),
+        Duration::from_secs(config.policy_poll),
+        shutdown.clone(),
+    ));
     if let Some(addr) = config.rls_listen {
         let l = TcpListener::bind(addr).await.map_err(|e| StartError::Rls {
             addr: addr.to_string(),

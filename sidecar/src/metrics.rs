@@ -30,6 +30,10 @@ pub struct Closes {
     pub ping_timeout: Counter,
     pub idle: Counter,
     pub shutdown: Counter,
+    /// The token's `exp` (plus skew) passed (4001 "token expired").
+    pub expired: Counter,
+    /// An identity without expiry reached `--max-lifetime` (4001).
+    pub lifetime: Counter,
 }
 
 /// Fan-out metrics.
@@ -51,8 +55,15 @@ pub struct Metrics {
     pub bus_connected: Gauge,
     pub bus_reconnects: Counter,
     pub bus_errors: Counter,
+    /// `expiring` frames sent.
+    pub expiry_warnings: Counter,
+    /// Time one connection took to decide its subscriptions again.
+    pub reevaluation: Histogram,
+    /// Policies put in force (`ok`) or refused (`refused`), by source.
+    pub policy_reloads: Family<Vec<(String, String)>, Counter>,
     close_family: Labelled,
     drop_family: Labelled,
+    revoked_family: Labelled,
 }
 
 type Labelled = Family<Vec<(String, String)>, Counter>;
@@ -87,6 +98,8 @@ impl Metrics {
                 ping_timeout: close("ping_timeout"),
                 idle: close("idle"),
                 shutdown: close("shutdown"),
+                expired: close("token_expired"),
+                lifetime: close("lifetime"),
             },
             subscriptions: Gauge::default(),
             subscribe_denied: Counter::default(),
@@ -108,9 +121,36 @@ impl Metrics {
             bus_connected: Gauge::default(),
             bus_reconnects: Counter::default(),
             bus_errors: Counter::default(),
+            expiry_warnings: Counter::default(),
+            // 1 µs .. ~65 ms
+            reevaluation: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(1e-6, 2.0, 17),
+            ),
+            policy_reloads: Family::default(),
             close_family,
             drop_family,
+            revoked_family: Labelled::default(),
         }
+    }
+
+    /// Counts `n` subscriptions ended because rule `rule` now denies them
+    /// (rules are the policy's own ids: a bounded set).
+    pub fn revoked(&self, rule: &str, n: u64) {
+        child(&self.revoked_family, "rule", rule).inc_by(n);
+    }
+
+    /// Counts a policy reload from `source` (`file`, `remote`): put in
+    /// force or refused.
+    pub fn policy_reload(&self, source: &str, ok: bool) {
+        self.policy_reloads
+            .get_or_create(&vec![
+                ("source".to_string(), source.to_string()),
+                (
+                    "result".to_string(),
+                    if ok { "ok" } else { "refused" }.to_string(),
+                ),
+            ])
+            .inc();
     }
 
     /// Registers every metric under `sidecar_`.
@@ -195,6 +235,26 @@ impl Metrics {
             "bus_errors",
             "Bus publish or subscribe errors",
             self.bus_errors.clone(),
+        );
+        r.register(
+            "ws_expiry_warnings",
+            "expiring frames sent to clients whose identity ends soon",
+            self.expiry_warnings.clone(),
+        );
+        r.register(
+            "ws_revoked_subscriptions",
+            "Live subscriptions ended because a new decision denies them, by rule",
+            self.revoked_family.clone(),
+        );
+        r.register(
+            "ws_reevaluation_seconds",
+            "Time one connection took to decide its subscriptions again after a change",
+            self.reevaluation.clone(),
+        );
+        r.register(
+            "policy_reloads",
+            "Policies put in force or refused, by source and result",
+            self.policy_reloads.clone(),
         );
     }
 }

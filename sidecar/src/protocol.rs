@@ -237,6 +237,28 @@ pub fn unsubscribed(id: Option<&Id>, channels: &[String]) -> Bytes {
     })
 }
 
+/// `{"type":"unsubscribed","channels":[..],"reason":"revoked","rule":..}`:
+/// subscriptions a new decision ended.
+pub fn revoked(channels: &[String], rule: &str) -> Bytes {
+    ws::text_with(96 + rule.len(), |out| {
+        out.extend_from_slice(b"{\"type\":\"unsubscribed\",\"channels\":");
+        let _ = serde_json::to_writer(&mut *out, channels);
+        out.extend_from_slice(b",\"reason\":\"revoked\",\"rule\":");
+        push_str(out, rule);
+        out.push(b'}');
+    })
+}
+
+/// `{"type":"expiring","in":<seconds>}`: the identity ends in that many
+/// seconds unless refreshed.
+pub fn expiring(seconds: u64) -> Bytes {
+    ws::text_with(40, |out| {
+        out.extend_from_slice(b"{\"type\":\"expiring\",\"in\":");
+        out.extend_from_slice(seconds.to_string().as_bytes());
+        out.push(b'}');
+    })
+}
+
 /// `{"type":"error","id":..,"code":..,"message":..,"channel":..}`
 pub fn error(id: Option<&Id>, code: &str, message: &str, channel: Option<&str>) -> Bytes {
     ws::text_with(message.len() + 96, |out| {

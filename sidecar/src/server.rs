@@ -6,6 +6,7 @@
 //! filter strips client copies and sets them, can reach it (bind it to
 //! loopback or a pod-local address).
 
+use crate::access::Access;
 use crate::bus::{Bus, BusError};
 use crate::expo::{Format, Writer};
 use crate::fanout::PublishError;
@@ -39,6 +40,7 @@ pub struct IdentityHeaders {
     pub tenant: String,
     pub roles: String,
     pub claims: String,
+    pub expires: String,
 }
 
 impl Default for IdentityHeaders {
@@ -49,6 +51,7 @@ impl Default for IdentityHeaders {
             tenant: "x-auth-tenant".into(),
             roles: "x-auth-roles".into(),
             claims: "x-auth-claims".into(),
+            expires: "x-auth-expires".into(),
         }
     }
 }
@@ -138,14 +141,13 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
-/// The caller as Envoy's auth filter described it; `Err` when the claims
-/// header is malformed (fail closed).
-fn identity(h: &HeaderMap, app: &App) -> Result<Identity, String> {
+/// The caller as Envoy's auth filter described it, with its token's
+/// expiry; `Err` when a header is malformed (fail closed).
+fn access(h: &HeaderMap, app: &App) -> Result<Access, String> {
     let names = &app.cfg.identity;
     let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let policy = &app.ctx.policy;
-    let claims = match (policy.uses_claims(), h.get(&names.claims)) {
-        (true, Some(v)) => {
+    let payload = match h.get(&names.claims) {
+        Some(v) => {
             use base64::engine::{general_purpose, DecodePaddingMode, GeneralPurpose};
             const B64URL: GeneralPurpose = GeneralPurpose::new(
                 &base64::alphabet::URL_SAFE,
@@ -154,12 +156,26 @@ fn identity(h: &HeaderMap, app: &App) -> Result<Identity, String> {
             let raw = B64URL
                 .decode(v.as_bytes())
                 .map_err(|e| format!("{}: not base64url: {e}", names.claims))?;
-            decode_claims(&raw, policy.claim_roots())
-                .map_err(|e| format!("{}: {e}", names.claims))?
+            Some(Bytes::from(raw))
         }
+        None => None,
+    };
+    let policy = app.ctx.policy();
+    let claims = match (&payload, policy.uses_claims()) {
+        (Some(raw), true) => decode_claims(raw, policy.claim_roots())
+            .map_err(|e| format!("{}: {e}", names.claims))?,
         _ => serde_json::Value::Null,
     };
-    Ok(Identity {
+    let expires = match h.get(&names.expires) {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|t| t.parse::<u64>().ok())
+                .ok_or_else(|| format!("{}: not whole seconds since the epoch", names.expires))?,
+        ),
+        None => None,
+    };
+    let identity = Identity {
         subject: get(&names.subject),
         issuer: get(&names.issuer),
         tenant: get(&names.tenant),
@@ -167,7 +183,16 @@ fn identity(h: &HeaderMap, app: &App) -> Result<Identity, String> {
             .map(|r| Identity::parse_roles(&r))
             .unwrap_or_default(),
         claims,
-    })
+    };
+    let cfg = &app.ctx.cfg;
+    Ok(Access::new(
+        identity,
+        payload,
+        expires,
+        cfg.clock_skew,
+        cfg.max_lifetime,
+        app.ctx.clock.now_secs(),
+    ))
 }
 
 /// Serves `app` on `listener` until `shutdown` is cancelled, then stops
@@ -315,7 +340,7 @@ fn upgrade(req: Request<Incoming>, app: Arc<App>, tracker: TaskTracker) -> Respo
         );
     };
     let accept = ws::accept_key(key);
-    let who = match identity(h, &app) {
+    let who = match access(h, &app) {
         Ok(i) => i,
         Err(e) => return error(StatusCode::FORBIDDEN, "invalid_identity", e),
     };
@@ -341,7 +366,11 @@ fn upgrade(req: Request<Incoming>, app: Arc<App>, tracker: TaskTracker) -> Respo
         }
         m.connections.inc();
         m.connections_opened.inc();
-        let tenant = who.tenant.clone().unwrap_or_else(|| "anonymous".into());
+        let tenant = who
+            .identity
+            .tenant
+            .clone()
+            .unwrap_or_else(|| "anonymous".into());
         let usage = app.usage.stream_usage(&tenant);
         usage.connections.fetch_add(1, Ordering::Relaxed);
         usage.opened.fetch_add(1, Ordering::Relaxed);
@@ -392,15 +421,16 @@ async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
         Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string()),
     };
-    let who = match identity(req.headers(), &app) {
-        Ok(i) => i,
+    let who = match access(req.headers(), &app) {
+        Ok(a) => a.identity,
         Err(e) => return error(StatusCode::FORBIDDEN, "invalid_identity", e),
     };
     let pattern = match Pattern::parse(&name) {
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string()),
     };
-    let d = app.ctx.policy.evaluate(
+    let policy = app.ctx.policy();
+    let d = policy.evaluate(
         &who,
         &PolicyRequest::Channel {
             pattern: &pattern,

@@ -8,17 +8,19 @@
 //! never stops the task from seeing a close request, and an idle
 //! connection holds no buffers.
 
+use crate::access::{Access, Bound, Clock};
 use crate::fanout::{Client, Flushed, Hub};
 use crate::metrics::Metrics;
 use crate::protocol::{self, ClientMessage, Id};
 use crate::ws::{self, close, Incoming, Parser, Violation};
 use entitlements_core::channel::Pattern;
-use entitlements_core::identity::Identity;
+use entitlements_core::identity::decode_claims;
 use entitlements_core::policy::{ChannelAction, Policy, Request};
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +44,12 @@ pub struct SessionConfig {
     /// How long a closing connection waits for its last writes and the
     /// client's close frame before the socket is dropped.
     pub close_timeout: Duration,
+    /// Tolerance after a token's `exp` before the connection closes.
+    pub clock_skew: Duration,
+    /// How long before an identity's end the client gets `expiring`.
+    pub expiry_warning: Duration,
+    /// Longest life of an identity without an expiry; zero: unbounded.
+    pub max_lifetime: Duration,
 }
 
 impl Default for SessionConfig {
@@ -54,6 +62,9 @@ impl Default for SessionConfig {
             client_rate: 20.0,
             client_burst: 100.0,
             close_timeout: Duration::from_secs(5),
+            clock_skew: Duration::from_secs(60),
+            expiry_warning: Duration::from_secs(30),
+            max_lifetime: Duration::from_secs(86_400),
         }
     }
 }
@@ -61,9 +72,48 @@ impl Default for SessionConfig {
 /// What the sessions share.
 pub struct Context {
     pub hub: Arc<Hub>,
-    pub policy: Arc<Policy>,
+    /// The policy in force; sessions watch it and re-evaluate their
+    /// subscriptions when it changes.
+    policy: watch::Sender<Arc<Policy>>,
     pub cfg: SessionConfig,
+    pub clock: Clock,
 }
+
+impl Context {
+    pub fn new(hub: Arc<Hub>, policy: Policy, cfg: SessionConfig) -> Context {
+        Context {
+            hub,
+            policy: watch::Sender::new(Arc::new(policy)),
+            cfg,
+            clock: Clock::new(),
+        }
+    }
+
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.borrow().clone()
+    }
+
+    /// Puts `policy` in force: every live session re-evaluates its
+    /// subscriptions against it.
+    pub fn set_policy(&self, policy: Policy) {
+        self.policy.send_replace(Arc::new(policy));
+    }
+
+    fn watch_policy(&self) -> watch::Receiver<Arc<Policy>> {
+        self.policy.subscribe()
+    }
+}
+
+/// Closes for an identity that is no longer valid.
+pub const TOKEN_EXPIRED: Violation = Violation {
+    code: close::TOKEN_INVALID,
+    reason: "token expired",
+};
+pub const LIFETIME_EXCEEDED: Violation = Violation {
+    code: close::TOKEN_INVALID,
+    reason: "lifetime exceeded",
+};
 
 pub const SHUTTING_DOWN: Violation = Violation {
     code: close::GOING_AWAY,
@@ -81,7 +131,14 @@ struct Session<'a> {
     ctx: &'a Context,
     metrics: &'a Metrics,
     client: Arc<Client>,
-    identity: Identity,
+    access: Access,
+    /// The policy this session's subscriptions were decided by.
+    policy: Arc<Policy>,
+    policy_rx: watch::Receiver<Arc<Policy>>,
+    /// When the identity stops being valid, and why.
+    valid_until: Option<(Instant, Bound)>,
+    /// When to send `expiring` (once per identity).
+    warn_at: Option<Instant>,
     parser: Parser,
     subs: Vec<Pattern>,
     /// The client sent its close frame, hung up, or broke the protocol (so
@@ -92,12 +149,21 @@ struct Session<'a> {
     bucket: Bucket,
 }
 
+/// Sleeps until `at` (forever for `None`; the caller's guard keeps that
+/// branch off).
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Serves one upgraded connection until it closes. `leftover` holds bytes
 /// the HTTP layer read past the upgrade request.
 pub async fn run(
     stream: TcpStream,
     leftover: Vec<u8>,
-    identity: Identity,
+    access: Access,
     ctx: Arc<Context>,
     shutdown: CancellationToken,
     usage: Option<Arc<crate::usage::agg::StreamUsage>>,
@@ -105,11 +171,17 @@ pub async fn run(
     let metrics = &ctx.hub.metrics;
     let now = Instant::now();
     let stream = Arc::new(stream);
+    let mut policy_rx = ctx.watch_policy();
+    let policy = policy_rx.borrow_and_update().clone();
     let mut s = Session {
         ctx: &ctx,
         metrics,
         client: ctx.hub.client(),
-        identity,
+        access,
+        policy,
+        policy_rx,
+        valid_until: None,
+        warn_at: None,
         parser: Parser::new(ctx.cfg.max_message_bytes),
         subs: Vec::new(),
         peer_closed: false,
@@ -120,6 +192,7 @@ pub async fn run(
             at: now,
         },
     };
+    s.set_deadlines();
     s.client.attach(stream.clone());
     if let Some(u) = usage {
         s.client.count_for(u);
@@ -176,10 +249,122 @@ impl Session<'_> {
                     }
                 }
                 _ = self.client.notified() => {}
+                r = self.policy_rx.changed(), if close_deadline.is_none() => {
+                    if r.is_ok() {
+                        self.reevaluate();
+                    }
+                }
+                _ = sleep_until_some(self.warn_at), if self.warn_at.is_some() && close_deadline.is_none() => {
+                    self.warn();
+                }
+                _ = sleep_until_some(self.valid_until.map(|v| v.0)), if self.valid_until.is_some() && close_deadline.is_none() => {
+                    self.expire();
+                }
                 _ = tick.tick() => self.tick(),
                 _ = tokio::time::sleep_until(deadline), if close_deadline.is_some() => return,
             }
         }
+    }
+
+    /// The timers of the identity in force: its end, and the warning
+    /// `expiry_warning` before it.
+    fn set_deadlines(&mut self) {
+        let clock = &self.ctx.clock;
+        self.valid_until = self
+            .access
+            .valid_until
+            .map(|(at, why)| (clock.instant_at(at), why));
+        self.warn_at = self.valid_until.map(|(at, _)| {
+            at.checked_sub(self.ctx.cfg.expiry_warning)
+                .unwrap_or_else(Instant::now)
+        });
+    }
+
+    /// Tells the client how long its identity has left.
+    fn warn(&mut self) {
+        self.warn_at = None;
+        let Some((at, _)) = self.valid_until else {
+            return;
+        };
+        let left = at.saturating_duration_since(Instant::now());
+        // Whole seconds, rounded up: "in 0" only at the very end.
+        let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+        self.metrics.expiry_warnings.inc();
+        self.client.reply(protocol::expiring(secs), &self.ctx.hub);
+    }
+
+    /// The identity is no longer valid: nothing more is delivered, what is
+    /// queued is dropped, and the connection closes with 4001.
+    fn expire(&mut self) {
+        let why = self.valid_until.take().map(|v| v.1);
+        self.warn_at = None;
+        self.unsubscribe_all();
+        let v = match why {
+            Some(Bound::Lifetime) => {
+                self.metrics.closes.lifetime.inc();
+                LIFETIME_EXCEEDED
+            }
+            _ => {
+                self.metrics.closes.expired.inc();
+                TOKEN_EXPIRED
+            }
+        };
+        self.client.abort(v, self.metrics);
+    }
+
+    /// Decides every subscription again (the policy or the identity
+    /// changed): what is no longer allowed ends with `unsubscribed`
+    /// (`reason: revoked`, the deciding rule), and nothing of it is
+    /// delivered after that frame.
+    fn reevaluate(&mut self) {
+        let started = std::time::Instant::now();
+        let new = self.policy_rx.borrow_and_update().clone();
+        if !Arc::ptr_eq(&new, &self.policy) {
+            // A policy that reads other claims needs them decoded again.
+            if new.claim_roots() != self.policy.claim_roots()
+                || new.uses_claims() != self.policy.uses_claims()
+            {
+                self.access.identity.claims = match (&self.access.payload, new.uses_claims()) {
+                    (Some(raw), true) => {
+                        decode_claims(raw, new.claim_roots()).unwrap_or(serde_json::Value::Null)
+                    }
+                    _ => serde_json::Value::Null,
+                };
+            }
+            self.policy = new;
+        }
+        let mut revoked: Vec<(String, Vec<Pattern>)> = Vec::new();
+        let mut kept = Vec::with_capacity(self.subs.len());
+        for p in std::mem::take(&mut self.subs) {
+            let d = self.policy.evaluate(
+                &self.access.identity,
+                &Request::Channel {
+                    pattern: &p,
+                    action: ChannelAction::Subscribe,
+                },
+            );
+            if d.allowed {
+                kept.push(p);
+            } else {
+                match revoked.iter_mut().find(|(rule, _)| *rule == d.rule) {
+                    Some((_, list)) => list.push(p),
+                    None => revoked.push((d.rule.to_string(), vec![p])),
+                }
+            }
+        }
+        self.subs = kept;
+        for (rule, patterns) in revoked {
+            self.metrics.revoked(&rule, patterns.len() as u64);
+            // Once out of the index no publish reaches this client through
+            // these patterns; what was queued before goes out before the frame.
+            self.ctx.hub.unsubscribe(self.client.id, &patterns);
+            let names: Vec<String> = patterns.iter().map(|p| p.as_str().to_string()).collect();
+            self.client
+                .reply(protocol::revoked(&names, &rule), &self.ctx.hub);
+        }
+        self.metrics
+            .reevaluation
+            .observe(started.elapsed().as_secs_f64());
     }
 
     fn flush(&self) -> Flushed {
@@ -369,8 +554,12 @@ impl Session<'_> {
                 );
                 continue;
             }
-            let d = self.ctx.policy.evaluate(
-                &self.identity,
+            if self.policy_rx.has_changed().unwrap_or(false) {
+                // Decide new subscriptions and old ones by the same policy.
+                self.reevaluate();
+            }
+            let d = self.policy.evaluate(
+                &self.access.identity,
                 &Request::Channel {
                     pattern: &p,
                     action: ChannelAction::Subscribe,

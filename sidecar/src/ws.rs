@@ -33,6 +33,10 @@ pub mod close {
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL_ERROR: u16 = 1011;
     pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// The identity is missing, invalid or expired (in-band auth, expiry).
+    pub const TOKEN_INVALID: u16 = 4001;
+    /// A refresh named another subject or issuer.
+    pub const IDENTITY_CHANGED: u16 = 4003;
 }
 
 /// Why the connection must close: the code and reason the server sends.

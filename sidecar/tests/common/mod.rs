@@ -136,13 +136,18 @@ pub async fn recv_any(ws: &mut Ws) -> Value {
     }
 }
 
-/// Reads until the server's close frame; its code and reason.
+/// Reads until the server's close frame (at most 10 s); its code and reason.
 pub async fn closed(ws: &mut Ws) -> (u16, String) {
+    tokio::time::timeout(Duration::from_secs(10), closed_any(ws))
+        .await
+        .expect("a close within 10 s")
+}
+
+/// Reads until the server's close frame, however long it takes (for
+/// tokio's paused clock; the caller bounds the wait).
+pub async fn closed_any(ws: &mut Ws) -> (u16, String) {
     loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("a close within 10 s");
-        match m {
+        match ws.next().await {
             Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string()),
             Some(Ok(Message::Close(None))) => return (1005, String::new()),
             Some(Ok(_)) => continue,
