@@ -39,6 +39,20 @@ pub struct Config {
     /// channel rules decide subscriptions and publishes.
     #[arg(long, env = "SIDECAR_POLICY")]
     pub policy: PathBuf,
+    /// The auth filter's configuration (the same JSON): the sidecar then
+    /// verifies tokens itself, for in-band `auth` (a connection that
+    /// arrives without identity) and `refresh`.
+    #[arg(long, env = "SIDECAR_AUTH_CONFIG")]
+    pub auth_config: Option<PathBuf>,
+    /// Where the sidecar reaches an Envoy cluster the auth configuration
+    /// names (JWKS, OIDC discovery): `name=host:port`, repeated (or
+    /// comma-separated in the environment). Unnamed clusters: the fetch's
+    /// authority.
+    #[arg(long = "cluster", env = "SIDECAR_CLUSTERS", value_delimiter = ',', value_parser = parse_cluster)]
+    pub clusters: Vec<(String, String)>,
+    /// Seconds a connection without identity has to send `auth` (then 4001).
+    #[arg(long, env = "SIDECAR_AUTH_TIMEOUT", default_value_t = 10)]
+    pub auth_timeout: u64,
     /// Seconds between looks at the policy file (a changed file is
     /// reloaded; SIGHUP reloads at once). 0: only on SIGHUP.
     #[arg(long, env = "SIDECAR_POLICY_POLL", default_value_t = 2)]
@@ -219,6 +233,7 @@ impl Config {
             clock_skew: Duration::from_secs(self.clock_skew),
             expiry_warning: Duration::from_secs(self.expiry_warning),
             max_lifetime: Duration::from_secs(self.max_lifetime),
+            auth_timeout: Duration::from_secs(self.auth_timeout.max(1)),
         }
     }
 
@@ -256,5 +271,14 @@ impl Config {
                 expires: self.expires_header.to_ascii_lowercase(),
             },
         }
+    }
+}
+
+fn parse_cluster(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, addr)) if !name.is_empty() && addr.contains(':') => {
+            Ok((name.to_string(), addr.to_string()))
+        }
+        _ => Err(format!("{s:?}: expected name=host:port")),
     }
 }

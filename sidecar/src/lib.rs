@@ -17,6 +17,7 @@ pub mod rls;
 pub mod server;
 pub mod session;
 pub mod usage;
+pub mod verifier;
 pub mod ws;
 
 use entitlements_core::policy::Policy;
@@ -36,6 +37,27 @@ pub enum StartError {
     Bus(#[from] bus::BusError),
     #[error("usage: {0}")]
     Usage(String),
+    #[error("auth configuration {path}: {reason}")]
+    Auth { path: String, reason: String },
+}
+
+/// The verifier of `--auth-config`, if set (not started).
+pub fn load_verifier(
+    config: &config::Config,
+    clock: access::Clock,
+) -> Result<Option<Arc<verifier::Verifier>>, StartError> {
+    let Some(path) = &config.auth_config else {
+        return Ok(None);
+    };
+    let err = |reason: String| StartError::Auth {
+        path: path.display().to_string(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let clusters = config.clusters.iter().cloned().collect();
+    verifier::Verifier::from_json(&bytes, clusters, clock)
+        .map(|v| Some(Arc::new(v)))
+        .map_err(err)
 }
 
 /// Loads and compiles the entitlements policy file.
@@ -61,7 +83,7 @@ pub fn app(config: &config::Config, policy: Policy) -> Arc<server::App> {
     let (hub, registry) = hub(config);
     let bus: Arc<dyn bus::Bus> = Arc::new(bus::MemoryBus::new(hub.clone()));
     let usage = Arc::new(usage::Usage::in_memory(config.usage()));
-    assemble(config, policy, hub, registry, bus, usage)
+    assemble(config, policy, hub, registry, bus, usage, None)
 }
 
 /// Builds the application on the bus the configuration names.
@@ -84,6 +106,11 @@ pub async fn app_with_bus(
             .await?
         }
     };
+    let clock = access::Clock::new();
+    let verifier = load_verifier(config, clock)?;
+    if let Some(v) = &verifier {
+        v.start(shutdown.clone());
+    }
     let usage = usage::Usage::start(config.usage(), shutdown)
         .await
         .map_err(StartError::Usage)?;
@@ -94,6 +121,7 @@ pub async fn app_with_bus(
         registry,
         bus,
         Arc::new(usage),
+        verifier.map(|v| (v, clock)),
     ))
 }
 
@@ -104,8 +132,16 @@ fn assemble(
     registry: prometheus_client::registry::Registry,
     bus: Arc<dyn bus::Bus>,
     usage: Arc<usage::Usage>,
+    verifier: Option<(Arc<verifier::Verifier>, access::Clock)>,
 ) -> Arc<server::App> {
-    let ctx = Arc::new(session::Context::new(hub, policy, config.session()));
+    let mut registry = registry;
+    let mut ctx = session::Context::new(hub, policy, config.session());
+    if let Some((v, clock)) = verifier {
+        v.metrics.register(&mut registry);
+        ctx.clock = clock;
+        ctx.verifier = Some(v);
+    }
+    let ctx = Arc::new(ctx);
     Arc::new(server::App::new(ctx, bus, registry, config.front(), usage))
 }
 

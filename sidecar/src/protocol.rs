@@ -44,6 +44,16 @@ pub enum ClientMessage {
     Ping {
         id: Option<Id>,
     },
+    /// In-band authentication (a connection that arrived without a token).
+    Auth {
+        id: Option<Id>,
+        token: String,
+    },
+    /// A new token for a live connection.
+    Refresh {
+        id: Option<Id>,
+        token: String,
+    },
 }
 
 /// Why a client message was refused: the error frame's code and message.
@@ -65,6 +75,8 @@ struct Raw<'a> {
     channels: Option<Vec<String>>,
     #[serde(default)]
     since: Option<Since>,
+    #[serde(default)]
+    token: Option<String>,
 }
 
 /// Longest id echoed back, in bytes.
@@ -99,7 +111,33 @@ pub fn parse(text: &[u8]) -> Result<ClientMessage, Refusal> {
             "channels must be a non-empty list".into(),
         )),
     };
-    match raw.kind.as_str() {
+    let kind = raw.kind.as_str();
+    if raw.token.is_some() && kind != "auth" && kind != "refresh" {
+        return Err(refuse(
+            id,
+            "bad_request",
+            "token belongs to auth and refresh".into(),
+        ));
+    }
+    match kind {
+        "auth" | "refresh" => {
+            if raw.channels.is_some() || raw.since.is_some() {
+                return Err(refuse(
+                    id,
+                    "bad_request",
+                    format!("{kind} takes only an id and a token"),
+                ));
+            }
+            let token = match raw.token {
+                Some(t) if !t.is_empty() => t,
+                _ => return Err(refuse(id, "bad_request", format!("{kind} needs a token"))),
+            };
+            Ok(if kind == "auth" {
+                ClientMessage::Auth { id, token }
+            } else {
+                ClientMessage::Refresh { id, token }
+            })
+        }
         "subscribe" => Ok(ClientMessage::Subscribe {
             channels: channels(raw.channels, &id)?,
             since: raw.since,
@@ -245,6 +283,24 @@ pub fn revoked(channels: &[String], rule: &str) -> Bytes {
         let _ = serde_json::to_writer(&mut *out, channels);
         out.extend_from_slice(b",\"reason\":\"revoked\",\"rule\":");
         push_str(out, rule);
+        out.push(b'}');
+    })
+}
+
+/// `{"type":"authenticated","id":..,"expires":<epoch s>|null}` and
+/// `{"type":"refreshed",..}`: the identity in force and when its token
+/// expires.
+pub fn identity_accepted(kind: &str, id: Option<&Id>, expires: Option<u64>) -> Bytes {
+    ws::text_with(80, |out| {
+        out.extend_from_slice(b"{\"type\":");
+        push_str(out, kind);
+        out.push(b',');
+        push_id(out, id);
+        out.extend_from_slice(b"\"expires\":");
+        match expires {
+            Some(e) => out.extend_from_slice(e.to_string().as_bytes()),
+            None => out.extend_from_slice(b"null"),
+        }
         out.push(b'}');
     })
 }

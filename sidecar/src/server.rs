@@ -344,6 +344,9 @@ fn upgrade(req: Request<Incoming>, app: Arc<App>, tracker: TaskTracker) -> Respo
         Ok(i) => i,
         Err(e) => return error(StatusCode::FORBIDDEN, "invalid_identity", e),
     };
+    // With a verifier, a connection that arrived without identity (the
+    // auth filter let it through without a token) authenticates in-band.
+    let needs_auth = app.ctx.verifier.is_some() && !h.contains_key(&app.cfg.identity.subject);
     let shutdown = app.shutdown.clone();
     tracker.spawn(async move {
         let Ok(upgraded) = hyper::upgrade::on(req).await else {
@@ -378,6 +381,7 @@ fn upgrade(req: Request<Incoming>, app: Arc<App>, tracker: TaskTracker) -> Respo
             stream,
             leftover,
             who,
+            needs_auth,
             app.ctx.clone(),
             shutdown,
             Some(usage.clone()),

@@ -12,7 +12,10 @@ use crate::access::{Access, Bound, Clock};
 use crate::fanout::{Client, Flushed, Hub};
 use crate::metrics::Metrics;
 use crate::protocol::{self, ClientMessage, Id};
+use crate::verifier::Verifier;
 use crate::ws::{self, close, Incoming, Parser, Violation};
+use auth_core::authenticate::Verified;
+use auth_core::error::Reason;
 use entitlements_core::channel::Pattern;
 use entitlements_core::identity::decode_claims;
 use entitlements_core::policy::{ChannelAction, Policy, Request};
@@ -50,6 +53,8 @@ pub struct SessionConfig {
     pub expiry_warning: Duration,
     /// Longest life of an identity without an expiry; zero: unbounded.
     pub max_lifetime: Duration,
+    /// How long a connection without identity has to send `auth`.
+    pub auth_timeout: Duration,
 }
 
 impl Default for SessionConfig {
@@ -65,6 +70,7 @@ impl Default for SessionConfig {
             clock_skew: Duration::from_secs(60),
             expiry_warning: Duration::from_secs(30),
             max_lifetime: Duration::from_secs(86_400),
+            auth_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -77,6 +83,9 @@ pub struct Context {
     policy: watch::Sender<Arc<Policy>>,
     pub cfg: SessionConfig,
     pub clock: Clock,
+    /// Verifies in-band `auth` and `refresh` tokens (`--auth-config`);
+    /// without it, those frames are refused.
+    pub verifier: Option<Arc<Verifier>>,
 }
 
 impl Context {
@@ -86,6 +95,7 @@ impl Context {
             policy: watch::Sender::new(Arc::new(policy)),
             cfg,
             clock: Clock::new(),
+            verifier: None,
         }
     }
 
@@ -114,6 +124,64 @@ pub const LIFETIME_EXCEEDED: Violation = Violation {
     code: close::TOKEN_INVALID,
     reason: "lifetime exceeded",
 };
+pub const AUTH_TIMEOUT: Violation = Violation {
+    code: close::TOKEN_INVALID,
+    reason: "authentication timeout",
+};
+pub const IDENTITY_CHANGED: Violation = Violation {
+    code: close::IDENTITY_CHANGED,
+    reason: "identity changed",
+};
+
+/// The close for a token that failed: 4001 with the reason's kind (never
+/// internals such as a `kid` or an issuer).
+fn refused(r: &Reason) -> Violation {
+    let reason = match r {
+        Reason::Expired => "token expired",
+        Reason::NotYetValid => "invalid token: not yet valid",
+        Reason::Malformed(_) => "invalid token: malformed",
+        Reason::TooLarge { .. } => "invalid token: too large",
+        Reason::Algorithm(_) => "invalid token: algorithm not accepted",
+        Reason::UnknownKey { .. } => "invalid token: unknown key",
+        Reason::BadSignature => "invalid token: bad signature",
+        Reason::UnknownIssuer(_) => "invalid token: issuer not accepted",
+        Reason::Audience => "invalid token: audience not accepted",
+        Reason::NoExpiry => "invalid token: no expiry",
+        Reason::Lifetime(_) => "invalid token: lifetime not accepted",
+        Reason::Claim(_) => "invalid token: claim not accepted",
+        Reason::JwksUnavailable(_) => "invalid token: keys unavailable",
+        Reason::Missing | Reason::Conflicting(..) => "invalid token",
+    };
+    Violation {
+        code: close::TOKEN_INVALID,
+        reason,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AuthKind {
+    Auth,
+    Refresh,
+}
+
+impl AuthKind {
+    fn name(self) -> &'static str {
+        match self {
+            AuthKind::Auth => "auth",
+            AuthKind::Refresh => "refresh",
+        }
+    }
+}
+
+type Verifying =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Verified, Reason>> + Send>>;
+
+/// An `auth` or `refresh` being verified (it may wait for keys).
+struct Pending {
+    kind: AuthKind,
+    id: Option<Id>,
+    verifying: Verifying,
+}
 
 pub const SHUTTING_DOWN: Violation = Violation {
     code: close::GOING_AWAY,
@@ -139,6 +207,13 @@ struct Session<'a> {
     valid_until: Option<(Instant, Bound)>,
     /// When to send `expiring` (once per identity).
     warn_at: Option<Instant>,
+    /// False until an in-band `auth` succeeds (a connection that arrived
+    /// without identity while a verifier is configured).
+    authenticated: bool,
+    /// When a connection without identity is closed if it has not
+    /// authenticated.
+    auth_deadline: Option<Instant>,
+    pending: Option<Pending>,
     parser: Parser,
     subs: Vec<Pattern>,
     /// The client sent its close frame, hung up, or broke the protocol (so
@@ -147,6 +222,18 @@ struct Session<'a> {
     awaiting_pong: bool,
     last_activity: Instant,
     bucket: Bucket,
+}
+
+/// The outcome of the pending verification (never for `None`; the
+/// caller's guard keeps that branch off).
+async fn verified(p: &mut Option<Pending>) -> (AuthKind, Option<Id>, Result<Verified, Reason>) {
+    match p {
+        Some(p) => {
+            let r = p.verifying.as_mut().await;
+            (p.kind, p.id.clone(), r)
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Sleeps until `at` (forever for `None`; the caller's guard keeps that
@@ -159,11 +246,13 @@ async fn sleep_until_some(at: Option<Instant>) {
 }
 
 /// Serves one upgraded connection until it closes. `leftover` holds bytes
-/// the HTTP layer read past the upgrade request.
+/// the HTTP layer read past the upgrade request. `needs_auth`: the
+/// connection arrived without identity and must send `auth` first.
 pub async fn run(
     stream: TcpStream,
     leftover: Vec<u8>,
     access: Access,
+    needs_auth: bool,
     ctx: Arc<Context>,
     shutdown: CancellationToken,
     usage: Option<Arc<crate::usage::agg::StreamUsage>>,
@@ -182,6 +271,9 @@ pub async fn run(
         policy_rx,
         valid_until: None,
         warn_at: None,
+        authenticated: !needs_auth,
+        auth_deadline: needs_auth.then(|| now + ctx.cfg.auth_timeout),
+        pending: None,
         parser: Parser::new(ctx.cfg.max_message_bytes),
         subs: Vec::new(),
         peer_closed: false,
@@ -192,7 +284,9 @@ pub async fn run(
             at: now,
         },
     };
-    s.set_deadlines();
+    if !needs_auth {
+        s.set_deadlines();
+    }
     s.client.attach(stream.clone());
     if let Some(u) = usage {
         s.client.count_for(u);
@@ -260,6 +354,17 @@ impl Session<'_> {
                 _ = sleep_until_some(self.valid_until.map(|v| v.0)), if self.valid_until.is_some() && close_deadline.is_none() => {
                     self.expire();
                 }
+                (kind, id, r) = verified(&mut self.pending), if self.pending.is_some() => {
+                    self.pending = None;
+                    self.on_verified(kind, id.as_ref(), r);
+                }
+                _ = sleep_until_some(self.auth_deadline), if self.auth_deadline.is_some() && close_deadline.is_none() => {
+                    self.auth_deadline = None;
+                    if let Some(v) = &self.ctx.verifier {
+                        v.metrics.outcome("auth", "timeout");
+                    }
+                    self.client.abort(AUTH_TIMEOUT, self.metrics);
+                }
                 _ = tick.tick() => self.tick(),
                 _ = tokio::time::sleep_until(deadline), if close_deadline.is_some() => return,
             }
@@ -317,7 +422,6 @@ impl Session<'_> {
     /// (`reason: revoked`, the deciding rule), and nothing of it is
     /// delivered after that frame.
     fn reevaluate(&mut self) {
-        let started = std::time::Instant::now();
         let new = self.policy_rx.borrow_and_update().clone();
         if !Arc::ptr_eq(&new, &self.policy) {
             // A policy that reads other claims needs them decoded again.
@@ -333,6 +437,12 @@ impl Session<'_> {
             }
             self.policy = new;
         }
+        self.decide_again();
+    }
+
+    /// Decides every subscription with the policy and identity in force.
+    fn decide_again(&mut self) {
+        let started = std::time::Instant::now();
         let mut revoked: Vec<(String, Vec<Pattern>)> = Vec::new();
         let mut kept = Vec::with_capacity(self.subs.len());
         for p in std::mem::take(&mut self.subs) {
@@ -496,7 +606,24 @@ impl Session<'_> {
             Ok(m) => m,
             Err(r) => return self.error(r.id.as_ref(), r.code, &r.message, None),
         };
+        if !self.authenticated {
+            match msg {
+                ClientMessage::Auth { .. } | ClientMessage::Ping { .. } => {}
+                ClientMessage::Subscribe { id, .. }
+                | ClientMessage::Unsubscribe { id, .. }
+                | ClientMessage::Refresh { id, .. } => {
+                    return self.error(
+                        id.as_ref(),
+                        "unauthenticated",
+                        "send {\"type\":\"auth\",\"token\":\"<jwt>\"} first",
+                        None,
+                    )
+                }
+            }
+        }
         match msg {
+            ClientMessage::Auth { id, token } => self.start_verify(AuthKind::Auth, id, token),
+            ClientMessage::Refresh { id, token } => self.start_verify(AuthKind::Refresh, id, token),
             ClientMessage::Ping { id } => self
                 .client
                 .reply(protocol::pong(id.as_ref()), &self.ctx.hub),
@@ -525,6 +652,126 @@ impl Session<'_> {
                     .reply(protocol::unsubscribed(id.as_ref(), &names), &self.ctx.hub);
             }
         }
+    }
+
+    /// Starts verifying an `auth` or `refresh` token.
+    fn start_verify(&mut self, kind: AuthKind, id: Option<Id>, token: String) {
+        let Some(verifier) = self.ctx.verifier.clone() else {
+            return self.error(
+                id.as_ref(),
+                "unsupported",
+                "this server does not verify tokens in-band",
+                None,
+            );
+        };
+        if kind == AuthKind::Auth && self.authenticated {
+            return self.error(id.as_ref(), "bad_request", "already authenticated", None);
+        }
+        if self.pending.is_some() {
+            return self.error(
+                id.as_ref(),
+                "bad_request",
+                "an auth or refresh is being verified",
+                None,
+            );
+        }
+        let verifying: Verifying = Box::pin(async move { verifier.verify(&token).await });
+        self.pending = Some(Pending {
+            kind,
+            id,
+            verifying,
+        });
+    }
+
+    /// An `auth` or `refresh` verified (or not).
+    fn on_verified(&mut self, kind: AuthKind, id: Option<&Id>, r: Result<Verified, Reason>) {
+        if self.client.close_requested() {
+            return;
+        }
+        let metrics = self.ctx.verifier.as_ref().map(|v| v.metrics.clone());
+        let count = |result: &str| {
+            if let Some(m) = &metrics {
+                m.outcome(kind.name(), result);
+            }
+        };
+        let v = match r {
+            Ok(v) => v,
+            Err(e) => {
+                count(e.code());
+                log::info!("ws: {} refused: {e}", kind.name());
+                self.unsubscribe_all();
+                self.client.abort(refused(&e), self.metrics);
+                return;
+            }
+        };
+        let access = self.access_of(&v);
+        if kind == AuthKind::Refresh
+            && (access.identity.subject != self.access.identity.subject
+                || access.identity.issuer != self.access.identity.issuer)
+        {
+            count("identity_changed");
+            self.unsubscribe_all();
+            self.client.abort(IDENTITY_CHANGED, self.metrics);
+            return;
+        }
+        count("accepted");
+        self.access = access;
+        self.authenticated = true;
+        self.auth_deadline = None;
+        self.set_deadlines();
+        let frame = match kind {
+            AuthKind::Auth => "authenticated",
+            AuthKind::Refresh => "refreshed",
+        };
+        self.client.reply(
+            protocol::identity_accepted(frame, id, self.access.expires),
+            &self.ctx.hub,
+        );
+        if kind == AuthKind::Refresh {
+            // The new claims decide every subscription at once.
+            self.decide_again();
+        }
+    }
+
+    /// The identity a verified token stands for, as the auth filter's
+    /// headers would have described it.
+    fn access_of(&self, v: &Verified) -> Access {
+        let o = self
+            .ctx
+            .verifier
+            .as_ref()
+            .map(|x| x.settings().output.clone())
+            .unwrap_or_default();
+        let header = |name: &str| {
+            v.headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, val)| val.clone())
+        };
+        let payload = serde_json::to_vec(&v.claims).ok().map(bytes::Bytes::from);
+        let claims = match (&payload, self.policy.uses_claims()) {
+            (Some(raw), true) => {
+                decode_claims(raw, self.policy.claim_roots()).unwrap_or(serde_json::Value::Null)
+            }
+            _ => serde_json::Value::Null,
+        };
+        let identity = entitlements_core::identity::Identity {
+            subject: header(&o.subject_header),
+            issuer: header(&o.issuer_header),
+            tenant: header(&o.tenant_header),
+            roles: header(&o.roles_header)
+                .map(|r| entitlements_core::identity::Identity::parse_roles(&r))
+                .unwrap_or_default(),
+            claims,
+        };
+        Access::new(
+            identity,
+            payload,
+            v.expires,
+            Duration::from_secs(v.skew),
+            self.ctx.cfg.max_lifetime,
+            self.ctx.clock.now_secs(),
+        )
     }
 
     fn subscribe(&mut self, id: Option<&Id>, channels: &[String], since: Option<&protocol::Since>) {

@@ -11,3 +11,4 @@
 
 pub mod cache;
 pub mod claims;
+pub mod refresh;

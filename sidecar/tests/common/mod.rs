@@ -49,14 +49,19 @@ pub async fn start_with(
 ) -> Sidecar {
     let policy = entitlements_core::policy::Policy::from_json(POLICY.as_bytes()).unwrap();
     let mut app = sidecar::app(&config, policy);
+    let shutdown = CancellationToken::new();
     {
         let a = Arc::get_mut(&mut app).unwrap();
         let ctx = Arc::get_mut(&mut a.ctx).unwrap();
         tweak(&mut ctx.cfg);
+        if let Some(v) = sidecar::load_verifier(&config, ctx.clock).unwrap() {
+            v.metrics.register(&mut a.registry);
+            v.start(shutdown.clone());
+            ctx.verifier = Some(v);
+        }
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
     let done = tokio::spawn(sidecar::server::serve(
         listener,
         app.clone(),

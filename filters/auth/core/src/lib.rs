@@ -1,4 +1,5 @@
-//! JWT verification for the auth filter, without proxy-wasm: parsing
+//! JWT verification for the auth filter and the sidecar, without
+//! proxy-wasm: one token end to end ([`authenticate`]), parsing
 //! ([`jwt`]), key sets ([`jwk`]), signatures ([`verify`], RSA in [`rsa`]),
 //! claim rules ([`claims`]), and the reasons a token is refused
 //! ([`error`]). Time is always passed in.
@@ -12,6 +13,7 @@
     )
 )]
 
+pub mod authenticate;
 pub mod claims;
 pub mod config;
 pub mod error;

@@ -12,12 +12,11 @@
 mod keys;
 mod metrics;
 
+use auth_core::authenticate::{authenticate, Outcome};
 use auth_core::claims::ClaimRules;
 use auth_core::config::{Requirement, Settings, SourceConfig};
 use auth_core::error::Reason;
-use auth_core::jwt::Token;
 use auth_core::source;
-use auth_core::verify::verify_token;
 use filter_common::cache::{fast_hasher, BoundedCache, FastHasher};
 use filter_shell as host;
 use metrics::Metrics;
@@ -103,49 +102,40 @@ impl State {
                 Err(r) => Step::Deny(r),
             };
         }
-        let t = match Token::parse(token, self.settings.max_token_bytes) {
-            Ok(t) => t,
-            Err(r) => return Step::Deny(r),
-        };
-        let iss = t.issuer().unwrap_or("");
-        let p = match self.settings.provider_for(iss, req) {
-            Ok(p) => p,
-            Err(r) => return Step::Deny(r),
-        };
-        let Some(provider) = self.settings.providers.get(p) else {
-            return Step::Deny(Reason::UnknownIssuer(iss.to_string()));
-        };
-        let Some(set) = self.keys.get(p).and_then(|k| k.set.clone()) else {
-            return if retry {
-                Step::Deny(Reason::JwksUnavailable(provider.rules.issuer.clone()))
-            } else {
-                Step::Wait(p)
-            };
-        };
-        match verify_token(&t, &set, &provider.algorithms) {
-            Ok(()) => {}
-            Err(Reason::UnknownKey {
-                kid: Some(kid),
-                alg,
-            }) if !retry && !set.has_kid(&kid) => {
-                if keys::refetch_for_unknown_kid(self, p) {
-                    return Step::Wait(p);
-                }
-                return Step::Deny(Reason::UnknownKey {
-                    kid: Some(kid),
-                    alg,
-                });
+        let sets = &self.keys;
+        let outcome = authenticate(
+            &self.settings,
+            req,
+            token,
+            |p| sets.get(p).and_then(|k| k.set.as_deref()),
+            now,
+        );
+        let v = match outcome {
+            Outcome::Verified(v) => v,
+            Outcome::Denied(r) => return Step::Deny(r),
+            Outcome::NeedKeys { provider, kid, alg } => {
+                let wait = !retry
+                    && match &kid {
+                        None => true,
+                        Some(_) => keys::refetch_for_unknown_kid(self, provider),
+                    };
+                return if wait {
+                    Step::Wait(provider)
+                } else {
+                    Step::Deny(Outcome::keys_unavailable(
+                        &self.settings,
+                        provider,
+                        kid,
+                        alg,
+                    ))
+                };
             }
-            Err(r) => return Step::Deny(r),
-        }
-        if let Err(r) = provider.rules.check(&t.claims, now) {
-            return Step::Deny(r);
-        }
+        };
         let v = Rc::new(Verified {
-            provider: p,
-            issuer: provider.rules.issuer.clone(),
-            window: provider.rules.window(&t.claims),
-            headers: self.settings.identity_headers(&t.claims, t.payload_b64),
+            provider: v.provider,
+            issuer: v.issuer,
+            window: v.window,
+            headers: v.headers,
         });
         self.cache.put(1, token.as_bytes(), v.clone());
         Step::Pass(Some(v))
