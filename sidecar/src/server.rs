@@ -185,11 +185,20 @@ fn access(h: &HeaderMap, app: &App) -> Result<Access, String> {
         claims,
     };
     let cfg = &app.ctx.cfg;
+    // The skew the auth filter allowed this issuer, when the sidecar has
+    // the same configuration; else --clock-skew.
+    let skew = app
+        .ctx
+        .verifier
+        .as_ref()
+        .zip(identity.issuer.as_deref())
+        .and_then(|(v, iss)| v.skew_for(iss))
+        .map_or(cfg.clock_skew, Duration::from_secs);
     Ok(Access::new(
         identity,
         payload,
         expires,
-        cfg.clock_skew,
+        skew,
         cfg.max_lifetime,
         app.ctx.clock.now_secs(),
     ))

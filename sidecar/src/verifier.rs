@@ -178,6 +178,15 @@ impl Verifier {
         })
     }
 
+    /// The clock skew of the provider whose issuer is `iss`, seconds.
+    pub fn skew_for(&self, iss: &str) -> Option<u64> {
+        self.settings
+            .providers
+            .iter()
+            .find(|p| p.rules.issuer == iss)
+            .map(|p| p.rules.clock_skew)
+    }
+
     /// The compiled configuration.
     pub fn settings(&self) -> &Settings {
         &self.settings

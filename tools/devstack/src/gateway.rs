@@ -196,6 +196,17 @@ impl Gateway {
 
     /// The entitlements policy of the `entitlements` filter's
     /// configuration: the sidecar enforces the same one on channels.
+    /// The auth filter's configuration (the sidecar verifies in-band
+    /// tokens with the same one).
+    pub fn auth_config(&self) -> Result<Value, String> {
+        let f = self
+            .filters
+            .iter()
+            .find(|f| f.name == "auth")
+            .ok_or("no auth filter in the gateway configuration")?;
+        serde_json::from_str(&f.configuration).map_err(|e| format!("auth configuration: {e}"))
+    }
+
     pub fn entitlements_policy(&self) -> Result<Value, String> {
         let f = self
             .filters

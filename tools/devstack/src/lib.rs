@@ -95,12 +95,21 @@ pub async fn start(cfg: &StackConfig, shutdown: CancellationToken) -> Result<Add
     let policy = g.entitlements_policy()?;
     std::fs::write(&policy_file, policy.to_string())
         .map_err(|e| format!("{}: {e}", policy_file.display()))?;
+    // In-band auth and refresh: the sidecar verifies tokens with the auth
+    // filter's configuration, reaching the `idp` cluster directly.
+    let auth_file = dir.join("auth.json");
+    std::fs::write(&auth_file, g.auth_config()?.to_string())
+        .map_err(|e| format!("{}: {e}", auth_file.display()))?;
     let mut args: Vec<String> = vec![
         "sidecar".into(),
         "--listen".into(),
         addrs.sidecar.to_string(),
         "--policy".into(),
         policy_file.display().to_string(),
+        "--auth-config".into(),
+        auth_file.display().to_string(),
+        "--cluster".into(),
+        format!("idp={}", addrs.idp),
     ];
     if let Some(r) = addrs.rls {
         args.push("--rls-listen".into());

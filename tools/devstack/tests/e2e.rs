@@ -402,12 +402,12 @@ fn an_unentitled_channel_gets_an_error_frame() {
 }
 
 #[test]
-fn a_websocket_without_a_token_is_refused() {
+fn a_websocket_with_a_bad_token_is_refused() {
     stack();
     let (status, h, _) = http(
         GATEWAY,
         "GET",
-        "/ws",
+        "/ws?access_token=not-a-token",
         &[
             ("upgrade", "websocket"),
             ("connection", "Upgrade"),
@@ -415,8 +415,150 @@ fn a_websocket_without_a_token_is_refused() {
             ("sec-websocket-version", "13"),
         ],
     );
-    assert_eq!(status, 401, "a websocket upgrade without a token");
+    assert_eq!(status, 401, "a websocket upgrade with a bad token");
     assert!(header(&h, "www-authenticate").is_some(), "{h:?}");
+}
+
+fn token_ttl(sub: &str, markets: &str, ttl: u64) -> String {
+    stack();
+    let (status, _, body) = http(
+        IDP,
+        "GET",
+        &format!(
+            "/dev/token?sub={sub}&tenant=acme&roles=trader&markets={markets}&ttl={ttl}&format=raw"
+        ),
+        &[],
+    );
+    assert_eq!(status, 200, "{body}");
+    body.trim().to_string()
+}
+
+/// The close frame's (code, reason), within `within`.
+async fn close_of(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    within: Duration,
+) -> (u16, String) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let m = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("no close within {within:?}"));
+        match m {
+            Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string()),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_stream_closes_4001_when_its_token_expires() {
+    // 3 s of token, the dev provider's 5 s of skew, an `expiring` first.
+    let t = token_ttl(&unique("erin"), "EU-ETS", 3);
+    run(async {
+        let mut ws = ws(&t).await;
+        let ch = "pricing.curves.EU-ETS.DEC26";
+        ws.send(Message::text(
+            json!({"type": "subscribe", "channels": [ch]}).to_string(),
+        ))
+        .await
+        .unwrap();
+        // The warning comes at once (less than the warning time is left),
+        // then the subscription's frames, then the close.
+        let started = tokio::time::Instant::now();
+        let mut types = Vec::new();
+        let (code, reason) = loop {
+            let m = tokio::time::timeout(Duration::from_secs(15), ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("no close within 15 s; frames: {types:?}"));
+            match m {
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    types.push(v["type"].as_str().unwrap_or("?").to_string());
+                }
+                Some(Ok(Message::Close(Some(f)))) => {
+                    break (u16::from(f.code), f.reason.to_string())
+                }
+                Some(Ok(_)) => {}
+                other => panic!("expected frames and a close, got {other:?}"),
+            }
+        };
+        assert_eq!(
+            (code, reason.as_str()),
+            (4001, "token expired"),
+            "{types:?}"
+        );
+        assert_eq!(
+            types.iter().filter(|t| *t == "expiring").count(),
+            1,
+            "{types:?}"
+        );
+        assert!(types.iter().any(|t| t == "subscribed"), "{types:?}");
+        assert!(started.elapsed() < Duration::from_secs(15));
+    });
+}
+
+#[test]
+fn a_websocket_without_a_token_authenticates_in_band_and_refreshes() {
+    let sub = unique("gina");
+    let first = token_ttl(&sub, "EU-ETS", 600);
+    let second = token_ttl(&sub, "EU-ETS", 1200);
+    let other = token(&unique("mallory"), "EU-ETS");
+    run(async {
+        let url = format!("ws://{GATEWAY}/ws");
+        let (mut ws, resp) = tokio_tungstenite::connect_async(url.into_client_request().unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("websocket upgrade without a token: {e}"));
+        assert_eq!(resp.status().as_u16(), 101);
+        let ch = "pricing.curves.EU-ETS.DEC26";
+        // Before auth: refused.
+        ws.send(Message::text(
+            json!({"type": "subscribe", "channels": [ch]}).to_string(),
+        ))
+        .await
+        .unwrap();
+        let e = next_json(&mut ws, "the unauthenticated error").await;
+        assert_eq!(e["code"], "unauthenticated", "{e}");
+        ws.send(Message::text(
+            json!({"type": "auth", "token": first}).to_string(),
+        ))
+        .await
+        .unwrap();
+        let a = next_json(&mut ws, "authenticated").await;
+        assert_eq!(a["type"], "authenticated", "{a}");
+        ws.send(Message::text(
+            json!({"type": "subscribe", "channels": [ch]}).to_string(),
+        ))
+        .await
+        .unwrap();
+        let s = next_json(&mut ws, "subscribed").await;
+        assert_eq!(s["type"], "subscribed", "{s}");
+        ws.send(Message::text(
+            json!({"type": "refresh", "id": 1, "token": second}).to_string(),
+        ))
+        .await
+        .unwrap();
+        loop {
+            let v = next_json(&mut ws, "refreshed").await;
+            if v["type"] == "refreshed" {
+                assert!(
+                    v["expires"].as_u64().unwrap() > a["expires"].as_u64().unwrap(),
+                    "{v}"
+                );
+                break;
+            }
+            assert_eq!(v["type"], "message", "{v}");
+        }
+        ws.send(Message::text(
+            json!({"type": "refresh", "token": other}).to_string(),
+        ))
+        .await
+        .unwrap();
+        let (code, reason) = close_of(&mut ws, Duration::from_secs(10)).await;
+        assert_eq!((code, reason.as_str()), (4003, "identity changed"));
+    });
 }
 
 #[test]
