@@ -57,6 +57,18 @@ pub struct Config {
     /// reloaded; SIGHUP reloads at once). 0: only on SIGHUP.
     #[arg(long, env = "SIDECAR_POLICY_POLL", default_value_t = 2)]
     pub policy_poll: u64,
+    /// Fetch the policy from this `http://host[:port]/path` (the
+    /// entitlements filter's remote policy endpoint) instead of watching
+    /// the file, which serves until the first fetch.
+    #[arg(long, env = "SIDECAR_POLICY_URL")]
+    pub policy_url: Option<String>,
+    /// Seconds between conditional fetches of `--policy-url`.
+    #[arg(long, env = "SIDECAR_POLICY_REFRESH", default_value_t = 30)]
+    pub policy_refresh: u64,
+    /// Seconds before the first retry of a failed fetch (doubling up to
+    /// `--policy-refresh`).
+    #[arg(long, env = "SIDECAR_POLICY_RETRY", default_value_t = 5)]
+    pub policy_retry: u64,
 
     /// Most open WebSocket connections (beyond: close 1013).
     #[arg(long, env = "SIDECAR_MAX_CONNECTIONS", default_value_t = 100_000)]

@@ -9,6 +9,7 @@ pub mod bus;
 pub mod config;
 pub mod expo;
 pub mod fanout;
+pub mod fetch;
 pub mod metrics;
 pub mod protocol;
 pub mod reload;
@@ -154,12 +155,26 @@ pub async fn run(
     let policy = load_policy(&config.policy)?;
     let seen = std::fs::read(&config.policy).ok();
     let app = app_with_bus(&config, policy, shutdown.clone()).await?;
-    tokio::spawn(reload::watch_file(
-        reload::FileSource::new(&config.policy, seen),
-        app.ctx.clone(),
-        Duration::from_secs(config.policy_poll),
-        shutdown.clone(),
-    ));
+    match &config.policy_url {
+        // The file serves until the first fetch; the remote source rules.
+        Some(url) => {
+            let mut r = reload::Remote::parse(url).map_err(|reason| StartError::Policy {
+                path: url.clone(),
+                reason,
+            })?;
+            r.refresh = Duration::from_secs(config.policy_refresh.max(1));
+            r.retry = Duration::from_secs(config.policy_retry.max(1));
+            tokio::spawn(reload::watch_remote(r, app.ctx.clone(), shutdown.clone()));
+        }
+        None => {
+            tokio::spawn(reload::watch_file(
+                reload::FileSource::new(&config.policy, seen),
+                app.ctx.clone(),
+                Duration::from_secs(config.policy_poll),
+                shutdown.clone(),
+            ));
+        }
+    }
     if let Some(addr) = config.rls_listen {
         let l = TcpListener::bind(addr).await.map_err(|e| StartError::Rls {
             addr: addr.to_string(),

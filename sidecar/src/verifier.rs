@@ -22,9 +22,7 @@ use auth_core::error::Reason;
 use auth_core::jwk::JwkSet;
 use bytes::Bytes;
 use filter_common::cache::{fast_hasher, BoundedCache, FastHasher};
-use filter_common::refresh::{max_age, Schedule, Timings};
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
+use filter_common::refresh::{Schedule, Timings};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
@@ -377,41 +375,11 @@ impl Verifier {
             None => format!("{authority}:80"),
         };
         let timeout = Duration::from_millis(r.timeout_ms);
-        let work = async {
-            let tcp = tokio::net::TcpStream::connect(&addr)
-                .await
-                .map_err(|e| format!("connect {addr}: {e}"))?;
-            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-                .await
-                .map_err(|e| format!("{addr}: {e}"))?;
-            tokio::spawn(conn);
-            let req = http::Request::get(path)
-                .header(http::header::HOST, authority)
-                .header(http::header::ACCEPT, "application/json")
-                .body(Empty::<Bytes>::new())
-                .map_err(|e| e.to_string())?;
-            let resp = send
-                .send_request(req)
-                .await
-                .map_err(|e| format!("{addr}{path}: {e}"))?;
-            if resp.status() != http::StatusCode::OK {
-                return Err(format!("{addr}{path}: status {}", resp.status().as_u16()));
-            }
-            let age = resp
-                .headers()
-                .get(http::header::CACHE_CONTROL)
-                .and_then(|v| v.to_str().ok())
-                .and_then(max_age);
-            let body = Limited::new(resp.into_body(), r.max_bytes)
-                .collect()
-                .await
-                .map_err(|e| format!("{addr}{path}: body: {e} (max_bytes {})", r.max_bytes))?
-                .to_bytes();
-            Ok((age, body))
-        };
-        tokio::time::timeout(timeout, work)
-            .await
-            .map_err(|_| format!("{addr}{path}: no answer within {timeout:?}"))?
+        let f = crate::fetch::get(&addr, authority, path, None, timeout, r.max_bytes).await?;
+        if f.status != 200 {
+            return Err(format!("{addr}{path}: status {}", f.status));
+        }
+        Ok((f.max_age, f.body))
     }
 }
 

@@ -400,3 +400,129 @@ async fn nothing_of_a_revoked_channel_arrives_after_its_unsubscribed() {
     let published = publisher.await.unwrap();
     assert!(published > 200);
 }
+
+/// A policy endpoint: serves `doc` with its ETag, 304 when the client
+/// already has it; records the `If-None-Match` values it saw.
+struct PolicyServer {
+    addr: std::net::SocketAddr,
+    doc: std::sync::Arc<std::sync::Mutex<(String, String)>>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>,
+}
+
+impl PolicyServer {
+    async fn start(doc: &str, etag: &str) -> PolicyServer {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let doc = std::sync::Arc::new(std::sync::Mutex::new((doc.to_string(), etag.to_string())));
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (d, sn) = (doc.clone(), seen.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                let (d, sn) = (d.clone(), sn.clone());
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    let mut b = [0u8; 1024];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&req).to_ascii_lowercase();
+                    let inm = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("if-none-match: "))
+                        .map(|v| v.trim().to_string());
+                    sn.lock().unwrap().push(inm.clone());
+                    let (body, etag) = d.lock().unwrap().clone();
+                    let resp = if inm.as_deref() == Some(etag.as_str()) {
+                        format!("HTTP/1.1 304 Not Modified\r\netag: {etag}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    } else {
+                        format!(
+                            "HTTP/1.1 200 OK\r\netag: {etag}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                    };
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        PolicyServer { addr, doc, seen }
+    }
+
+    fn set(&self, doc: &str, etag: &str) {
+        *self.doc.lock().unwrap() = (doc.to_string(), etag.to_string());
+    }
+}
+
+#[tokio::test]
+async fn a_remote_policy_is_fetched_with_its_etag_and_a_refused_one_keeps_the_last_good() {
+    let server = PolicyServer::start(&policy(false, true), "\"a\"").await;
+    let sc = start_on(&policy(true, true)).await;
+    let mut r =
+        sidecar::reload::Remote::parse(&format!("http://{}/v1/policy", server.addr)).unwrap();
+    r.refresh = Duration::from_millis(100);
+    r.retry = Duration::from_millis(100);
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(sidecar::reload::watch_remote(
+        r,
+        sc.app.ctx.clone(),
+        stop.clone(),
+    ));
+    let m = sc.app.ctx.hub.metrics.clone();
+    let ok = |m: &sidecar::metrics::Metrics, result: &str| {
+        m.policy_reloads
+            .get_or_create(&vec![
+                ("source".to_string(), "remote".to_string()),
+                ("result".to_string(), result.to_string()),
+            ])
+            .get()
+    };
+    // The first fetch replaces the local policy (which closed open.x).
+    eventually("the first remote policy in force", || ok(&m, "ok") == 1).await;
+    let mut ws = connect(sc.addr, &identity("alice", "trader", &["EU-ETS"])).await;
+    subscribed(&mut ws, &["open.x.a"]).await;
+    // Unchanged: conditional fetches answered 304, nothing re-decided.
+    eventually("a conditional fetch", || {
+        server
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|t| t.as_deref() == Some("\"a\""))
+    })
+    .await;
+    assert_eq!(ok(&m, "ok"), 1);
+    // A new version revokes what it closes.
+    server.set(&policy(true, true), "\"b\"");
+    let v = tokio::time::timeout(Duration::from_secs(10), recv_any(&mut ws))
+        .await
+        .expect("the new remote policy within 10 s");
+    assert_eq!(
+        v,
+        json!({"type": "unsubscribed", "channels": ["open.x.a"], "reason": "revoked", "rule": "x-closed"})
+    );
+    // An invalid one is refused; the last good stays.
+    server.set(r#"{"rules": "nope"}"#, "\"c\"");
+    eventually("the invalid remote policy refused", || {
+        ok(&m, "refused") >= 1
+    })
+    .await;
+    subscribed(&mut ws, &["open.y"]).await;
+    send(
+        &mut ws,
+        json!({"type": "subscribe", "channels": ["open.x.b"]}),
+    )
+    .await;
+    let e = recv(&mut ws).await;
+    assert_eq!(
+        (e["code"].clone(), e["channel"].clone()),
+        (json!("forbidden"), json!("open.x.b")),
+        "{e}"
+    );
+    stop.cancel();
+}
