@@ -17,7 +17,7 @@
 //! are cached (`cache_max_entries`, re-checked for expiry on every hit).
 
 use auth_core::authenticate::{authenticate, Outcome, Verified};
-use auth_core::config::{split_url, KeySource, Remote, Requirement, Settings};
+use auth_core::config::{discovered_jwks_uri, KeySource, Remote, Requirement, Settings};
 use auth_core::error::Reason;
 use auth_core::jwk::JwkSet;
 use bytes::Bytes;
@@ -331,20 +331,10 @@ impl Verifier {
     ) -> Result<(JwkSet, Option<u64>), String> {
         if r.discovery && discovered.is_none() {
             let (_, body) = self.get(r, &r.authority, &r.path).await?;
-            let uri = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| {
-                    v.get("jwks_uri")
-                        .and_then(|u| u.as_str())
-                        .map(str::to_string)
-                });
-            let (auth, path) = uri
-                .as_deref()
-                .and_then(split_url)
-                .filter(|(a, _)| !a.is_empty())
-                .ok_or_else(|| "discovery document has no usable jwks_uri".to_string())?;
-            let path = if path.is_empty() { "/" } else { path };
-            *discovered = Some((auth.to_string(), path.to_string()));
+            *discovered = Some(
+                discovered_jwks_uri(&body)
+                    .ok_or_else(|| "discovery document has no usable jwks_uri".to_string())?,
+            );
         }
         let (authority, path) = match discovered {
             Some((a, p)) => (a.clone(), p.clone()),

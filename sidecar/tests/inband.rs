@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
 const ISS: &str = "https://idp.254carbon.test/realms/carbon";
@@ -48,14 +48,9 @@ impl Jwks {
                 };
                 let (d, u, h) = (d.clone(), u.clone(), h.clone());
                 tokio::spawn(async move {
-                    let mut req = Vec::new();
-                    let mut b = [0u8; 1024];
-                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut b).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => req.extend_from_slice(&b[..n]),
-                        }
-                    }
+                    let Some(_request) = read_head(&mut s).await else {
+                        return;
+                    };
                     h.fetch_add(1, Ordering::SeqCst);
                     let resp = if u.load(Ordering::SeqCst) {
                         let body = d.lock().unwrap().to_string();

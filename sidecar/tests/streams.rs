@@ -411,7 +411,7 @@ struct PolicyServer {
 
 impl PolicyServer {
     async fn start(doc: &str, etag: &str) -> PolicyServer {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let doc = std::sync::Arc::new(std::sync::Mutex::new((doc.to_string(), etag.to_string())));
@@ -424,14 +424,9 @@ impl PolicyServer {
                 };
                 let (d, sn) = (d.clone(), sn.clone());
                 tokio::spawn(async move {
-                    let mut req = Vec::new();
-                    let mut b = [0u8; 1024];
-                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut b).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => req.extend_from_slice(&b[..n]),
-                        }
-                    }
+                    let Some(req) = read_head(&mut s).await else {
+                        return;
+                    };
                     let head = String::from_utf8_lossy(&req).to_ascii_lowercase();
                     let inm = head
                         .lines()

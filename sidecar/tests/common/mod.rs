@@ -210,6 +210,20 @@ pub async fn publish(addr: SocketAddr, channel: &str, data: Value) -> (u16, Valu
     (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
+/// Reads an HTTP request head (through the blank line), for the small
+/// document servers the tests run; `None` if the peer went away first.
+pub async fn read_head(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut req = Vec::new();
+    let mut b = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut b).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => req.extend_from_slice(&b[..n]),
+        }
+    }
+    Some(req)
+}
+
 /// Publishes and checks the sidecar accepted it (202).
 pub async fn publish_ok(addr: SocketAddr, channel: &str, data: Value) -> Value {
     let (status, body) = publish(addr, channel, data.clone()).await;

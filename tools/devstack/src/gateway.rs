@@ -194,28 +194,27 @@ impl Gateway {
         self.clusters.iter().find(|c| c.name == name)
     }
 
-    /// The entitlements policy of the `entitlements` filter's
-    /// configuration: the sidecar enforces the same one on channels.
+    /// The plugin configuration of the wasm filter `name`, as JSON.
+    fn filter_config(&self, name: &str) -> Result<Value, String> {
+        let f = self
+            .filters
+            .iter()
+            .find(|f| f.name == name)
+            .ok_or_else(|| format!("no {name} filter in the gateway configuration"))?;
+        serde_json::from_str(&f.configuration).map_err(|e| format!("{name} configuration: {e}"))
+    }
+
     /// The auth filter's configuration (the sidecar verifies in-band
     /// tokens with the same one).
     pub fn auth_config(&self) -> Result<Value, String> {
-        let f = self
-            .filters
-            .iter()
-            .find(|f| f.name == "auth")
-            .ok_or("no auth filter in the gateway configuration")?;
-        serde_json::from_str(&f.configuration).map_err(|e| format!("auth configuration: {e}"))
+        self.filter_config("auth")
     }
 
+    /// The entitlements policy of the `entitlements` filter's
+    /// configuration: the sidecar enforces the same one on channels.
     pub fn entitlements_policy(&self) -> Result<Value, String> {
-        let f = self
-            .filters
-            .iter()
-            .find(|f| f.name == "entitlements")
-            .ok_or("no entitlements filter in the gateway configuration")?;
-        let c: Value = serde_json::from_str(&f.configuration)
-            .map_err(|e| format!("entitlements configuration: {e}"))?;
-        c.get("policy")
+        self.filter_config("entitlements")?
+            .get("policy")
             .cloned()
             .ok_or_else(|| "entitlements configuration: no inline policy".to_string())
     }

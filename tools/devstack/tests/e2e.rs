@@ -125,12 +125,17 @@ fn unique(prefix: &str) -> String {
 }
 
 fn token(sub: &str, markets: &str) -> String {
+    token_ttl(sub, markets, 600)
+}
+
+/// A token of the dev identity provider for `sub`, valid `ttl` seconds.
+fn token_ttl(sub: &str, markets: &str, ttl: u64) -> String {
     stack();
     let (status, _, body) = http(
         IDP,
         "GET",
         &format!(
-            "/dev/token?sub={sub}&tenant=acme&roles=trader&markets={markets}&ttl=600&format=raw"
+            "/dev/token?sub={sub}&tenant=acme&roles=trader&markets={markets}&ttl={ttl}&format=raw"
         ),
         &[],
     );
@@ -417,20 +422,6 @@ fn a_websocket_with_a_bad_token_is_refused() {
     );
     assert_eq!(status, 401, "a websocket upgrade with a bad token");
     assert!(header(&h, "www-authenticate").is_some(), "{h:?}");
-}
-
-fn token_ttl(sub: &str, markets: &str, ttl: u64) -> String {
-    stack();
-    let (status, _, body) = http(
-        IDP,
-        "GET",
-        &format!(
-            "/dev/token?sub={sub}&tenant=acme&roles=trader&markets={markets}&ttl={ttl}&format=raw"
-        ),
-        &[],
-    );
-    assert_eq!(status, 200, "{body}");
-    body.trim().to_string()
 }
 
 /// The close frame's (code, reason), within `within`.

@@ -343,6 +343,15 @@ pub fn split_url(url: &str) -> Option<(&str, &str)> {
     }
 }
 
+/// The `jwks_uri` an OIDC discovery document names, as (authority,
+/// path); `None` when the document has no usable one.
+pub fn discovered_jwks_uri(document: &[u8]) -> Option<(String, String)> {
+    let v = serde_json::from_slice::<Value>(document).ok()?;
+    let (auth, path) = split_url(v.get("jwks_uri")?.as_str()?)?;
+    let path = if path.is_empty() { "/" } else { path };
+    (!auth.is_empty()).then(|| (auth.to_string(), path.to_string()))
+}
+
 fn compile_remote(
     field: &str,
     issuer: &str,

@@ -15,8 +15,9 @@
 //! once, at most once per `unknown_kid_refetch_s`.
 
 use crate::State;
-use auth_core::config::{split_url, KeySource, Remote};
+use auth_core::config::{discovered_jwks_uri, KeySource, Remote};
 use auth_core::jwk::JwkSet;
+use filter_common::refresh::max_age;
 use filter_shell as host;
 use proxy_wasm::types::LogLevel;
 use std::rc::Rc;
@@ -233,13 +234,6 @@ fn failed(s: &State, p: usize, issuer: &str, r: &Remote, why: &str) {
     );
 }
 
-/// Authority and path of a discovered `jwks_uri`.
-fn authority_and_path(url: &str) -> Option<(String, String)> {
-    let (auth, path) = split_url(url)?;
-    let path = if path.is_empty() { "/" } else { path };
-    (!auth.is_empty()).then(|| (auth.to_string(), path.to_string()))
-}
-
 /// The answer to one of this worker's fetches. Returns the provider whose
 /// keys changed, if any.
 pub fn on_response(s: &mut State, token: u32, body_size: usize) -> Option<usize> {
@@ -282,14 +276,7 @@ pub fn on_response(s: &mut State, token: u32, body_size: usize) -> Option<usize>
     }
     let body = host::call_response_body(body_size);
     if discovery {
-        let uri = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| {
-                v.get("jwks_uri")
-                    .and_then(|u| u.as_str())
-                    .map(str::to_string)
-            });
-        let Some((authority, path)) = uri.as_deref().and_then(authority_and_path) else {
+        let Some((authority, path)) = discovered_jwks_uri(&body) else {
             failed(
                 s,
                 p,
@@ -347,17 +334,6 @@ pub fn on_response(s: &mut State, token: u32, body_size: usize) -> Option<usize>
             None
         }
     }
-}
-
-/// `max-age` of a `Cache-Control` value, in seconds.
-fn max_age(cache_control: &str) -> Option<u64> {
-    cache_control.split(',').find_map(|d| {
-        let (k, v) = d.trim().split_once('=')?;
-        k.trim()
-            .eq_ignore_ascii_case("max-age")
-            .then(|| v.trim().trim_matches('"').parse().ok())
-            .flatten()
-    })
 }
 
 /// A token named a `kid` the set lacks: make a fetch due now, unless the
