@@ -93,6 +93,7 @@ PHASE_RANK = {"AUTHN": 0, "AUTHZ": 1, "STATS": 2, "UNSPECIFIED_PHASE": 3, "UNSPE
 ENVOYFILTER_NAME = "access-layer-filters"
 POLICY_CONFIGMAP = "access-sidecar-policy"
 POLICY_KEY = "policy.json"
+AUTH_KEY = "auth.json"
 SIDECAR_NAME = "access-sidecar"
 PART_OF = {"app.kubernetes.io/part-of": "access-layer"}
 
@@ -361,6 +362,20 @@ class Expected:
             self.errors.append("envoy.yaml: the entitlements filter has no inline `policy` "
                                "(the sidecar's ConfigMap is made from it)")
         self.policy_text = json.dumps(self.policy, indent=2) + "\n"
+        # The sidecar verifies in-band tokens with the auth filter's own
+        # configuration; its clusters are named as in envoy.yaml and reached
+        # through --cluster NAME=HOST:PORT (deploy.json's Services).
+        by_name = {f["name"]: f["json"] for f in filters}
+        self.auth = by_name.get("auth")
+        self.auth_text = json.dumps(self.auth, indent=2) + "\n" if self.auth is not None else None
+        self.auth_clusters = {}
+        for path, name in clusters_named(self.auth):
+            c = deploy["clusters"].get(name)
+            if c is None:
+                self.errors.append(f"envoy.yaml filter auth{path}.cluster: {name!r} has no in-cluster "
+                                   "Service in k8s/deploy.json clusters (the sidecar's --cluster)")
+            else:
+                self.auth_clusters[name] = f"{c['host']}:{c['port']}"
         for n in self.names:
             if n not in PHASES:
                 self.errors.append(f"envoy.yaml filter {n!r}: no Istio phase for it in scripts/check_deploy.py PHASES")
@@ -445,12 +460,32 @@ def ecds_name(name):
     return f"access-layer.{name}"
 
 
+def clusters_named(cfg, path=""):
+    """[(path, cluster name)] of every `cluster` field in cfg."""
+    out = []
+    if isinstance(cfg, dict):
+        if isinstance(cfg.get("cluster"), str):
+            out.append((path, cfg["cluster"]))
+        for k, v in cfg.items():
+            out.extend(clusters_named(v, f"{path}.{k}"))
+    elif isinstance(cfg, list):
+        for i, v in enumerate(cfg):
+            out.extend(clusters_named(v, f"{path}[{i}]"))
+    return out
+
+
 def gen_policy_configmap(exp):
+    data = {POLICY_KEY: exp.policy_text}
+    if exp.auth_text is not None:
+        data[AUTH_KEY] = exp.auth_text
     obj = {"apiVersion": "v1", "kind": "ConfigMap",
            "metadata": {"name": POLICY_CONFIGMAP, "labels": labels({"app.kubernetes.io/name": SIDECAR_NAME})},
-           "data": {POLICY_KEY: exp.policy_text}}
+           "data": data}
     return dump([obj], ["The entitlements policy of envoy.yaml's entitlements filter; the sidecar",
-                        "reads it with --policy (channel subscriptions and publishes)."])
+                        "reads it with --policy (channel subscriptions and publishes). And the",
+                        "auth filter's configuration as envoy.yaml has it (cluster names, not",
+                        "Istio's): the sidecar verifies in-band tokens with it (--auth-config),",
+                        "reaching those clusters through --cluster / SIDECAR_CLUSTERS."])
 
 
 def gen_envoyfilter(exp):
@@ -547,6 +582,7 @@ def generated(exp):
 
 
 CHECKSUM_RE = re.compile(r'(checksum/policy:\s*)"?([0-9a-f]*)"?')
+AUTH_CHECKSUM_RE = re.compile(r'(checksum/auth:\s*)"?([0-9a-f]*)"?')
 
 
 def sync(exp, pin):
@@ -573,10 +609,12 @@ def sync(exp, pin):
     side = os.path.join(ROOT, "k8s/base/sidecar.yaml")
     text = open(side).read()
     new = CHECKSUM_RE.sub(lambda m: f'{m.group(1)}"{sha256_text(exp.policy_text)}"', text)
+    if exp.auth_text is not None:
+        new = AUTH_CHECKSUM_RE.sub(lambda m: f'{m.group(1)}"{sha256_text(exp.auth_text)}"', new)
     if new != text:
         with open(side, "w") as f:
             f.write(new)
-        print("   wrote k8s/base/sidecar.yaml (checksum/policy)")
+        print("   wrote k8s/base/sidecar.yaml (checksum/policy, checksum/auth)")
     return exp
 
 
@@ -960,7 +998,9 @@ def sidecar_flags():
         if "long" not in args:
             continue
         env = re.search(r'env\s*=\s*"([A-Z0-9_]+)"', args)
-        flags["--" + field.replace("_", "-")] = env.group(1) if env else None
+        named = re.search(r'long\s*=\s*"([a-z0-9-]+)"', args)
+        flag = named.group(1) if named else field.replace("_", "-")
+        flags["--" + flag] = env.group(1) if env else None
     return flags
 
 
@@ -1132,6 +1172,33 @@ def check_sidecar(objs, exp):
             ok = True
     if not ok:
         errs.append(f"Deployment: --policy ({pol!r}) must be {POLICY_KEY} of the mounted ConfigMap {POLICY_CONFIGMAP}")
+    # --auth-config is the auth filter's configuration, its clusters mapped
+    if exp.auth_text is not None:
+        atext = (cm.get("data") or {}).get(AUTH_KEY)
+        try:
+            auth = json.loads(atext or "")
+        except ValueError as e:
+            auth = None
+            errs.append(f"ConfigMap {POLICY_CONFIGMAP}: {AUTH_KEY} is not JSON: {e}")
+        if auth is not None and auth != exp.auth:
+            errs.append(f"ConfigMap {POLICY_CONFIGMAP}: {AUTH_KEY} differs from envoy.yaml's auth filter configuration")
+        if ann.get("checksum/auth") != sha256_text(atext or ""):
+            errs.append("Deployment: pod annotation checksum/auth is not the sha256 of auth.json "
+                        "(scripts/check-deploy.sh --sync)")
+        apath = settings.get("--auth-config")
+        if not any((vols.get(v, {}).get("configMap") or {}).get("name") == POLICY_CONFIGMAP
+                   and apath == f"{m}/{AUTH_KEY}" for v, m in mounts.items()):
+            errs.append(f"Deployment: --auth-config ({apath!r}) must be {AUTH_KEY} of the mounted ConfigMap "
+                        f"{POLICY_CONFIGMAP} (in-band auth and refresh need the sidecar's verifier)")
+        given = {}
+        for item in (settings.get("--cluster") or "").split(","):
+            name, eq, addr = item.partition("=")
+            if eq:
+                given[name.strip()] = addr.strip()
+        for name, want in exp.auth_clusters.items():
+            if given.get(name) != want:
+                errs.append(f"Deployment: --cluster / SIDECAR_CLUSTERS must map {name}={want} "
+                            f"(the auth configuration's cluster, k8s/deploy.json), not {given.get(name)!r}")
     # listen addresses, ports, probes, Service
     cports = {p.get("name"): p.get("containerPort") for p in c.get("ports", [])}
 
@@ -1318,6 +1385,13 @@ def self_test(envoy_doc, builds, exp):
         ("ConfigMap: the policy drifted from envoy.yaml",
          k8s_case("k8s/base", lambda o: set_(find(o, "ConfigMap")["data"], POLICY_KEY,
                                              json.dumps({**exp.policy, "default": "allow"})))),
+        ("ConfigMap: the sidecar's auth.json drifted from envoy.yaml",
+         k8s_case("k8s/base", lambda o: set_(find(o, "ConfigMap")["data"], AUTH_KEY,
+                                             json.dumps({**exp.auth, "cache_max_entries": 1})))),
+        ("Deployment: the verifier's cluster pointed elsewhere",
+         k8s_case("k8s/base", lambda o: [e.update(value="idp=keycloak.elsewhere:8080") for e in
+                  find(o, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+                  if e["name"] == "SIDECAR_CLUSTERS"])),
         ("Deployment: a flag the sidecar does not have",
          k8s_case("k8s/base", lambda o: find(o, "Deployment")["spec"]["template"]["spec"]["containers"][0]
                   ["args"].append("--max-conections=5"))),
