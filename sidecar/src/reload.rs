@@ -45,7 +45,7 @@ impl FileSource {
     }
 
     /// Reads the file and puts its policy in force if it changed.
-    pub fn check(&mut self, ctx: &Context) -> Outcome {
+    pub fn check(&mut self, ctx: &Arc<Context>) -> Outcome {
         let m = &ctx.hub.metrics;
         let bytes = match std::fs::read(&self.path) {
             Ok(b) => b,

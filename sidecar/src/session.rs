@@ -78,9 +78,18 @@ impl Default for SessionConfig {
 /// What the sessions share.
 pub struct Context {
     pub hub: Arc<Hub>,
-    /// The policy in force; sessions watch it and re-evaluate their
-    /// subscriptions when it changes.
+    /// The policy in force.
     policy: watch::Sender<Arc<Policy>>,
+    /// What the sessions watch, each one of these (by its client id): a
+    /// new policy reaches them wave after wave, the propagating task
+    /// yielding between waves, so that ten thousand sessions re-evaluating
+    /// at once do not queue ahead of everything else on the runtime (a
+    /// publish arriving meanwhile waits for one wave, not for all).
+    waves: Vec<watch::Sender<Arc<Policy>>>,
+    /// Bumped by every `set_policy`; a propagation that saw it move goes
+    /// round again.
+    generation: std::sync::atomic::AtomicU64,
+    propagating: std::sync::atomic::AtomicBool,
     pub cfg: SessionConfig,
     pub clock: Clock,
     /// Verifies in-band `auth` and `refresh` tokens (`--auth-config`);
@@ -90,9 +99,15 @@ pub struct Context {
 
 impl Context {
     pub fn new(hub: Arc<Hub>, policy: Policy, cfg: SessionConfig) -> Context {
+        let policy = Arc::new(policy);
         Context {
             hub,
-            policy: watch::Sender::new(Arc::new(policy)),
+            waves: (0..WAVES)
+                .map(|_| watch::Sender::new(policy.clone()))
+                .collect(),
+            policy: watch::Sender::new(policy),
+            generation: Default::default(),
+            propagating: Default::default(),
             cfg,
             clock: Clock::new(),
             verifier: None,
@@ -106,14 +121,62 @@ impl Context {
 
     /// Puts `policy` in force: every live session re-evaluates its
     /// subscriptions against it.
-    pub fn set_policy(&self, policy: Policy) {
+    pub fn set_policy(self: &Arc<Self>, policy: Policy) {
+        use std::sync::atomic::Ordering;
         self.policy.send_replace(Arc::new(policy));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        if self.propagating.swap(true, Ordering::AcqRel) {
+            // The running propagation sees the new generation.
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let ctx = self.clone();
+                rt.spawn(async move { ctx.propagate().await });
+            }
+            Err(_) => {
+                for w in &self.waves {
+                    w.send_replace(self.policy());
+                }
+                self.propagating.store(false, Ordering::Release);
+            }
+        }
     }
 
-    fn watch_policy(&self) -> watch::Receiver<Arc<Policy>> {
-        self.policy.subscribe()
+    /// Hands the policy in force to every wave, yielding between them,
+    /// until a round ends with no newer policy (a burst of changes
+    /// coalesces: a wave gets the newest there is when its turn comes).
+    async fn propagate(&self) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let seen = self.generation.load(Ordering::Acquire);
+            for w in &self.waves {
+                let p = self.policy();
+                if !Arc::ptr_eq(&w.borrow(), &p) {
+                    w.send_replace(p);
+                    tokio::task::yield_now().await;
+                }
+            }
+            self.propagating.store(false, Ordering::Release);
+            if self.generation.load(Ordering::Acquire) == seen
+                || self.propagating.swap(true, Ordering::AcqRel)
+            {
+                return;
+            }
+        }
+    }
+
+    fn watch_policy(&self, client: u64) -> watch::Receiver<Arc<Policy>> {
+        let i = (client as usize) % self.waves.len().max(1);
+        match self.waves.get(i) {
+            Some(w) => w.subscribe(),
+            None => self.policy.subscribe(),
+        }
     }
 }
+
+/// How many waves a policy change reaches the sessions in.
+const WAVES: usize = 64;
 
 /// Closes for an identity that is no longer valid.
 pub const TOKEN_EXPIRED: Violation = Violation {
@@ -260,12 +323,16 @@ pub async fn run(
     let metrics = &ctx.hub.metrics;
     let now = Instant::now();
     let stream = Arc::new(stream);
-    let mut policy_rx = ctx.watch_policy();
-    let policy = policy_rx.borrow_and_update().clone();
+    let client = ctx.hub.client();
+    let mut policy_rx = ctx.watch_policy(client.id);
+    // The newest policy, even while its wave is still to be handed it
+    // (that hand-over then decides again with the same policy).
+    policy_rx.borrow_and_update();
+    let policy = ctx.policy();
     let mut s = Session {
         ctx: &ctx,
         metrics,
-        client: ctx.hub.client(),
+        client,
         access,
         policy,
         policy_rx,
@@ -422,7 +489,9 @@ impl Session<'_> {
     /// (`reason: revoked`, the deciding rule), and nothing of it is
     /// delivered after that frame.
     fn reevaluate(&mut self) {
-        let new = self.policy_rx.borrow_and_update().clone();
+        // The newest policy, which may be ahead of what the wave handed on.
+        self.policy_rx.borrow_and_update();
+        let new = self.ctx.policy();
         if !Arc::ptr_eq(&new, &self.policy) {
             // A policy that reads other claims needs them decoded again.
             if new.claim_roots() != self.policy.claim_roots()
@@ -728,8 +797,9 @@ impl Session<'_> {
             &self.ctx.hub,
         );
         if kind == AuthKind::Refresh {
-            // The new claims decide every subscription at once.
-            self.decide_again();
+            // The new claims decide every subscription at once, by the
+            // policy in force.
+            self.reevaluate();
         }
     }
 
@@ -801,8 +871,11 @@ impl Session<'_> {
                 );
                 continue;
             }
-            if self.policy_rx.has_changed().unwrap_or(false) {
-                // Decide new subscriptions and old ones by the same policy.
+            if self.policy_rx.has_changed().unwrap_or(false)
+                || !Arc::ptr_eq(&self.ctx.policy(), &self.policy)
+            {
+                // Decide new subscriptions and old ones by the same policy,
+                // the one in force (ahead of this connection's wave).
                 self.reevaluate();
             }
             let d = self.policy.evaluate(

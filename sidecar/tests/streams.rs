@@ -267,6 +267,51 @@ async fn a_new_policy_revokes_exactly_what_it_no_longer_allows() {
     }
 }
 
+/// Connections beyond the number of waves (64) a change is handed on in.
+const MANY: usize = 130;
+
+#[tokio::test]
+async fn a_burst_of_changes_reaches_every_connection_once_with_the_newest() {
+    let sc = start_on(&policy(false, false)).await;
+    let mut conns = Vec::new();
+    for i in 0..MANY {
+        let mut ws = connect(sc.addr, &identity(&format!("u{i}"), "trader", &[])).await;
+        subscribed(&mut ws, &["open.x.a", "open.y.b"]).await;
+        conns.push(ws);
+    }
+    // Two changes back to back: the first (closing open.x.>) is overtaken
+    // before any connection is handed it.
+    let shut = json!({"rules": [
+        {"id": "shut", "effect": "deny", "match": {"channel": "open.>"}},
+        {"id": "publishers", "effect": "allow", "match": {"channel": ">", "actions": ["publish"]},
+         "when": [{"attr": "roles", "op": "contains", "value": "publisher"}]}]});
+    let compile = |t: &str| entitlements_core::policy::Policy::from_json(t.as_bytes()).unwrap();
+    sc.app.ctx.set_policy(compile(&policy(true, false)));
+    sc.app.ctx.set_policy(compile(&shut.to_string()));
+    for (i, ws) in conns.iter_mut().enumerate() {
+        assert_eq!(
+            recv(ws).await,
+            json!({"type": "unsubscribed", "channels": ["open.x.a", "open.y.b"],
+                   "reason": "revoked", "rule": "shut"}),
+            "connection {i}"
+        );
+        // Nothing else came before the answer to a ping.
+        send(ws, json!({"type": "ping"})).await;
+        assert_eq!(recv(ws).await, json!({"type": "pong"}), "connection {i}");
+    }
+    let text = http(sc.addr, "GET", "/metrics", &[], b"").await.1;
+    let line = format!(
+        r#"sidecar_ws_revoked_subscriptions_total{{rule="shut"}} {}"#,
+        2 * MANY
+    );
+    assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    assert!(
+        !text.contains(r#"rule="x-closed""#),
+        "the overtaken policy decided nothing:\n{text}"
+    );
+    assert_eq!(sc.app.ctx.hub.metrics.subscriptions.get(), 0);
+}
+
 #[tokio::test]
 async fn a_refused_policy_keeps_the_last_good_one() {
     let file = TempFile::new("refused", &policy(false, true));

@@ -167,17 +167,28 @@ pub fn write_json(manifest_dir: &str, name: &str, plan: Plan, rows: &[Row]) -> O
         plan.per_sample,
         rows_json.join(",")
     );
-    let mut dir = std::path::PathBuf::from(manifest_dir);
-    while !dir.join("Cargo.lock").is_file() {
-        if !dir.pop() {
+    let path = bench_dir(manifest_dir)?.join(format!("{name}.json"));
+    std::fs::write(&path, json).ok()?;
+    Some(path.display().to_string())
+}
+
+/// `bench/` in cargo's target directory (created): `CARGO_TARGET_DIR` when
+/// set (relative to the workspace root, as cargo reads it), else the
+/// workspace's `target`.
+pub fn bench_dir(manifest_dir: &str) -> Option<std::path::PathBuf> {
+    let mut root = std::path::PathBuf::from(manifest_dir);
+    while !root.join("Cargo.lock").is_file() {
+        if !root.pop() {
             return None;
         }
     }
-    let dir = dir.join("target").join("bench");
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(t) if !t.is_empty() => root.join(t),
+        _ => root.join("target"),
+    };
+    let dir = target.join("bench");
     std::fs::create_dir_all(&dir).ok()?;
-    let path = dir.join(format!("{name}.json"));
-    std::fs::write(&path, json).ok()?;
-    Some(path.display().to_string())
+    Some(dir)
 }
 
 #[cfg(test)]
