@@ -594,36 +594,9 @@ fn rollups(req: &Request<Incoming>, peer: SocketAddr, app: &App) -> Response<Bod
     json(StatusCode::OK, app.usage.rollups_json(tenant.as_deref()))
 }
 
-/// `%XX` and `+` decoded (query values); invalid escapes kept as they are.
+/// `%XX` and `+` decoded (query values) by the one decoder
+/// (`filter_common::form`: bad escapes kept as they are), bytes that are
+/// not UTF-8 replaced.
 pub fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match (b.get(i), b.get(i + 1..i + 3)) {
-            (Some(b'%'), Some(h)) => match std::str::from_utf8(h)
-                .ok()
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-            {
-                Some(v) => {
-                    out.push(v);
-                    i += 3;
-                }
-                None => {
-                    out.push(b'%');
-                    i += 1;
-                }
-            },
-            (Some(b'+'), _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (Some(&c), _) => {
-                out.push(c);
-                i += 1;
-            }
-            (None, _) => break,
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8_lossy(&filter_common::form::decode_bytes(s)).into_owned()
 }

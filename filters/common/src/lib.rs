@@ -11,4 +11,5 @@
 
 pub mod cache;
 pub mod claims;
+pub mod form;
 pub mod refresh;

@@ -70,10 +70,8 @@ pub fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
     r
 }
 
-/// The value of `key` in a query string, percent-decoded.
+/// The value of `key` in a query string, by the decoder the filters use
+/// (`filter_common::form`).
 pub fn query_param(query: Option<&str>, key: &str) -> Option<String> {
-    query?.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        (k == key).then(|| sidecar::server::percent_decode(v))
-    })
+    filter_common::form::query_value(query?, key)
 }

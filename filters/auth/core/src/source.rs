@@ -21,34 +21,6 @@ pub fn describe(s: &SourceConfig) -> String {
     }
 }
 
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        if c == b'%' {
-            let h = b
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())?;
-            out.push(u8::from_str_radix(h, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(if c == b'+' { b' ' } else { c });
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-fn from_query(query: &str, name: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (percent_decode(k)? == name)
-            .then(|| percent_decode(v))
-            .flatten()
-    })
-}
-
 fn from_cookie(cookie: &str, name: &str) -> Option<String> {
     cookie.split(';').find_map(|c| {
         let (k, v) = c.trim().split_once('=')?;
@@ -75,7 +47,7 @@ pub fn find(
                         .flatten()
                 }
             }),
-            SourceConfig::Query(n) => query.and_then(|q| from_query(q, n)),
+            SourceConfig::Query(n) => query.and_then(|q| filter_common::form::query_value(q, n)),
             SourceConfig::Cookie(n) => header("cookie").and_then(|c| from_cookie(&c, n)),
         };
         let Some(token) = token.filter(|t| !t.is_empty()) else {
@@ -146,6 +118,13 @@ mod tests {
         );
         assert_eq!(run(&[("x-api-token", "t1")], None), tok(1, "t1"));
         assert_eq!(run(&[], Some("a=1&access_token=x%2Ey&b")), tok(2, "x.y"));
+        // The shared decoder: a sign is not a hex digit, a bad escape is
+        // literal, and the first parameter of the name decides.
+        assert_eq!(run(&[], Some("access_token=x%+4")), tok(2, "x% 4"));
+        assert_eq!(
+            run(&[], Some("access_token=%zz&access_token=y")),
+            tok(2, "%zz")
+        );
         assert_eq!(
             run(&[("cookie", "a=1; carbon_at=\"c.d.e\"; z=2")], None),
             tok(3, "c.d.e")

@@ -306,40 +306,7 @@ impl<'a> HttpRequest<'a> {
 /// The first value of a query parameter, percent- and `+`-decoded; `None`
 /// if absent or not decodable to UTF-8.
 pub fn query_param(query: &str, name: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if form_decode(k)? == name {
-            Some(form_decode(v))
-        } else {
-            None
-        }
-    })?
-}
-
-fn form_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        match c {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = b
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok());
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).ok()
+    filter_common::form::query_value(query, name)
 }
 
 /// What is being decided.
@@ -1207,6 +1174,9 @@ mod tests {
         assert_eq!(query_param("a=1&b=%zz&c", "b").as_deref(), Some("%zz"));
         assert_eq!(query_param("a=1&c", "c").as_deref(), Some(""));
         assert_eq!(query_param("a=%ff", "a"), None, "not UTF-8");
+        // No sign in an escape (u8::from_str_radix would read "+4" as 4).
+        assert_eq!(query_param("a=%+4", "a").as_deref(), Some("% 4"));
+        assert_eq!(query_param("a=%ff&a=ok", "a"), None, "the first decides");
         assert!(err(json!({"rules": [{"id": "u", "effect": "allow", "match": {"headers": {"X-Key": {"present": true}}}}]}))
             .starts_with("rule \"u\": match.headers.X-Key:"));
         assert!(err(json!({"rules": [{"id": "r", "effect": "allow", "match": {"query": {"f": {"regex": "("}}}}]}))
