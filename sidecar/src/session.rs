@@ -845,6 +845,13 @@ impl Session<'_> {
     }
 
     fn subscribe(&mut self, id: Option<&Id>, channels: &[String], since: Option<&protocol::Since>) {
+        if self.policy_rx.has_changed().unwrap_or(false)
+            || !Arc::ptr_eq(&self.ctx.policy(), &self.policy)
+        {
+            // Decide new subscriptions and old ones by the same policy, the
+            // one in force (ahead of this connection's wave).
+            self.reevaluate();
+        }
         let mut granted: Vec<Pattern> = Vec::new();
         let mut added = 0;
         for name in channels {
@@ -870,13 +877,6 @@ impl Session<'_> {
                     Some(name),
                 );
                 continue;
-            }
-            if self.policy_rx.has_changed().unwrap_or(false)
-                || !Arc::ptr_eq(&self.ctx.policy(), &self.policy)
-            {
-                // Decide new subscriptions and old ones by the same policy,
-                // the one in force (ahead of this connection's wave).
-                self.reevaluate();
             }
             let d = self.policy.evaluate(
                 &self.access.identity,

@@ -14,8 +14,9 @@
 //! - the bytes must be UTF-8 for a `String` ([`decode`] says `None`); the
 //!   bytes themselves are [`decode_bytes`].
 
-/// The byte value of an ASCII hex digit.
-fn hex(b: u8) -> Option<u8> {
+/// The value of an ASCII hex digit (no sign, no space: what every
+/// percent-escape here is read with, paths included).
+pub fn hex_digit(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
         b'a'..=b'f' => Some(b - b'a' + 10),
@@ -34,7 +35,7 @@ pub fn decode_bytes(s: &str) -> Vec<u8> {
             b'+' => out.push(b' '),
             b'%' => {
                 let escape = match (b.get(i + 1).copied(), b.get(i + 2).copied()) {
-                    (Some(h), Some(l)) => hex(h).zip(hex(l)),
+                    (Some(h), Some(l)) => hex_digit(h).zip(hex_digit(l)),
                     _ => None,
                 };
                 match escape {

@@ -273,13 +273,18 @@ async fn ws(
     ws
 }
 
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Sends `v` as a text frame; `what` names it in a failure.
+async fn send_json(ws: &mut Ws, v: Value, what: &str) {
+    ws.send(Message::text(v.to_string()))
+        .await
+        .unwrap_or_else(|e| panic!("sending {what}: {e}"));
+}
+
 /// The next text frame, as JSON; `what` names the frame awaited.
-async fn next_json(
-    ws: &mut tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-    what: &str,
-) -> Value {
+async fn next_json(ws: &mut Ws, what: &str) -> Value {
     loop {
         let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
             .await
@@ -314,11 +319,12 @@ fn a_websocket_subscription_gets_the_snapshot_then_live_updates() {
         let (mut ws, sub) = loop {
             attempts += 1;
             let mut ws = ws(&t).await;
-            ws.send(Message::text(
-                json!({"type": "subscribe", "id": 7, "channels": [ch]}).to_string(),
-            ))
-            .await
-            .unwrap_or_else(|e| panic!("sending the subscribe to {ch}: {e}"));
+            send_json(
+                &mut ws,
+                json!({"type": "subscribe", "id": 7, "channels": [ch]}),
+                &format!("the subscribe to {ch}"),
+            )
+            .await;
             let sub = next_json(&mut ws, "the subscribed frame").await;
             assert_eq!(sub["type"], "subscribed", "{sub}");
             assert_eq!(sub["id"], 7, "{sub}");
@@ -368,12 +374,12 @@ fn an_unentitled_channel_gets_an_error_frame() {
     let t = token(&unique("erin"), "EU-ETS");
     run(async {
         let mut ws = ws(&t).await;
-        ws.send(Message::text(
-            json!({"type": "subscribe", "id": "x", "channels": ["pricing.curves.PJM.DEC26"]})
-                .to_string(),
-        ))
-        .await
-        .unwrap_or_else(|e| panic!("sending the subscribe: {e}"));
+        send_json(
+            &mut ws,
+            json!({"type": "subscribe", "id": "x", "channels": ["pricing.curves.PJM.DEC26"]}),
+            "the subscribe",
+        )
+        .await;
         let mut error = None;
         let mut seen = Vec::new();
         for _ in 0..3 {
@@ -388,9 +394,12 @@ fn an_unentitled_channel_gets_an_error_frame() {
         assert_eq!(e["code"], "forbidden", "{e}");
         assert_eq!(e["channel"], "pricing.curves.PJM.DEC26", "{e}");
         // The connection stays usable.
-        ws.send(Message::text(json!({"type": "ping", "id": 2}).to_string()))
-            .await
-            .unwrap_or_else(|e| panic!("sending the ping after the error: {e}"));
+        send_json(
+            &mut ws,
+            json!({"type": "ping", "id": 2}),
+            "the ping after the error",
+        )
+        .await;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let m = next_json(&mut ws, "the pong after the error").await;
@@ -451,11 +460,12 @@ fn a_stream_closes_4001_when_its_token_expires() {
     run(async {
         let mut ws = ws(&t).await;
         let ch = "pricing.curves.EU-ETS.DEC26";
-        ws.send(Message::text(
-            json!({"type": "subscribe", "channels": [ch]}).to_string(),
-        ))
-        .await
-        .unwrap();
+        send_json(
+            &mut ws,
+            json!({"type": "subscribe", "channels": [ch]}),
+            "the subscribe",
+        )
+        .await;
         // The warning comes at once (less than the warning time is left),
         // then the subscription's frames, then the close.
         let started = tokio::time::Instant::now();
@@ -505,32 +515,31 @@ fn a_websocket_without_a_token_authenticates_in_band_and_refreshes() {
         assert_eq!(resp.status().as_u16(), 101);
         let ch = "pricing.curves.EU-ETS.DEC26";
         // Before auth: refused.
-        ws.send(Message::text(
-            json!({"type": "subscribe", "channels": [ch]}).to_string(),
-        ))
-        .await
-        .unwrap();
+        send_json(
+            &mut ws,
+            json!({"type": "subscribe", "channels": [ch]}),
+            "the subscribe",
+        )
+        .await;
         let e = next_json(&mut ws, "the unauthenticated error").await;
         assert_eq!(e["code"], "unauthenticated", "{e}");
-        ws.send(Message::text(
-            json!({"type": "auth", "token": first}).to_string(),
-        ))
-        .await
-        .unwrap();
+        send_json(&mut ws, json!({"type": "auth", "token": first}), "the auth").await;
         let a = next_json(&mut ws, "authenticated").await;
         assert_eq!(a["type"], "authenticated", "{a}");
-        ws.send(Message::text(
-            json!({"type": "subscribe", "channels": [ch]}).to_string(),
-        ))
-        .await
-        .unwrap();
+        send_json(
+            &mut ws,
+            json!({"type": "subscribe", "channels": [ch]}),
+            "the subscribe",
+        )
+        .await;
         let s = next_json(&mut ws, "subscribed").await;
         assert_eq!(s["type"], "subscribed", "{s}");
-        ws.send(Message::text(
-            json!({"type": "refresh", "id": 1, "token": second}).to_string(),
-        ))
-        .await
-        .unwrap();
+        send_json(
+            &mut ws,
+            json!({"type": "refresh", "id": 1, "token": second}),
+            "the refresh",
+        )
+        .await;
         loop {
             let v = next_json(&mut ws, "refreshed").await;
             if v["type"] == "refreshed" {
@@ -542,11 +551,12 @@ fn a_websocket_without_a_token_authenticates_in_band_and_refreshes() {
             }
             assert_eq!(v["type"], "message", "{v}");
         }
-        ws.send(Message::text(
-            json!({"type": "refresh", "token": other}).to_string(),
-        ))
-        .await
-        .unwrap();
+        send_json(
+            &mut ws,
+            json!({"type": "refresh", "token": other}),
+            "the refresh",
+        )
+        .await;
         let (code, reason) = close_of(&mut ws, Duration::from_secs(10)).await;
         assert_eq!((code, reason.as_str()), (4003, "identity changed"));
     });

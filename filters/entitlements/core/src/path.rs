@@ -11,6 +11,7 @@
 //! hidden behind `;` path parameters (`..;/`, which Tomcat and Jetty treat
 //! as `..`).
 
+use filter_common::form::hex_digit;
 use std::fmt;
 
 /// Default bound on the path (without the query), in bytes.
@@ -94,15 +95,6 @@ fn unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
 fn upper_hex(v: u8) -> char {
     char::from_digit(u32::from(v), 16).map_or('0', |c| c.to_ascii_uppercase())
 }
@@ -131,8 +123,8 @@ pub fn normalize(raw: &str, opts: &PathOptions) -> Result<NormalPath, PathError>
         match b {
             b'%' => {
                 let (h, l) = match (
-                    bytes.get(i + 1).copied().and_then(hex),
-                    bytes.get(i + 2).copied().and_then(hex),
+                    bytes.get(i + 1).copied().and_then(hex_digit),
+                    bytes.get(i + 2).copied().and_then(hex_digit),
                 ) {
                     (Some(h), Some(l)) => (h, l),
                     _ => return Err(PathError::BadEscape(i)),
