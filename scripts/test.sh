@@ -64,3 +64,9 @@ print(m.group(1) if m else "")')
   CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
     cargo test --target wasm32-unknown-unknown --lib --locked $cores
 fi
+
+step "core crates on wasm32-wasip1 (libtest under wasmtime)"
+# The same unit tests built for the filters' own target and libc
+# (wasi-libc's memcmp, memchr, malloc), under PyPI's wasmtime in a venv of
+# its own under the target directory.
+scripts/wasip1-tests.sh --locked

@@ -221,7 +221,7 @@ mod tests {
         shadow_denied: Option<Decider>,
     }
     type DecisionCache = BoundedCache<Verdict>;
-    #[cfg(target_arch = "wasm32")]
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn v(i: usize) -> Verdict {

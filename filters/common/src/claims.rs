@@ -64,7 +64,7 @@ fn push_scalars<'c>(v: &'c Value, out: &mut Vec<Cow<'c, str>>) {
 mod tests {
     use super::*;
     use serde_json::json;
-    #[cfg(target_arch = "wasm32")]
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]

@@ -121,7 +121,7 @@ pub fn max_age(cache_control: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    #[cfg(target_arch = "wasm32")]
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const T: Timings = Timings {

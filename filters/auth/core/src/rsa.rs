@@ -437,7 +437,7 @@ pub fn verify_pss(key: &RsaPublicKey, hash: Hash, msg: &[u8], sig: &[u8]) -> boo
 #[cfg(test)]
 mod tests {
     use super::*;
-    #[cfg(target_arch = "wasm32")]
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     // A 2048-bit key and an RS256 signature made with another implementation

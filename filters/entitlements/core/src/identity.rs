@@ -73,7 +73,7 @@ pub fn decode_claims(json: &[u8], roots: &[String]) -> Result<Value, String> {
 mod tests {
     use super::*;
     use serde_json::json;
-    #[cfg(target_arch = "wasm32")]
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]

@@ -191,7 +191,7 @@ pub fn normalize(raw: &str, opts: &PathOptions) -> Result<NormalPath, PathError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    #[cfg(target_arch = "wasm32")]
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn n(raw: &str) -> Result<String, PathError> {

@@ -79,7 +79,7 @@ pub fn ceil_secs(ns: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    #[cfg(target_arch = "wasm32")]
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const S: u64 = 1_000_000_000;

@@ -163,7 +163,7 @@ impl Table {
 mod tests {
     use super::*;
     use std::collections::HashMap;
-    #[cfg(target_arch = "wasm32")]
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     /// Envoy's shared data semantics, in memory.

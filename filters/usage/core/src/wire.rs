@@ -375,7 +375,7 @@ impl Metric<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    #[cfg(target_arch = "wasm32")]
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const GOOD: &str = r#"{"batch":"a1-7","records":[{"tenant":"acme","subject":"alice","route":"/api/v1/curves/{market}/latest","method":"GET","status":200,"request_bytes":0,"response_bytes":512,"duration_us":1830,"time_ms":1795000000000}],"metrics":[{"name":"curve_builds","value":2.5,"labels":{"tenant":"acme","kind":"fwd"}}]}"#;

@@ -2,7 +2,7 @@ use super::*;
 use crate::channel::Pattern;
 use crate::identity::Identity;
 use serde_json::json;
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
 fn policy(v: serde_json::Value) -> Policy {
