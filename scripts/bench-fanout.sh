@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # WebSocket fan-out, side by side in one run: the sidecar and nginx with
 # nchan (Debian's libnginx-mod-nchan, installed here if missing) on the same
-# scenarios, driven by the same load tool (tests/wsload), loopback only.
+# scenarios, driven by the same load tool (tools/wsload), loopback only.
 #
 #   scripts/bench-fanout.sh [--quick] [--runs N]
 #
@@ -9,7 +9,8 @@
 # starts a fresh server. --quick: one run of 3 s per scenario, 5,000 × 1
 # instead of the largest scenario and 10,000 idle connections instead of
 # 50,000. Output: a markdown table on stdout and
-# target/bench/fanout.json.
+# <target>/bench/fanout.json (<target>: cargo's target directory, target/ or
+# CARGO_TARGET_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,8 +40,9 @@ if ! command -v nginx >/dev/null || [ ! -e /usr/lib/nginx/modules/ngx_nchan_modu
 fi
 
 cargo build --release -q -p sidecar -p wsload
-sidecar=target/release/sidecar
-wsload=target/release/wsload
+tdir=$(scripts/target-dir.sh)
+sidecar=$tdir/release/sidecar
+wsload=$tdir/release/wsload
 
 # One process may hold as many sockets as the hard limit allows.
 ulimit -n "$(ulimit -Hn)"
@@ -189,8 +191,8 @@ PY
     done
 done
 
-mkdir -p target/bench
-python3 - "$results" target/bench/fanout.json "$runs" "$fds" <<'PY'
+mkdir -p "$tdir/bench"
+python3 - "$results" "$tdir/bench/fanout.json" "$runs" "$fds" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 runs, fds = int(sys.argv[3]), int(sys.argv[4])

@@ -13,9 +13,10 @@
 #   scripts/bench.sh [--quick]
 #
 # Each bench prints its own table; at the end one summary table,
-# target/bench/all.json with every figure (min/median/max per row), and
-# target/bench/chart.svg (the spread of every row's samples, and the fan-out
-# latency percentiles).
+# <target>/bench/all.json with every figure (min/median/max per row), and
+# <target>/bench/chart.svg (the spread of every row's samples, and the fan-out
+# latency percentiles); <target> is cargo's target directory (target/, or
+# CARGO_TARGET_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,8 +28,9 @@ case "${1:-}" in
 esac
 
 scripts/build-filters.sh >/dev/null
-mkdir -p target/bench
-rm -f target/bench/*.json
+bench="$(scripts/target-dir.sh)/bench"
+mkdir -p "$bench"
+rm -f "$bench"/*.json
 
 benches=(
     "wasm-host stream"
@@ -53,13 +55,14 @@ echo "== scripts/bench-fanout.sh $quick" >&2
 # shellcheck disable=SC2086
 scripts/bench-fanout.sh $quick | grep -v '^wrote '
 
-python3 - <<'PY'
-import glob, json, os
+python3 - "$bench" <<'PY'
+import glob, json, os, sys
+bench = sys.argv[1]
 out = {"benches": []}
 print("\n## Summary (medians; µs per call unless noted)\n")
 print("| bench | case | min | median | max |")
 print("|---|---|---:|---:|---:|")
-for f in sorted(glob.glob("target/bench/*.json")):
+for f in sorted(glob.glob(os.path.join(bench, "*.json"))):
     name = os.path.basename(f)[:-5]
     if name in ("all", "fanout"):
         continue
@@ -68,8 +71,9 @@ for f in sorted(glob.glob("target/bench/*.json")):
     out["benches"].append(d)
     for r in d.get("rows", []):
         print(f"| {name} | {r['name']} | {r['min']:.2f} | {r['median']:.2f} | {r['max']:.2f} |")
-if os.path.exists("target/bench/fanout.json"):
-    d = json.load(open("target/bench/fanout.json"))
+fanout = os.path.join(bench, "fanout.json")
+if os.path.exists(fanout):
+    d = json.load(open(fanout))
     out["fanout"] = d
     print("\n| fan-out scenario | server | CPU µs/delivery | p99 ms | KiB/conn |")
     print("|---|---|---:|---:|---:|")
@@ -118,7 +122,7 @@ if ratios:
     for label, a, b, r in ratios:
         print(f"| {label} | {a:.2f} | {b:.2f} | {r:.2f}× |")
     out["ratios"] = [{"name": l, "a_us": a, "b_us": b, "ratio": r} for l, a, b, r in ratios]
-json.dump(out, open("target/bench/all.json", "w"), indent=1)
-print("\nwrote target/bench/all.json")
+json.dump(out, open(os.path.join(bench, "all.json"), "w"), indent=1)
+print(f"\nwrote {os.path.join(bench, 'all.json')}")
 PY
-python3 scripts/bench_chart.py target/bench
+python3 scripts/bench_chart.py "$bench"

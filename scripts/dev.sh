@@ -38,6 +38,7 @@ rustup target add wasm32-wasip1 >/dev/null 2>&1 || true
 echo "== building the filters and the stack" >&2
 scripts/build-filters.sh >/dev/null
 cargo build -q -p devstack
+target=$(scripts/target-dir.sh)
 
 pids=()
 stop() {
@@ -49,16 +50,18 @@ trap stop INT TERM EXIT
 
 # shellcheck disable=SC2086
 if [ "$proxy" = envoy ]; then
-    mkdir -p target/dev
-    sed "s/envoy\.wasm\.runtime\.v8/envoy.wasm.runtime.$runtime/" envoy/envoy.yaml >target/dev/envoy.yaml
-    target/debug/devstack --no-proxy ${DEVSTACK_ARGS:-} &
+    mkdir -p "$target/dev"
+    # The filters from cargo's target directory (CARGO_TARGET_DIR when set).
+    sed -e "s/envoy\.wasm\.runtime\.v8/envoy.wasm.runtime.$runtime/" \
+        -e "s|filename: target/|filename: $target/|" envoy/envoy.yaml >"$target/dev/envoy.yaml"
+    "$target/debug/devstack" --no-proxy ${DEVSTACK_ARGS:-} &
     pids+=($!)
     sleep 1
-    func-e run -c target/dev/envoy.yaml --concurrency 2 &
+    func-e run -c "$target/dev/envoy.yaml" --concurrency 2 &
     pids+=($!)
     gateway="Envoy (func-e, runtime $runtime)"
 else
-    target/debug/devstack ${DEVSTACK_ARGS:-} &
+    "$target/debug/devstack" ${DEVSTACK_ARGS:-} &
     pids+=($!)
     gateway="the embedded dev proxy (not a production proxy)"
 fi

@@ -54,8 +54,7 @@ fn main() {
             }
             f.configuration = c.to_string();
         }
-        let dir = root.join("target/bench");
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = benchkit::bench_dir(env!("CARGO_MANIFEST_DIR")).unwrap();
         let file = dir.join("e2e-envoy.yaml");
         write_gateway(&root.join("envoy/envoy.yaml"), &gw, &file);
         let cfg = devstack::StackConfig {

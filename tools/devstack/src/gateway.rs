@@ -75,8 +75,20 @@ fn socket(v: &Value, what: &str) -> Result<SocketAddr, String> {
         .map_err(|e| format!("{what}: {host}:{port}: {e}"))
 }
 
+/// A wasm file named in the gateway file: relative to `root`, except that a
+/// relative path under `target/` (Envoy's view, from the repository root) is
+/// read in cargo's target directory, so filters built with `CARGO_TARGET_DIR`
+/// are found.
+pub fn wasm_file(root: &Path, name: &str) -> PathBuf {
+    let path = Path::new(name);
+    match path.strip_prefix("target") {
+        Ok(rest) if path.is_relative() => wasm_host::target_dir().join(rest),
+        _ => root.join(path),
+    }
+}
+
 impl Gateway {
-    /// Reads `file`; wasm paths are resolved against `root`.
+    /// Reads `file`; wasm paths are resolved against `root` (see [`wasm_file`]).
     pub fn load(file: &Path, root: &Path) -> Result<Gateway, String> {
         let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
         let v: Value =
@@ -138,7 +150,10 @@ impl Gateway {
                 name: text(c, &["name"], &what)?.to_string(),
                 root_id: text(c, &["root_id"], &what)?.to_string(),
                 vm_id: text(c, &["vm_config", "vm_id"], &what)?.to_string(),
-                file: root.join(text(c, &["vm_config", "code", "local", "filename"], &what)?),
+                file: wasm_file(
+                    root,
+                    text(c, &["vm_config", "code", "local", "filename"], &what)?,
+                ),
                 configuration: text(c, &["configuration", "value"], &what)?.to_string(),
             });
         }
@@ -244,5 +259,28 @@ mod tests {
             serde_json::from_str::<Value>(&f.configuration).unwrap();
         }
         assert!(g.entitlements_policy().unwrap()["rules"].is_array());
+        let release = wasm_host::target_dir().join("wasm32-wasip1/release");
+        assert_eq!(g.filters[1].file, release.join("auth.wasm"));
+    }
+
+    #[test]
+    fn wasm_files_outside_target_stay_under_the_root() {
+        let root = Path::new("/repo");
+        assert_eq!(
+            wasm_file(root, "filters/x.wasm"),
+            root.join("filters/x.wasm")
+        );
+        assert_eq!(
+            wasm_file(root, "/abs/target/x.wasm"),
+            Path::new("/abs/target/x.wasm")
+        );
+        assert_eq!(
+            wasm_file(root, "targets/x.wasm"),
+            root.join("targets/x.wasm")
+        );
+        assert_eq!(
+            wasm_file(root, "target/dev/x.wasm"),
+            wasm_host::target_dir().join("dev/x.wasm")
+        );
     }
 }

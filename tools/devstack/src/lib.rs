@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone)]
 pub struct StackConfig {
-    /// The repository root (wasm paths in the gateway file are relative to it).
+    /// The repository root (wasm paths in the gateway file are relative to
+    /// it, `target/` meaning cargo's target directory: [`gateway::wasm_file`]).
     pub root: PathBuf,
     /// `envoy/envoy.yaml`.
     pub gateway: PathBuf,
@@ -89,7 +90,7 @@ pub async fn start(cfg: &StackConfig, shutdown: CancellationToken) -> Result<Add
     ));
 
     // Sidecar, with the entitlements policy of the gateway file.
-    let dir = cfg.root.join("target").join("dev");
+    let dir = wasm_host::target_dir().join("dev");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let policy_file = dir.join("policy.json");
     let policy = g.entitlements_policy()?;

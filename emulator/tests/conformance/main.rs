@@ -1,5 +1,5 @@
 //! Conformance of the host emulator with Envoy's proxy-wasm host, checked
-//! with the probe filter (tests/probes/probe). Build it first:
+//! with the probe filter (emulator/probes/probe). Build it first:
 //! scripts/build-filters.sh
 
 mod attributes;

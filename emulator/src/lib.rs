@@ -47,7 +47,9 @@ pub use stream::{
     Callback, Chain, Direction, LocalReply, Message, Stream, StreamOptions, TraceEntry,
 };
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 
 /// The command that builds every `.wasm` the tests load.
 pub const BUILD_COMMAND: &str = "scripts/build-filters.sh";
@@ -71,19 +73,55 @@ pub fn wasm_path(name: &str) -> PathBuf {
     path
 }
 
-fn target_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        let dir = PathBuf::from(dir);
-        if dir.is_absolute() {
-            return dir;
+/// Cargo's target directory for this workspace, where `wasm_path` looks.
+///
+/// An absolute `CARGO_TARGET_DIR` is taken as it is. Otherwise cargo is asked
+/// (`cargo metadata --format-version 1 --no-deps` in the workspace root, so a
+/// relative `CARGO_TARGET_DIR` or a `build.target-dir` in a cargo config is
+/// read the way the build read it); without cargo, a relative
+/// `CARGO_TARGET_DIR` under the workspace root, else `<workspace>/target`.
+/// Asked once per process.
+pub fn target_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = workspace_root();
+        let env = std::env::var_os("CARGO_TARGET_DIR")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from);
+        match env {
+            Some(dir) if dir.is_absolute() => dir,
+            env => cargo_target_dir(&root)
+                .or_else(|| env.map(|d| root.join(d)))
+                .unwrap_or_else(|| root.join("target")),
         }
-        return workspace_root().join(dir);
+    })
+    .clone()
+}
+
+/// `target_directory` from `cargo metadata`, run in `root`.
+fn cargo_target_dir(root: &Path) -> Option<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
+        .current_dir(root)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
     }
-    workspace_root().join("target")
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    meta.get("target_directory")?.as_str().map(PathBuf::from)
 }
 
 fn workspace_root() -> PathBuf {
-    // tests/host → workspace root.
+    // emulator → workspace root.
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     manifest
         .ancestors()
