@@ -173,6 +173,7 @@ pub async fn watch_remote(r: Remote, ctx: Arc<Context>, shutdown: CancellationTo
     let mut schedule = Schedule::new(Timings {
         refresh_ms: ms(r.refresh),
         retry_initial_ms: ms(r.retry),
+        retry_max_ms: ms(r.refresh),
         min_refetch_ms: ms(r.refresh),
     });
     let start = tokio::time::Instant::now();

@@ -32,29 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Names of the identity headers (DESIGN.md's defaults).
-#[derive(Debug, Clone)]
-pub struct IdentityHeaders {
-    pub subject: String,
-    pub issuer: String,
-    pub tenant: String,
-    pub roles: String,
-    pub claims: String,
-    pub expires: String,
-}
-
-impl Default for IdentityHeaders {
-    fn default() -> Self {
-        IdentityHeaders {
-            subject: "x-auth-subject".into(),
-            issuer: "x-auth-issuer".into(),
-            tenant: "x-auth-tenant".into(),
-            roles: "x-auth-roles".into(),
-            claims: "x-auth-claims".into(),
-            expires: "x-auth-expires".into(),
-        }
-    }
-}
+pub use filter_common::identity::IdentityHeaders;
 
 /// Front settings.
 #[derive(Debug, Clone)]

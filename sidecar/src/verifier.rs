@@ -128,7 +128,7 @@ impl Verifier {
         clusters: HashMap<String, String>,
         clock: crate::access::Clock,
     ) -> Result<Verifier, String> {
-        let settings = Settings::from_json(config)?;
+        let settings = Settings::from_json(config).map_err(|e| e.to_string())?;
         let requirement = settings.requirement("GET", "/ws").clone();
         let keys = settings
             .providers
@@ -140,6 +140,7 @@ impl Verifier {
                         Timings {
                             refresh_ms: u64::MAX,
                             retry_initial_ms: u64::MAX,
+                            retry_max_ms: u64::MAX,
                             min_refetch_ms: u64::MAX,
                         },
                     ),
@@ -148,6 +149,7 @@ impl Verifier {
                         Timings {
                             refresh_ms: r.refresh_s.saturating_mul(1000),
                             retry_initial_ms: r.retry_initial_ms,
+                            retry_max_ms: r.refresh_s.saturating_mul(1000),
                             min_refetch_ms: r.unknown_kid_refetch_s.saturating_mul(1000),
                         },
                     ),

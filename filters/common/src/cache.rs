@@ -11,6 +11,7 @@
 //! to one policy version (versions only grow): a lookup or insert with a
 //! newer version empties it; one with an older version is ignored.
 
+use crate::host::{Host, Metric};
 use hashbrown::HashTable;
 use std::hash::{BuildHasher, RandomState};
 
@@ -204,6 +205,46 @@ impl<V: Clone, S: BuildHasher> BoundedCache<V, S> {
 
     pub fn stats(&self) -> CacheStats {
         self.stats
+    }
+}
+
+/// The counters of a [`BoundedCache`](BoundedCache):
+/// the cache counts per VM, the metrics are shared by all workers, so what
+/// changed since the last flush is added.
+pub struct CacheCounters {
+    hits: Metric,
+    misses: Metric,
+    evictions: Metric,
+    oversized: Metric,
+    flushed: CacheStats,
+}
+
+impl CacheCounters {
+    /// Defines the counters (full metric names; `oversized` optional).
+    pub fn define<H: Host>(
+        h: &H,
+        hits: &str,
+        misses: &str,
+        evictions: &str,
+        oversized: Option<&str>,
+    ) -> CacheCounters {
+        CacheCounters {
+            hits: h.counter(hits),
+            misses: h.counter(misses),
+            evictions: h.counter(evictions),
+            oversized: oversized.map_or(Metric(None), |n| h.counter(n)),
+            flushed: CacheStats::default(),
+        }
+    }
+
+    /// Exports what the cache counted since the last call.
+    pub fn flush<H: Host>(&mut self, h: &H, now: CacheStats) {
+        let was = self.flushed;
+        h.increment(self.hits, now.hits - was.hits);
+        h.increment(self.misses, now.misses - was.misses);
+        h.increment(self.evictions, now.evictions - was.evictions);
+        h.increment(self.oversized, now.oversized - was.oversized);
+        self.flushed = now;
     }
 }
 

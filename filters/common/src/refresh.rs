@@ -4,7 +4,8 @@
 //! After a success the next fetch is due after the refresh period, or at
 //! 90 % of the response's `Cache-Control: max-age` when that is sooner
 //! (at least a second); after a failure after the first retry delay,
-//! doubling per failure in a row up to the refresh period. A document that
+//! doubling per failure in a row up to the longest retry delay (at most
+//! the refresh period). A document that
 //! turns out to lack something (a JWT's `kid`) can make a fetch due at
 //! once, at most once per `min_refetch` since the last fetch.
 
@@ -13,9 +14,31 @@
 pub struct Timings {
     pub refresh_ms: u64,
     pub retry_initial_ms: u64,
+    /// Longest delay after failures (the doubling stops there); at most
+    /// the refresh period.
+    pub retry_max_ms: u64,
     /// Least time between a fetch and a refetch asked for by
     /// [`Schedule::refetch_now`].
     pub min_refetch_ms: u64,
+}
+
+impl Timings {
+    /// The delay after a success: the refresh period, or 90 % of
+    /// `max-age` (seconds) when sooner, never under a second.
+    pub fn success_delay(&self, max_age_s: Option<u64>) -> u64 {
+        max_age_s.map_or(self.refresh_ms, |age| {
+            (age.saturating_mul(1000) / 10 * 9).clamp(1000.min(self.refresh_ms), self.refresh_ms)
+        })
+    }
+
+    /// The delay after `failures` (≥ 1) in a row: the first retry delay,
+    /// doubling, up to `retry_max_ms` and the refresh period.
+    pub fn failure_delay(&self, failures: u32) -> u64 {
+        self.retry_initial_ms
+            .saturating_mul(1u64 << failures.saturating_sub(1).min(30))
+            .min(self.retry_max_ms)
+            .min(self.refresh_ms)
+    }
 }
 
 /// One document's fetch schedule.
@@ -67,10 +90,7 @@ impl Schedule {
     /// A fetch succeeded at `now`; `max_age_s` from its `Cache-Control`.
     /// Returns the delay until the next one.
     pub fn succeeded(&mut self, now: u64, max_age_s: Option<u64>) -> u64 {
-        let t = &self.timings;
-        let delay = max_age_s.map_or(t.refresh_ms, |age| {
-            (age.saturating_mul(1000) / 10 * 9).clamp(1000.min(t.refresh_ms), t.refresh_ms)
-        });
+        let delay = self.timings.success_delay(max_age_s);
         self.failures = 0;
         self.fetched_at = Some(now);
         self.next_at = now.saturating_add(delay);
@@ -80,11 +100,7 @@ impl Schedule {
     /// A fetch failed at `now`. Returns the delay until the next attempt.
     pub fn failed(&mut self, now: u64) -> u64 {
         self.failures = self.failures.saturating_add(1);
-        let t = &self.timings;
-        let delay = t
-            .retry_initial_ms
-            .saturating_mul(1u64 << self.failures.saturating_sub(1).min(30))
-            .min(t.refresh_ms);
+        let delay = self.timings.failure_delay(self.failures);
         self.next_at = now.saturating_add(delay);
         delay
     }
@@ -127,6 +143,7 @@ mod tests {
     const T: Timings = Timings {
         refresh_ms: 600_000,
         retry_initial_ms: 1000,
+        retry_max_ms: 600_000,
         min_refetch_ms: 30_000,
     };
 

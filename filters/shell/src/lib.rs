@@ -1,26 +1,50 @@
-//! Every call the filters make into the host, in one place. Request data
-//! is read as bytes and checked here (the SDK's string getters panic on
-//! invalid UTF-8, and a panic traps the VM for every request on the
-//! worker); host errors are returned or logged, never unwrapped. Calls that
-//! touch a stream act on the current (or effective) context.
+//! The filters' one door to the proxy-wasm host: [`ProxyWasm`], the
+//! [`Host`] over `proxy_wasm::hostcalls` (host statuses typed once, request
+//! data read as checked bytes, nothing unwrapped: the SDK's helpers panic
+//! on errors and invalid UTF-8, and a panic traps the VM for every request
+//! on the worker), and [`Shell`], the root and stream contexts that run any
+//! [`Filter`] and map its [`Flow`] to an `Action` in one place.
+//!
+//! A filter crate is `filter_shell::export!(its_core::Worker);`.
 
+pub use filter_common;
+pub use proxy_wasm;
+
+use filter_common::filter::{configure, Filter, Flow};
+use filter_common::host::{HeaderPairs, Host, HostError, Level, Map, MetricKind};
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use std::cell::RefCell;
+use std::marker::PhantomData;
+use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
-/// The request headers, read in one host call into one buffer: names and
-/// values are slices of it (the SDK's `get_map_bytes` makes two
-/// allocations per header, which on the hot path cost more than the call).
-/// Values stay bytes until [`RequestHeaders::get`] checks them.
-pub struct RequestHeaders {
-    buf: Vec<u8>,
-    /// Byte ranges of (name, value) in `buf`.
-    pairs: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+/// The proxy-wasm host.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProxyWasm;
+
+fn typed(s: Status) -> HostError {
+    match s {
+        Status::NotFound => HostError::NotFound,
+        Status::BadArgument => HostError::BadArgument,
+        Status::SerializationFailure => HostError::SerializationFailure,
+        Status::ParseFailure => HostError::ParseFailure,
+        Status::Empty => HostError::Empty,
+        Status::CasMismatch => HostError::CasMismatch,
+        Status::InternalFailure => HostError::InternalFailure,
+        Status::Ok => HostError::Other(0),
+        _ => HostError::Unimplemented,
+    }
 }
 
-/// A header value that is not UTF-8.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NotUtf8;
+fn map_type(m: Map) -> MapType {
+    match m {
+        Map::RequestHeaders => MapType::HttpRequestHeaders,
+        Map::ResponseHeaders => MapType::HttpResponseHeaders,
+        Map::CallResponseHeaders => MapType::HttpCallResponseHeaders,
+    }
+}
 
 mod raw {
     //! The one raw host call: `proxy_get_header_map_pairs`, as the SDK
@@ -51,311 +75,288 @@ mod raw {
     }
 }
 
-fn le32(b: &[u8], at: usize) -> Option<usize> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?) as usize)
-}
-
-impl RequestHeaders {
-    pub fn read() -> RequestHeaders {
-        let buf = raw::request_header_pairs();
-        let pairs = Self::index(&buf).unwrap_or_default();
-        RequestHeaders { buf, pairs }
+impl Host for ProxyWasm {
+    fn now(&self) -> Duration {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .unwrap_or_default()
     }
 
-    /// Ranges of the pairs in a serialized map: a count, then the sizes
-    /// of each name and value, then the bytes, each followed by a NUL.
-    #[allow(clippy::type_complexity)]
-    fn index(b: &[u8]) -> Option<Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>> {
-        if b.is_empty() {
-            return Some(Vec::new());
+    fn log(&self, level: Level, message: &str) {
+        let level = match level {
+            Level::Trace => LogLevel::Trace,
+            Level::Debug => LogLevel::Debug,
+            Level::Info => LogLevel::Info,
+            Level::Warn => LogLevel::Warn,
+            Level::Error => LogLevel::Error,
+            Level::Critical => LogLevel::Critical,
+        };
+        let _ = hostcalls::log(level, message);
+    }
+
+    fn set_tick_period(&self, period: Duration) -> Result<(), HostError> {
+        hostcalls::set_tick_period(period).map_err(typed)
+    }
+
+    fn plugin_configuration(&self) -> Option<Vec<u8>> {
+        hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+            .ok()
+            .flatten()
+    }
+
+    fn request_headers(&self) -> HeaderPairs {
+        HeaderPairs::parse(raw::request_header_pairs())
+    }
+
+    fn header(&self, map: Map, name: &str) -> Result<Option<Vec<u8>>, HostError> {
+        hostcalls::get_map_value_bytes(map_type(map), name).map_err(typed)
+    }
+
+    fn replace_header(&self, map: Map, name: &str, value: &str) -> Result<(), HostError> {
+        hostcalls::set_map_value(map_type(map), name, Some(value)).map_err(typed)
+    }
+
+    fn remove_header(&self, map: Map, name: &str) -> Result<(), HostError> {
+        hostcalls::set_map_value(map_type(map), name, None).map_err(typed)
+    }
+
+    fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
+        hostcalls::get_property(path.to_vec()).map_err(typed)
+    }
+
+    fn send_reply(
+        &self,
+        status: u32,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<(), HostError> {
+        hostcalls::send_http_response(status, headers.to_vec(), Some(body)).map_err(typed)
+    }
+
+    fn resume_request(&self) -> Result<(), HostError> {
+        hostcalls::resume_http_request().map_err(typed)
+    }
+
+    fn set_effective_context(&self, context_id: u32) -> Result<(), HostError> {
+        hostcalls::set_effective_context(context_id).map_err(typed)
+    }
+
+    fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, HostError> {
+        match hostcalls::get_shared_data(key).map_err(typed)? {
+            (Some(v), Some(cas)) => Ok(Some((v, cas))),
+            _ => Ok(None),
         }
-        let n = le32(b, 0)?;
-        let mut at = 4usize.checked_add(n.checked_mul(8)?)?;
-        if at > b.len() {
-            return None; // more sizes announced than bytes given
+    }
+
+    fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), HostError> {
+        hostcalls::set_shared_data(key, Some(value), Some(cas)).map_err(typed)
+    }
+
+    fn register_queue(&self, name: &str) -> Result<u32, HostError> {
+        hostcalls::register_shared_queue(name).map_err(typed)
+    }
+
+    fn enqueue(&self, queue: u32, value: &[u8]) -> Result<(), HostError> {
+        hostcalls::enqueue_shared_queue(queue, Some(value)).map_err(typed)
+    }
+
+    fn dequeue(&self, queue: u32) -> Result<Option<Vec<u8>>, HostError> {
+        match hostcalls::dequeue_shared_queue(queue) {
+            Ok(v) => Ok(v),
+            Err(Status::Empty) => Ok(None),
+            Err(s) => Err(typed(s)),
         }
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            let (k, v) = (le32(b, 4 + 8 * i)?, le32(b, 8 + 8 * i)?);
-            let key = at..at.checked_add(k)?;
-            at = key.end.checked_add(1)?;
-            let value = at..at.checked_add(v)?;
-            at = value.end.checked_add(1)?;
-            if at > b.len() {
-                return None;
+    }
+
+    fn http_call(
+        &self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<u32, HostError> {
+        hostcalls::dispatch_http_call(cluster, headers.to_vec(), body, vec![], timeout)
+            .map_err(typed)
+    }
+
+    fn call_response_body(&self, size: usize) -> Vec<u8> {
+        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, size)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    fn grpc_call(
+        &self,
+        cluster: &str,
+        service: &str,
+        method: &str,
+        message: &[u8],
+        timeout: Duration,
+    ) -> Result<u32, HostError> {
+        hostcalls::dispatch_grpc_call(cluster, service, method, vec![], Some(message), timeout)
+            .map_err(typed)
+    }
+
+    fn grpc_response(&self, size: usize) -> Vec<u8> {
+        hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, size)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    fn define_metric(&self, kind: MetricKind, name: &str) -> Result<u32, HostError> {
+        let kind = match kind {
+            MetricKind::Counter => MetricType::Counter,
+            MetricKind::Gauge => MetricType::Gauge,
+        };
+        hostcalls::define_metric(kind, name).map_err(typed)
+    }
+
+    fn increment_metric(&self, id: u32, by: i64) -> Result<(), HostError> {
+        hostcalls::increment_metric(id, by).map_err(typed)
+    }
+
+    fn record_metric(&self, id: u32, value: u64) -> Result<(), HostError> {
+        hostcalls::record_metric(id, value).map_err(typed)
+    }
+}
+
+fn action(f: Flow) -> Action {
+    match f {
+        Flow::Continue => Action::Continue,
+        Flow::Pause => Action::Pause,
+    }
+}
+
+/// The root context of filter `F`: configures it, owns the worker the
+/// streams share, and forwards timers, callouts and queue events.
+pub struct Shell<F: Filter> {
+    worker: Option<Rc<RefCell<F>>>,
+}
+
+impl<F: Filter> Default for Shell<F> {
+    fn default() -> Self {
+        Shell { worker: None }
+    }
+}
+
+impl<F: Filter> Shell<F> {
+    fn with(&self, f: impl FnOnce(&mut F)) {
+        if let Some(w) = &self.worker {
+            if let Ok(mut w) = w.try_borrow_mut() {
+                f(&mut w);
             }
-            out.push((key, value));
-        }
-        Some(out)
-    }
-
-    fn entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.pairs.iter().map(|(k, v)| {
-            (
-                self.buf.get(k.clone()).unwrap_or(&[]),
-                self.buf.get(v.clone()).unwrap_or(&[]),
-            )
-        })
-    }
-
-    /// The first value of `name` as UTF-8: `Ok(None)` if absent.
-    pub fn get(&self, name: &str) -> Result<Option<&str>, NotUtf8> {
-        match self.entries().find(|(k, _)| *k == name.as_bytes()) {
-            None => Ok(None),
-            Some((_, v)) => std::str::from_utf8(v).map(Some).map_err(|_| NotUtf8),
-        }
-    }
-
-    /// Every header name (names are tokens, so UTF-8; others are skipped).
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.entries()
-            .filter_map(|(k, _)| std::str::from_utf8(k).ok())
-    }
-}
-
-pub fn set_request_header(name: &str, value: &str) {
-    if let Err(s) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value)) {
-        log(
-            LogLevel::Warn,
-            &format!("cannot set request header {name}: {s:?}"),
-        );
-    }
-}
-
-/// Adds a request header (another value if the name is there already:
-/// for names the filter removed first, cheaper than a replace).
-pub fn add_request_header(name: &str, value: &str) {
-    if let Err(s) = hostcalls::add_map_value(MapType::HttpRequestHeaders, name, value) {
-        log(
-            LogLevel::Warn,
-            &format!("cannot add request header {name}: {s:?}"),
-        );
-    }
-}
-
-/// A header of the HTTP call response being delivered.
-pub fn call_response_header(name: &str) -> Option<String> {
-    match hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, name) {
-        Ok(Some(b)) => String::from_utf8(b).ok(),
-        _ => None,
-    }
-}
-
-/// The body of the HTTP call response being delivered.
-pub fn call_response_body(size: usize) -> Vec<u8> {
-    match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, size) {
-        Ok(Some(b)) => b,
-        _ => Vec::new(),
-    }
-}
-
-/// The plugin configuration (only during `on_configure`).
-pub fn plugin_configuration() -> Option<Vec<u8>> {
-    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
-        .ok()
-        .flatten()
-}
-
-/// Sends a local reply with a JSON body.
-pub fn send_json(status: u32, extra: &[(&str, &str)], body: &str) {
-    let mut headers = vec![("content-type", "application/json")];
-    headers.extend_from_slice(extra);
-    if let Err(s) = hostcalls::send_http_response(status, headers, Some(body.as_bytes())) {
-        log(
-            LogLevel::Error,
-            &format!("local reply {status} failed: {s:?}"),
-        );
-    }
-}
-
-pub fn log(level: LogLevel, msg: &str) {
-    let _ = hostcalls::log(level, msg);
-}
-
-pub fn now() -> Duration {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .unwrap_or_default()
-}
-
-pub fn set_tick_period(d: Duration) {
-    if let Err(s) = hostcalls::set_tick_period(d) {
-        log(
-            LogLevel::Error,
-            &format!("cannot set the tick period: {s:?}"),
-        );
-    }
-}
-
-/// Shared data: value and CAS, `(None, None)` if absent.
-pub fn shared_get(key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-    hostcalls::get_shared_data(key).unwrap_or((None, None))
-}
-
-/// Sets shared data; `false` on a CAS mismatch or another failure.
-pub fn shared_set(key: &str, value: &[u8], cas: Option<u32>) -> bool {
-    hostcalls::set_shared_data(key, Some(value), cas).is_ok()
-}
-
-pub fn http_call(
-    cluster: &str,
-    headers: Vec<(&str, &str)>,
-    timeout: Duration,
-) -> Result<u32, Status> {
-    hostcalls::dispatch_http_call(cluster, headers, None, vec![], timeout)
-}
-
-/// A counter or gauge id; `None` if the host refused it (metrics are then
-/// skipped, never fatal).
-pub fn define(kind: MetricType, name: &str) -> Option<u32> {
-    match hostcalls::define_metric(kind, name) {
-        Ok(id) => Some(id),
-        Err(s) => {
-            log(LogLevel::Warn, &format!("metric {name}: {s:?}"));
-            None
         }
     }
 }
 
-pub fn increment(id: Option<u32>, by: u64) {
-    if let (Some(id), true) = (id, by > 0) {
-        let _ = hostcalls::increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
+impl<F: Filter> Context for Shell<F> {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body: usize, _t: usize) {
+        self.with(|w| w.on_http_call_response(&ProxyWasm, token, body));
     }
 }
 
-pub fn record(id: Option<u32>, value: u64) {
-    if let Some(id) = id {
-        let _ = hostcalls::record_metric(id, value);
-    }
-}
-
-/// Removes a request header (no-op if absent).
-pub fn remove_request_header(name: &str) {
-    if let Err(s) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None) {
-        log(
-            LogLevel::Warn,
-            &format!("cannot remove request header {name}: {s:?}"),
-        );
-    }
-}
-
-/// Acts on stream `context_id` from now until the callback returns (the
-/// root resuming or answering a request it made wait); false if the stream
-/// is gone.
-pub fn set_effective_context(context_id: u32) -> bool {
-    hostcalls::set_effective_context(context_id).is_ok()
-}
-
-/// Resumes the (effective) paused request.
-pub fn resume_request() {
-    let _ = hostcalls::resume_http_request();
-}
-
-/// Sends a local reply with arbitrary headers and body.
-pub fn send_reply(status: u32, headers: &[(&str, &str)], body: &[u8]) {
-    if let Err(s) = hostcalls::send_http_response(status, headers.to_vec(), Some(body)) {
-        log(
-            LogLevel::Error,
-            &format!("local reply {status} failed: {s:?}"),
-        );
-    }
-}
-
-/// The counters of a [`BoundedCache`](filter_common::cache::BoundedCache):
-/// the cache counts per VM, the metrics are shared by all workers, so what
-/// changed since the last flush is added.
-pub struct CacheCounters {
-    hits: Option<u32>,
-    misses: Option<u32>,
-    evictions: Option<u32>,
-    oversized: Option<u32>,
-    flushed: filter_common::cache::CacheStats,
-}
-
-impl CacheCounters {
-    /// Defines the counters (full metric names; `oversized` optional).
-    pub fn define(
-        hits: &str,
-        misses: &str,
-        evictions: &str,
-        oversized: Option<&str>,
-    ) -> CacheCounters {
-        CacheCounters {
-            hits: define(MetricType::Counter, hits),
-            misses: define(MetricType::Counter, misses),
-            evictions: define(MetricType::Counter, evictions),
-            oversized: oversized.and_then(|n| define(MetricType::Counter, n)),
-            flushed: filter_common::cache::CacheStats::default(),
+impl<F: Filter> RootContext for Shell<F> {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        match configure::<F, _>(&ProxyWasm) {
+            Some(f) => {
+                self.worker = Some(Rc::new(RefCell::new(f)));
+                true
+            }
+            None => false,
         }
     }
 
-    /// Exports what the cache counted since the last call.
-    pub fn flush(&mut self, now: filter_common::cache::CacheStats) {
-        let was = self.flushed;
-        increment(self.hits, now.hits - was.hits);
-        increment(self.misses, now.misses - was.misses);
-        increment(self.evictions, now.evictions - was.evictions);
-        increment(self.oversized, now.oversized - was.oversized);
-        self.flushed = now;
+    fn on_tick(&mut self) {
+        self.with(|w| w.on_tick(&ProxyWasm));
+    }
+
+    fn on_queue_ready(&mut self, queue: u32) {
+        self.with(|w| w.on_queue_ready(&ProxyWasm, queue));
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Stream::<F> {
+            id: context_id,
+            worker: self.worker.clone(),
+            state: F::Stream::default(),
+            _f: PhantomData,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
-    use super::*;
+/// A stream of filter `F`.
+struct Stream<F: Filter> {
+    id: u32,
+    worker: Option<Rc<RefCell<F>>>,
+    state: F::Stream,
+    _f: PhantomData<F>,
+}
 
-    fn serialize(pairs: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut b = (pairs.len() as u32).to_le_bytes().to_vec();
-        for (k, v) in pairs {
-            b.extend_from_slice(&(k.len() as u32).to_le_bytes());
-            b.extend_from_slice(&(v.len() as u32).to_le_bytes());
+impl<F: Filter> Stream<F> {
+    /// Runs `f` on the worker, or [`Filter::unconfigured`] without one.
+    fn flow(&mut self, f: impl FnOnce(&mut F, &mut F::Stream, u32) -> Flow) -> Action {
+        let flow = match self.worker.as_ref().map(|w| w.try_borrow_mut()) {
+            Some(Ok(mut w)) => f(&mut w, &mut self.state, self.id),
+            _ => F::unconfigured(&ProxyWasm),
+        };
+        action(flow)
+    }
+}
+
+impl<F: Filter> Context for Stream<F> {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body: usize, _t: usize) {
+        if let Some(Ok(mut w)) = self.worker.as_ref().map(|w| w.try_borrow_mut()) {
+            w.on_http_call_response(&ProxyWasm, token, body);
         }
-        for (k, v) in pairs {
-            b.extend_from_slice(k.as_bytes());
-            b.push(0);
-            b.extend_from_slice(v);
-            b.push(0);
+    }
+
+    fn on_grpc_call_response(&mut self, token: u32, status: u32, size: usize) {
+        if let Some(Ok(mut w)) = self.worker.as_ref().map(|w| w.try_borrow_mut()) {
+            w.on_grpc_call_response(&ProxyWasm, &mut self.state, token, status, size);
         }
-        b
+    }
+}
+
+impl<F: Filter> HttpContext for Stream<F> {
+    fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        self.flow(|w, s, id| w.on_request_headers(&ProxyWasm, s, id))
     }
 
-    fn headers(buf: Vec<u8>) -> RequestHeaders {
-        let pairs = RequestHeaders::index(&buf).unwrap_or_default();
-        RequestHeaders { buf, pairs }
+    fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        self.flow(|w, s, _| w.on_response_headers(&ProxyWasm, s))
     }
 
-    #[test]
-    fn pairs_are_read_in_place() {
-        let h = headers(serialize(&[
-            (":path", b"/a"),
-            ("x", b""),
-            ("bin", &[0xff, 0xfe]),
-            ("x", b"second"),
-        ]));
-        assert_eq!(h.get(":path"), Ok(Some("/a")));
-        assert_eq!(h.get("x"), Ok(Some("")), "the first value counts");
-        assert_eq!(h.get("bin"), Err(NotUtf8));
-        assert_eq!(h.get("nope"), Ok(None));
-        assert_eq!(
-            h.names().collect::<Vec<_>>(),
-            vec![":path", "x", "bin", "x"]
-        );
-    }
-
-    #[test]
-    fn malformed_buffers_give_no_headers() {
-        let good = serialize(&[("a", b"1"), ("b", b"2")]);
-        for cut in 1..good.len() {
-            assert!(
-                RequestHeaders::index(&good[..cut]).is_none(),
-                "cut at {cut}"
-            );
+    fn on_log(&mut self) {
+        if let Some(Ok(mut w)) = self.worker.as_ref().map(|w| w.try_borrow_mut()) {
+            w.on_log(&ProxyWasm, &mut self.state, self.id);
         }
-        let mut huge = good.clone();
-        huge[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(RequestHeaders::index(&huge).is_none());
-        assert_eq!(RequestHeaders::index(&[]), Some(vec![]));
     }
+}
+
+/// Logs a panic at critical level before the abort (a trap says nothing).
+pub fn panic_hook(name: &'static str) {
+    std::panic::set_hook(Box::new(move |info| {
+        ProxyWasm.log(Level::Critical, &format!("{name}: panic: {info}"));
+    }));
+}
+
+/// The proxy-wasm entry point of a filter: `export!(auth_core::Auth);`.
+#[macro_export]
+macro_rules! export {
+    ($filter:ty) => {
+        $crate::proxy_wasm::main! {{
+            $crate::panic_hook(<$filter as $crate::filter_common::filter::Filter>::NAME);
+            $crate::proxy_wasm::set_log_level($crate::proxy_wasm::types::LogLevel::Trace);
+            $crate::proxy_wasm::set_root_context(|_| {
+                Box::new($crate::Shell::<$filter>::default())
+            });
+        }}
+    };
 }

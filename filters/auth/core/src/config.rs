@@ -7,6 +7,7 @@ use crate::error::Reason;
 use crate::jwk::JwkSet;
 use crate::jwt::Alg;
 use filter_common::claims::ClaimPath;
+use filter_common::config::ConfigError;
 use regex_lite::Regex;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -321,12 +322,15 @@ pub struct Settings {
     pub expose_reasons: bool,
 }
 
-fn header_name(field: &str, v: &str, allow_empty: bool) -> Result<(), String> {
+fn header_name(field: &str, v: &str, allow_empty: bool) -> Result<(), ConfigError> {
     if (v.is_empty() && !allow_empty)
         || v.bytes()
             .any(|b| b.is_ascii_uppercase() || !b.is_ascii_graphic())
     {
-        return Err(format!("{field}: {v:?} is not a lower-case header name"));
+        return Err(ConfigError::new(
+            field,
+            format!("{v:?} is not a lower-case header name"),
+        ));
     }
     Ok(())
 }
@@ -357,9 +361,12 @@ fn compile_remote(
     issuer: &str,
     r: RemoteConfig,
     discovery: bool,
-) -> Result<Remote, String> {
+) -> Result<Remote, ConfigError> {
     if r.cluster.is_empty() {
-        return Err(format!("{field}.cluster: must not be empty"));
+        return Err(ConfigError::new(
+            format!("{field}.cluster"),
+            "must not be empty",
+        ));
     }
     let (host, issuer_path) = split_url(issuer).unwrap_or(("", ""));
     let path = match r.path {
@@ -368,17 +375,21 @@ fn compile_remote(
             "{}/.well-known/openid-configuration",
             issuer_path.trim_end_matches('/')
         ),
-        None => return Err(format!("{field}.path: required")),
+        None => return Err(ConfigError::new(format!("{field}.path"), "required")),
     };
     if !path.starts_with('/') {
-        return Err(format!("{field}.path: {path:?} must start with '/'"));
+        return Err(ConfigError::new(
+            format!("{field}.path"),
+            format!("{path:?} must start with '/'"),
+        ));
     }
     let authority = match r.authority {
         Some(a) => a,
         None if !host.is_empty() => host.to_string(),
         None => {
-            return Err(format!(
-                "{field}.authority: required (the issuer is not a URL)"
+            return Err(ConfigError::new(
+                format!("{field}.authority"),
+                "required (the issuer is not a URL)",
             ))
         }
     };
@@ -388,14 +399,17 @@ fn compile_remote(
         ("retry_initial_ms", r.retry_initial_ms),
     ] {
         if v == 0 || v > u64::from(u32::MAX) {
-            return Err(format!(
-                "{field}.{f}: {v} is not between 1 and {}",
-                u32::MAX
+            return Err(ConfigError::new(
+                format!("{field}.{f}"),
+                format!("{v} is not between 1 and {}", u32::MAX),
             ));
         }
     }
     if r.max_bytes == 0 {
-        return Err(format!("{field}.max_bytes: must be positive"));
+        return Err(ConfigError::new(
+            format!("{field}.max_bytes"),
+            "must be positive",
+        ));
     }
     Ok(Remote {
         cluster: r.cluster,
@@ -411,15 +425,15 @@ fn compile_remote(
 }
 
 impl Settings {
-    pub fn from_json(bytes: &[u8]) -> Result<Settings, String> {
+    pub fn from_json(bytes: &[u8]) -> Result<Settings, ConfigError> {
         let cfg: AuthConfig =
-            serde_json::from_slice(bytes).map_err(|e| format!("configuration: {e}"))?;
+            serde_json::from_slice(bytes).map_err(|e| ConfigError::new("configuration", e))?;
         Settings::compile(cfg)
     }
 
-    pub fn compile(cfg: AuthConfig) -> Result<Settings, String> {
+    pub fn compile(cfg: AuthConfig) -> Result<Settings, ConfigError> {
         if cfg.providers.is_empty() {
-            return Err("providers: at least one is required".into());
+            return Err(ConfigError::new("providers", "at least one is required"));
         }
         let names: Vec<String> = cfg.providers.keys().cloned().collect();
         let mut providers = Vec::with_capacity(cfg.providers.len());
@@ -427,29 +441,31 @@ impl Settings {
         for (name, p) in cfg.providers {
             let f = format!("providers.{name}");
             if p.issuer.is_empty() {
-                return Err(format!("{f}.issuer: must not be empty"));
+                return Err(ConfigError::new(format!("{f}.issuer"), "must not be empty"));
             }
             if !issuers.insert(p.issuer.clone()) {
-                return Err(format!(
-                    "{f}.issuer: {:?} is used by another provider",
-                    p.issuer
+                return Err(ConfigError::new(
+                    format!("{f}.issuer"),
+                    format!("{:?} is used by another provider", p.issuer),
                 ));
             }
             let mut algorithms = Vec::with_capacity(p.algorithms.len());
             for (i, a) in p.algorithms.iter().enumerate() {
-                algorithms.push(
-                    Alg::parse(a)
-                        .map_err(|_| format!("{f}.algorithms[{i}]: {a:?} is not supported"))?,
-                );
+                algorithms.push(Alg::parse(a).map_err(|_| {
+                    ConfigError::new(
+                        format!("{f}.algorithms[{i}]"),
+                        format!("{a:?} is not supported"),
+                    )
+                })?);
             }
             let keys = match p.jwks {
                 JwksConfig::Inline(doc) => {
                     let set = JwkSet::parse(doc.to_string().as_bytes(), true)
-                        .map_err(|e| format!("{f}.jwks.inline: {e}"))?;
+                        .map_err(|e| ConfigError::new(format!("{f}.jwks.inline"), e))?;
                     if set.keys.is_empty() {
-                        return Err(format!(
-                            "{f}.jwks.inline: no usable key ({})",
-                            set.skipped.join("; ")
+                        return Err(ConfigError::new(
+                            format!("{f}.jwks.inline"),
+                            format!("no usable key ({})", set.skipped.join("; ")),
                         ));
                     }
                     KeySource::Inline(set)
@@ -481,12 +497,17 @@ impl Settings {
                 keys,
             });
         }
-        let requirement = |field: &str, r: RequirementConfig| -> Result<Requirement, String> {
+        let requirement = |field: &str, r: RequirementConfig| -> Result<Requirement, ConfigError> {
             let mut idx = Vec::new();
             for (i, n) in r.providers.iter().enumerate() {
                 match names.iter().position(|x| x == n) {
                     Some(p) => idx.push(p),
-                    None => return Err(format!("{field}.providers[{i}]: no provider {n:?}")),
+                    None => {
+                        return Err(ConfigError::new(
+                            format!("{field}.providers[{i}]"),
+                            format!("no provider {n:?}"),
+                        ))
+                    }
                 }
             }
             if idx.is_empty() {
@@ -504,8 +525,9 @@ impl Settings {
             let f = format!("rules[{i}]");
             for (j, m) in r.matcher.methods.iter().enumerate() {
                 if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
-                    return Err(format!(
-                        "{f}.match.methods[{j}]: {m:?} is not an upper-case method"
+                    return Err(ConfigError::new(
+                        format!("{f}.match.methods[{j}]"),
+                        format!("{m:?} is not an upper-case method"),
                     ));
                 }
             }
@@ -515,7 +537,7 @@ impl Settings {
                 Some(PathConfig::Prefix(p)) => Some(RoutePath::Prefix(p)),
                 Some(PathConfig::Regex(re)) => Some(RoutePath::Regex(
                     Regex::new(&format!("^(?:{re})$"))
-                        .map_err(|e| format!("{f}.match.path.regex: {e}"))?,
+                        .map_err(|e| ConfigError::new(format!("{f}.match.path.regex"), e))?,
                 )),
             };
             routes.push(Route {
@@ -526,7 +548,7 @@ impl Settings {
         }
         let default = requirement("default", cfg.default)?;
         if cfg.sources.is_empty() {
-            return Err("sources: at least one is required".into());
+            return Err(ConfigError::new("sources", "at least one is required"));
         }
         for (i, s) in cfg.sources.iter().enumerate() {
             match s {
@@ -534,7 +556,10 @@ impl Settings {
                     header_name(&format!("sources[{i}].header.name"), name, false)?
                 }
                 SourceConfig::Query(n) | SourceConfig::Cookie(n) if n.is_empty() => {
-                    return Err(format!("sources[{i}]: name must not be empty"))
+                    return Err(ConfigError::new(
+                        format!("sources[{i}]"),
+                        "name must not be empty",
+                    ))
                 }
                 _ => {}
             }
@@ -546,15 +571,17 @@ impl Settings {
         header_name("output.roles_header", &o.roles_header, false)?;
         header_name("output.claims_header", &o.claims_header, true)?;
         header_name("output.expires_header", &o.expires_header, true)?;
-        let tenant_claim =
-            ClaimPath::parse(&o.tenant_claim).map_err(|e| format!("output.tenant_claim: {e}"))?;
+        let tenant_claim = ClaimPath::parse(&o.tenant_claim)
+            .map_err(|e| ConfigError::new("output.tenant_claim", e))?;
         let mut roles_claims = Vec::new();
         for (i, p) in o.roles_claims.iter().enumerate() {
-            roles_claims
-                .push(ClaimPath::parse(p).map_err(|e| format!("output.roles_claims[{i}]: {e}"))?);
+            roles_claims.push(
+                ClaimPath::parse(p)
+                    .map_err(|e| ConfigError::new(format!("output.roles_claims[{i}]"), e))?,
+            );
         }
         if cfg.max_token_bytes == 0 {
-            return Err("max_token_bytes: must be positive".into());
+            return Err(ConfigError::new("max_token_bytes", "must be positive"));
         }
         Ok(Settings {
             providers,

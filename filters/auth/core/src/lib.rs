@@ -2,7 +2,9 @@
 //! proxy-wasm: one token end to end ([`authenticate`]), parsing
 //! ([`jwt`]), key sets ([`jwk`]), signatures ([`verify`], RSA in [`rsa`]),
 //! claim rules ([`claims`]), and the reasons a token is refused
-//! ([`error`]). Time is always passed in.
+//! ([`error`]); [`filter::Auth`] is the filter itself, written against
+//! the [`Host`](filter_common::host::Host) trait. Time is always passed
+//! in.
 #![cfg_attr(
     test,
     allow(
@@ -17,8 +19,10 @@ pub mod authenticate;
 pub mod claims;
 pub mod config;
 pub mod error;
+pub mod filter;
 pub mod jwk;
 pub mod jwt;
+pub mod metrics;
 pub mod rsa;
 pub mod source;
 pub mod verify;

@@ -42,7 +42,7 @@ fn keycloak() -> Value {
 }
 
 fn compile(v: Value) -> Result<Settings, String> {
-    Settings::from_json(v.to_string().as_bytes())
+    Settings::from_json(v.to_string().as_bytes()).map_err(|e| e.to_string())
 }
 
 #[test]

@@ -4,6 +4,8 @@
 
 use crate::gcra::Rate;
 use entitlements_core::template::PathTemplate;
+use filter_common::config::ConfigError;
+pub use filter_common::identity::IdentityHeaders;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -76,24 +78,6 @@ impl Default for TableConfig {
             slots: 65_536,
             max_cas_retries: 8,
             hash_seed: None,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IdentityHeaders {
-    pub subject: String,
-    pub tenant: String,
-    pub roles: String,
-}
-
-impl Default for IdentityHeaders {
-    fn default() -> Self {
-        IdentityHeaders {
-            subject: "x-auth-subject".into(),
-            tenant: "x-auth-tenant".into(),
-            roles: "x-auth-roles".into(),
         }
     }
 }
@@ -234,30 +218,37 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn from_json(bytes: &[u8]) -> Result<Settings, String> {
+    pub fn from_json(bytes: &[u8]) -> Result<Settings, ConfigError> {
         let cfg: RateLimitConfig =
-            serde_json::from_slice(bytes).map_err(|e| format!("configuration: {e}"))?;
+            serde_json::from_slice(bytes).map_err(|e| ConfigError::json(&e))?;
         Settings::compile(cfg)
     }
 
-    pub fn compile(cfg: RateLimitConfig) -> Result<Settings, String> {
+    pub fn compile(cfg: RateLimitConfig) -> Result<Settings, ConfigError> {
         let mut ids = std::collections::HashSet::new();
         let mut policies = Vec::with_capacity(cfg.policies.len());
         for (i, p) in cfg.policies.into_iter().enumerate() {
             let f = format!("policies[{i}]");
             if p.id.is_empty() || p.id.contains(['"', '\\', ',', ';']) {
-                return Err(format!(
-                    "{f}.id: {:?} must be non-empty, without quotes, commas or semicolons",
-                    p.id
+                return Err(ConfigError::new(
+                    format!("{f}.id"),
+                    format!(
+                        "{:?} must be non-empty, without quotes, commas or semicolons",
+                        p.id
+                    ),
                 ));
             }
             if !ids.insert(p.id.clone()) {
-                return Err(format!("{f}.id: duplicate policy id {:?}", p.id));
+                return Err(ConfigError::new(
+                    format!("{f}.id"),
+                    format!("duplicate policy id {:?}", p.id),
+                ));
             }
             for (j, m) in p.matcher.methods.iter().enumerate() {
                 if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
-                    return Err(format!(
-                        "{f}.match.methods[{j}]: {m:?} is not an upper-case method"
+                    return Err(ConfigError::new(
+                        format!("{f}.match.methods[{j}]"),
+                        format!("{m:?} is not an upper-case method"),
                     ));
                 }
             }
@@ -265,31 +256,42 @@ impl Settings {
                 None => None,
                 Some(PathConfig::Prefix(pre)) => Some(PathMatch::Prefix(pre)),
                 Some(PathConfig::Template(t)) => Some(PathMatch::Template(
-                    PathTemplate::parse(&t).map_err(|e| format!("{f}.match.path.template: {e}"))?,
+                    PathTemplate::parse(&t)
+                        .map_err(|e| ConfigError::new(format!("{f}.match.path.template"), e))?,
                 )),
             };
             if p.key.is_empty() {
-                return Err(format!("{f}.key: at least one part is required"));
+                return Err(ConfigError::new(
+                    format!("{f}.key"),
+                    "at least one part is required",
+                ));
             }
             for (j, k) in p.key.iter().enumerate() {
                 if let KeyPart::Header(h) = k {
                     if h.is_empty() || h.bytes().any(|b| b.is_ascii_uppercase()) {
-                        return Err(format!(
-                            "{f}.key[{j}].header: {h:?} is not a lower-case header name"
+                        return Err(ConfigError::new(
+                            format!("{f}.key[{j}].header"),
+                            format!("{h:?} is not a lower-case header name"),
                         ));
                     }
                 }
             }
             if p.rate.requests == 0 {
-                return Err(format!("{f}.rate.requests: must be at least 1"));
+                return Err(ConfigError::new(
+                    format!("{f}.rate.requests"),
+                    "must be at least 1",
+                ));
             }
             let period_ns = p.rate.per.seconds() * 1_000_000_000;
             if p.rate.requests > period_ns {
-                return Err(format!("{f}.rate.requests: more than one per nanosecond"));
+                return Err(ConfigError::new(
+                    format!("{f}.rate.requests"),
+                    "more than one per nanosecond",
+                ));
             }
             let burst = p.burst.unwrap_or(p.rate.requests);
             if burst == 0 {
-                return Err(format!("{f}.burst: must be at least 1"));
+                return Err(ConfigError::new(format!("{f}.burst"), "must be at least 1"));
             }
             policies.push(Policy {
                 id: p.id,
@@ -310,18 +312,17 @@ impl Settings {
         }
         if let Some(g) = &cfg.global {
             if g.cluster.is_empty() {
-                return Err("global.cluster: must not be empty".into());
+                return Err(ConfigError::new("global.cluster", "must not be empty"));
             }
             if g.timeout_ms == 0 || g.timeout_ms > u64::from(u32::MAX) {
-                return Err(format!(
-                    "global.timeout_ms: {} is not between 1 and {}",
-                    g.timeout_ms,
-                    u32::MAX
+                return Err(ConfigError::new(
+                    "global.timeout_ms",
+                    format!("{} is not between 1 and {}", g.timeout_ms, u32::MAX),
                 ));
             }
         }
         if cfg.table.slots == 0 {
-            return Err("table.slots: must be at least 1".into());
+            return Err(ConfigError::new("table.slots", "must be at least 1"));
         }
         Ok(Settings {
             policies,

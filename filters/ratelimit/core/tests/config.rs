@@ -12,7 +12,7 @@ use ratelimit_core::gcra::Outcome;
 use serde_json::{json, Value};
 
 fn settings(v: Value) -> Result<Settings, String> {
-    Settings::from_json(v.to_string().as_bytes())
+    Settings::from_json(v.to_string().as_bytes()).map_err(|e| e.to_string())
 }
 
 fn carbon() -> Settings {

@@ -4,6 +4,7 @@
 //! the field.
 
 use entitlements_core::template::PathTemplate;
+use filter_common::config::ConfigError;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -126,44 +127,55 @@ pub struct Settings {
     pub unmatched_route: String,
 }
 
-fn header_name(field: &str, h: &str) -> Result<(), String> {
+fn header_name(field: &str, h: &str) -> Result<(), ConfigError> {
     if h.is_empty()
         || !h
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
     {
-        return Err(format!("{field}: {h:?} is not a lower-case header name"));
+        return Err(ConfigError::new(
+            field,
+            format!("{h:?} is not a lower-case header name"),
+        ));
     }
     Ok(())
 }
 
-fn range(field: &str, v: u64, lo: u64, hi: u64) -> Result<(), String> {
+fn range(field: &str, v: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
     if v < lo || v > hi {
-        return Err(format!("{field}: {v} is not within {lo}..={hi}"));
+        return Err(ConfigError::new(
+            field,
+            format!("{v} is not within {lo}..={hi}"),
+        ));
     }
     Ok(())
 }
 
 impl Settings {
-    pub fn from_json(bytes: &[u8]) -> Result<Settings, String> {
-        let cfg: UsageConfig =
-            serde_json::from_slice(bytes).map_err(|e| format!("configuration: {e}"))?;
+    pub fn from_json(bytes: &[u8]) -> Result<Settings, ConfigError> {
+        let cfg: UsageConfig = serde_json::from_slice(bytes).map_err(|e| ConfigError::json(&e))?;
         Settings::compile(cfg)
     }
 
-    pub fn compile(c: UsageConfig) -> Result<Settings, String> {
+    pub fn compile(c: UsageConfig) -> Result<Settings, ConfigError> {
         if c.cluster.is_empty() {
-            return Err("cluster: must not be empty".into());
+            return Err(ConfigError::new("cluster", "must not be empty"));
         }
         if !c.path.starts_with('/') {
-            return Err(format!("path: {:?} must start with '/'", c.path));
+            return Err(ConfigError::new(
+                "path",
+                format!("{:?} must start with '/'", c.path),
+            ));
         }
         header_name("secret_header", &c.secret_header)?;
         header_name("tenant_header", &c.tenant_header)?;
         header_name("subject_header", &c.subject_header)?;
         if let Some(s) = &c.secret {
             if s.is_empty() || s.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
-                return Err("secret: must be non-empty visible ASCII".into());
+                return Err(ConfigError::new(
+                    "secret",
+                    "must be non-empty visible ASCII",
+                ));
             }
         }
         range("flush_interval_ms", c.flush_interval_ms, 10, 3_600_000)?;
@@ -183,28 +195,32 @@ impl Settings {
             3_600_000,
         )?;
         if c.queue.is_empty() {
-            return Err("queue: must not be empty".into());
+            return Err(ConfigError::new("queue", "must not be empty"));
         }
         for (field, v) in [
             ("anonymous_tenant", &c.anonymous_tenant),
             ("unmatched_route", &c.unmatched_route),
         ] {
             if v.is_empty() || v.len() > crate::wire::MAX_TEXT || v.chars().any(char::is_control) {
-                return Err(format!(
-                    "{field}: must be 1 to {} bytes without control characters",
-                    crate::wire::MAX_TEXT
+                return Err(ConfigError::new(
+                    field,
+                    format!(
+                        "must be 1 to {} bytes without control characters",
+                        crate::wire::MAX_TEXT
+                    ),
                 ));
             }
         }
         let mut routes = Vec::with_capacity(c.routes.len());
         for (i, r) in c.routes.into_iter().enumerate() {
             if r.len() > crate::wire::MAX_TEXT {
-                return Err(format!(
-                    "routes[{i}]: longer than {} bytes",
-                    crate::wire::MAX_TEXT
+                return Err(ConfigError::new(
+                    format!("routes[{i}]"),
+                    format!("longer than {} bytes", crate::wire::MAX_TEXT),
                 ));
             }
-            let t = PathTemplate::parse(&r).map_err(|e| format!("routes[{i}]: {e}"))?;
+            let t =
+                PathTemplate::parse(&r).map_err(|e| ConfigError::new(format!("routes[{i}]"), e))?;
             routes.push((r, t));
         }
         Ok(Settings {
@@ -301,7 +317,9 @@ mod tests {
             (r#"{"cluster":"c","bogus":1}"#, "unknown field `bogus`"),
         ];
         for (json, want) in cases {
-            let e = Settings::from_json(json.as_bytes()).unwrap_err();
+            let e = Settings::from_json(json.as_bytes())
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{json}: {e}");
         }
     }

@@ -1,6 +1,8 @@
 //! Usage metering without proxy-wasm: the batch format the usage filter
-//! posts and the sidecar ingests ([`wire`]), and the filter's
-//! configuration ([`config`]).
+//! posts and the sidecar ingests ([`wire`]), the filter's configuration
+//! ([`config`]) and the filter itself ([`filter::Usage`]: records, the
+//! batcher, its retries and bounds), written against the
+//! [`Host`](filter_common::host::Host) trait.
 #![cfg_attr(
     test,
     allow(
@@ -12,4 +14,6 @@
 )]
 
 pub mod config;
+pub mod filter;
+pub mod metrics;
 pub mod wire;

@@ -1,9 +1,13 @@
-//! The plugin configuration: parsed with unknown fields refused, then
-//! compiled (the policy, path options, remote source); every error names
-//! the field.
+//! The entitlements filter's plugin configuration: parsed with unknown
+//! fields refused, then compiled (the policy, path options, remote
+//! source); every error names the field.
 
-use entitlements_core::path::{EscapedSlashes, PathOptions, DEFAULT_MAX_PATH_BYTES};
-use entitlements_core::policy::{Policy, PolicyConfig};
+use crate::path::{EscapedSlashes, PathOptions, DEFAULT_MAX_PATH_BYTES};
+use crate::policy::{Policy, PolicyConfig};
+use filter_common::config::ConfigError;
+pub use filter_common::identity::IdentityHeaders;
+use filter_common::refresh::Timings;
+use filter_common::remote::Source;
 use serde::Deserialize;
 use std::time::Duration;
 
@@ -56,29 +60,6 @@ pub struct RemoteConfig {
     /// Shared-data key under which the workers share the fetched policy;
     /// default derived from cluster and path.
     pub shared_key: Option<String>,
-}
-
-/// Identity header names (DESIGN.md's defaults).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IdentityHeaders {
-    pub subject: String,
-    pub issuer: String,
-    pub tenant: String,
-    pub roles: String,
-    pub claims: String,
-}
-
-impl Default for IdentityHeaders {
-    fn default() -> Self {
-        IdentityHeaders {
-            subject: "x-auth-subject".into(),
-            issuer: "x-auth-issuer".into(),
-            tenant: "x-auth-tenant".into(),
-            roles: "x-auth-roles".into(),
-            claims: "x-auth-claims".into(),
-        }
-    }
 }
 
 /// Path handling.
@@ -154,7 +135,7 @@ fn default_max_policy_bytes() -> usize {
 /// The compiled configuration.
 pub struct Settings {
     pub policy: Option<Policy>,
-    pub remote: Option<Remote>,
+    pub remote: Option<Source>,
     pub headers: IdentityHeaders,
     pub path: PathOptions,
     pub rewrite_path: bool,
@@ -164,51 +145,45 @@ pub struct Settings {
     pub max_claims_bytes: usize,
 }
 
-pub struct Remote {
-    pub cluster: String,
-    pub path: String,
-    pub authority: String,
-    pub refresh: Duration,
-    pub retry: Duration,
-    pub timeout: Duration,
-    pub max_bytes: usize,
-    pub shared_key: String,
-}
-
-fn header_name(field: &str, v: &str) -> Result<(), String> {
+fn header_name(field: &str, v: &str) -> Result<(), ConfigError> {
     if v.is_empty()
         || v.bytes()
             .any(|b| b.is_ascii_uppercase() || !b.is_ascii_graphic())
     {
-        return Err(format!("{field}: {v:?} is not a lower-case header name"));
+        return Err(ConfigError::new(
+            field,
+            format!("{v:?} is not a lower-case header name"),
+        ));
     }
     Ok(())
 }
 
 impl Settings {
     /// Parses and compiles the plugin configuration.
-    pub fn from_json(bytes: &[u8]) -> Result<Settings, String> {
-        let cfg: FilterConfig =
-            serde_json::from_slice(bytes).map_err(|e| format!("configuration: {e}"))?;
+    pub fn from_json(bytes: &[u8]) -> Result<Settings, ConfigError> {
+        let cfg: FilterConfig = serde_json::from_slice(bytes).map_err(|e| ConfigError::json(&e))?;
         Settings::compile(cfg)
     }
 
-    pub fn compile(cfg: FilterConfig) -> Result<Settings, String> {
+    pub fn compile(cfg: FilterConfig) -> Result<Settings, ConfigError> {
         if cfg.policy.is_none() && cfg.remote.is_none() {
-            return Err("policy: required unless remote is set".into());
+            return Err(ConfigError::new("policy", "required unless remote is set"));
         }
         let policy = match cfg.policy {
-            Some(p) => Some(Policy::compile(p).map_err(|e| format!("policy: {e}"))?),
+            Some(p) => Some(Policy::compile(p).map_err(|e| ConfigError::new("policy", e))?),
             None => None,
         };
         let remote = match cfg.remote {
             None => None,
             Some(r) => {
                 if r.cluster.is_empty() {
-                    return Err("remote.cluster: must not be empty".into());
+                    return Err(ConfigError::new("remote.cluster", "must not be empty"));
                 }
                 if !r.path.starts_with('/') {
-                    return Err(format!("remote.path: {:?} must start with '/'", r.path));
+                    return Err(ConfigError::new(
+                        "remote.path",
+                        format!("{:?} must start with '/'", r.path),
+                    ));
                 }
                 for (field, v) in [
                     ("remote.refresh_interval_ms", r.refresh_interval_ms),
@@ -216,27 +191,38 @@ impl Settings {
                     ("remote.timeout_ms", r.timeout_ms),
                 ] {
                     if v == 0 || v > u64::from(u32::MAX) {
-                        return Err(format!("{field}: {v} is not between 1 and {}", u32::MAX));
+                        return Err(ConfigError::new(
+                            field,
+                            format!("{v} is not between 1 and {}", u32::MAX),
+                        ));
                     }
                 }
                 if r.max_bytes == 0 {
-                    return Err("remote.max_bytes: must be positive".into());
+                    return Err(ConfigError::new("remote.max_bytes", "must be positive"));
                 }
                 let shared_key = r.shared_key.unwrap_or_else(|| {
                     format!("254carbon.entitlements.policy|{}|{}", r.cluster, r.path)
                 });
                 if shared_key.is_empty() {
-                    return Err("remote.shared_key: must not be empty".into());
+                    return Err(ConfigError::new("remote.shared_key", "must not be empty"));
                 }
-                Some(Remote {
+                Some(Source {
                     authority: r.authority.unwrap_or_else(|| r.cluster.clone()),
                     cluster: r.cluster,
                     path: r.path,
-                    refresh: Duration::from_millis(r.refresh_interval_ms),
-                    retry: Duration::from_millis(r.retry_interval_ms),
                     timeout: Duration::from_millis(r.timeout_ms),
+                    // A failed fetch is tried again after the retry
+                    // interval, not doubling.
+                    timings: Timings {
+                        refresh_ms: r.refresh_interval_ms,
+                        retry_initial_ms: r.retry_interval_ms,
+                        retry_max_ms: r.retry_interval_ms,
+                        min_refetch_ms: r.refresh_interval_ms,
+                    },
                     max_bytes: r.max_bytes,
-                    shared_key,
+                    max_bytes_field: "remote.max_bytes".into(),
+                    key: shared_key,
+                    follow: false,
                 })
             }
         };
@@ -247,12 +233,15 @@ impl Settings {
         header_name("identity_headers.roles", &h.roles)?;
         header_name("identity_headers.claims", &h.claims)?;
         if cfg.path.max_bytes == 0 {
-            return Err("path.max_bytes: must be positive".into());
+            return Err(ConfigError::new("path.max_bytes", "must be positive"));
         }
         if (cfg.cache.max_entries > 0 || cfg.cache.max_identities > 0)
             && cfg.cache.max_key_bytes == 0
         {
-            return Err("cache.max_key_bytes: must be positive when the cache is on".into());
+            return Err(ConfigError::new(
+                "cache.max_key_bytes",
+                "must be positive when the cache is on",
+            ));
         }
         Ok(Settings {
             policy,

@@ -1,0 +1,440 @@
+//! The entitlements filter as a [`Filter`], second in the chain after
+//! auth. It reads the identity auth verified (the `x-auth-*` headers),
+//! normalises the path, asks the policy engine ([`crate::policy`]) and
+//! answers 403 `{"error":"forbidden","rule":"<id>"}` on deny.
+//!
+//! Per worker VM: the compiled policy, a bounded decision cache, decoded
+//! identities and the metric ids. With a remote policy source
+//! ([`filter_common::remote`]) one worker at a time fetches it, stores it
+//! in shared data, and every worker compiles what it finds there; a
+//! failed or invalid fetch keeps the last good policy.
+
+pub mod config;
+
+use crate::cache::{BoundedCache, DecisionCache};
+use crate::identity::{decode_claims, Identity};
+use crate::metrics::Metrics;
+use crate::path::normalize;
+use crate::policy::{Decider, HttpRequest, IdentityKey, Policy, Request, Verdict};
+use base64::Engine as _;
+use config::Settings;
+use filter_common::config::ConfigError;
+use filter_common::filter::{Filter, Flow};
+use filter_common::host::{Host, Level, Map};
+use filter_common::remote::{Check, Event, Remote};
+use std::rc::Rc;
+use std::time::Duration;
+
+/// base64url, padded or not (RFC 7515 says unpadded; be lenient).
+const BASE64URL: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
+/// What every stream of a VM shares.
+pub struct Entitlements {
+    settings: Settings,
+    /// The policy in force, and its version (grows with every swap; the
+    /// caches belong to one version).
+    policy: Option<Rc<Policy>>,
+    version: u64,
+    cache: DecisionCache,
+    /// Decoded identities by their raw headers, each with an id that is
+    /// never reused (decision keys carry the id).
+    identities: BoundedCache<(u64, Rc<Identity>)>,
+    next_identity: u64,
+    id_key: Vec<u8>,
+    metrics: Metrics,
+    /// Reused buffer for cache keys.
+    key: Vec<u8>,
+    remote: Option<Remote>,
+}
+
+/// The identity headers as received.
+struct RawIdentity<'h> {
+    subject: Option<&'h str>,
+    issuer: Option<&'h str>,
+    tenant: Option<&'h str>,
+    roles: Option<&'h str>,
+    claims: Option<&'h str>,
+}
+
+impl RawIdentity<'_> {
+    fn key(&self) -> IdentityKey<'_> {
+        IdentityKey {
+            subject: self.subject,
+            issuer: self.issuer,
+            tenant: self.tenant,
+            roles: self.roles,
+            claims: self.claims,
+        }
+    }
+
+    /// The identity the engine evaluates; the claims decoded only if the
+    /// policy reads them. `Err` names what was malformed.
+    fn decode(&self, policy: &Policy, max_claims: usize) -> Result<Identity, &'static str> {
+        let claims = match (self.claims, policy.uses_claims()) {
+            (Some(c), true) => {
+                if c.len() > max_claims {
+                    return Err("claims header too large");
+                }
+                let raw = BASE64URL
+                    .decode(c.trim())
+                    .map_err(|_| "claims header is not base64url")?;
+                decode_claims(&raw, policy.claim_roots())
+                    .map_err(|_| "claims header is not a JSON object")?
+            }
+            _ => serde_json::Value::Null,
+        };
+        Ok(Identity {
+            subject: self.subject.map(str::to_string),
+            issuer: self.issuer.map(str::to_string),
+            tenant: self.tenant.map(str::to_string),
+            roles: self.roles.map(Identity::parse_roles).unwrap_or_default(),
+            claims,
+        })
+    }
+}
+
+fn forbidden<H: Host>(h: &H, rule: &str) {
+    let body = serde_json::json!({"error": "forbidden", "rule": rule}).to_string();
+    h.reply_json(403, &[], &body);
+}
+
+impl Entitlements {
+    /// Puts a compiled policy in force.
+    fn install<H: Host>(&mut self, h: &H, policy: Policy) {
+        self.version += 1;
+        self.metrics.define_rules(h, &policy);
+        self.policy = Some(Rc::new(policy));
+    }
+
+    /// Compiles the shared policy if another worker (or this one) stored a
+    /// new one.
+    fn sync<H: Host>(&mut self, h: &H) {
+        let Some(doc) = self.remote.as_mut().and_then(|r| r.sync(h)) else {
+            return;
+        };
+        match Policy::from_json(&doc.body) {
+            Ok(p) => {
+                h.increment(self.metrics.policy_reloads, 1);
+                h.log(
+                    Level::Info,
+                    &format!("entitlements: policy updated, {} rules", p.len()),
+                );
+                self.install(h, p);
+            }
+            Err(e) => {
+                h.increment(self.metrics.policy_invalid, 1);
+                h.log(Level::Error, &format!("entitlements: shared policy: {e}"));
+            }
+        }
+    }
+
+    fn report_fetch<H: Host>(&self, h: &H, e: Event) {
+        let m = &self.metrics;
+        match e {
+            Event::Stored => h.increment(m.policy_fetches, 1),
+            Event::NotModified => h.increment(m.policy_not_modified, 1),
+            Event::Followed => {}
+            Event::Failed { why, .. } => {
+                h.increment(m.policy_fetch_failed, 1);
+                h.log(
+                    Level::Warn,
+                    &format!("entitlements: policy fetch failed, keeping the last good one: {why}"),
+                );
+            }
+            Event::Refused { why, .. } => {
+                h.increment(m.policy_invalid, 1);
+                h.log(
+                    Level::Error,
+                    &format!(
+                        "entitlements: fetched policy refused, keeping the last good one: {why}"
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Counts and logs a decision.
+    fn report<H: Host>(
+        &self,
+        h: &H,
+        policy: &Policy,
+        v: Verdict,
+        request: (&str, &str, Option<&str>),
+    ) {
+        let (method, path, subject) = request;
+        let m = &self.metrics;
+        h.increment(m.rule(v.rule.slot(policy.len())), 1);
+        h.increment(if v.allowed { m.allowed } else { m.denied }, 1);
+        let who = subject.unwrap_or("-");
+        if !v.allowed {
+            h.log(
+                Level::Debug,
+                &format!(
+                    "entitlements: denied by {}: {method} {path} subject={who}",
+                    policy.rule_id(v.rule)
+                ),
+            );
+        }
+        if let Some(d) = v.shadow_denied {
+            h.increment(m.shadow_denied, 1);
+            let rule = if matches!(d, Decider::Default) {
+                "default"
+            } else {
+                policy.rule_id(d)
+            };
+            h.log(
+                Level::Info,
+                &format!("entitlements: shadow deny by {rule}: {method} {path} subject={who}"),
+            );
+        }
+    }
+
+    fn invalid_path<H: Host>(&self, h: &H, why: &str) -> Flow {
+        h.increment(self.metrics.invalid_path, 1);
+        h.log(Level::Debug, &format!("entitlements: invalid path: {why}"));
+        let body = serde_json::json!({"error": "invalid_path", "message": why}).to_string();
+        h.reply_json(400, &[], &body);
+        Flow::Pause
+    }
+
+    fn invalid_identity<H: Host>(&self, h: &H, why: &str) -> Flow {
+        h.increment(self.metrics.invalid_identity, 1);
+        h.log(
+            Level::Warn,
+            &format!("entitlements: invalid identity headers: {why}"),
+        );
+        forbidden(h, "invalid_identity");
+        Flow::Pause
+    }
+
+    /// The caller, decoded once and kept (bounded) under an id, so that
+    /// decision keys stay short and a decision miss does not decode again.
+    /// `Err`: what was malformed.
+    fn identity(
+        &mut self,
+        policy: &Policy,
+        raw: &RawIdentity<'_>,
+    ) -> Result<(u64, Rc<Identity>, bool), &'static str> {
+        self.id_key.clear();
+        policy.identity_key(&mut self.id_key, &raw.key());
+        let s = &self.settings;
+        let interned = s.identity_entries > 0 && self.id_key.len() <= s.cache_key_bytes;
+        let known = if interned {
+            self.identities.lookup(self.version, &self.id_key)
+        } else {
+            Err(None)
+        };
+        match known {
+            Ok((id, identity)) => Ok((id, identity, interned)),
+            Err(miss) => {
+                let identity = Rc::new(raw.decode(policy, s.max_claims_bytes)?);
+                self.next_identity += 1;
+                if let Some(miss) = miss {
+                    let value = (self.next_identity, identity.clone());
+                    self.identities.insert(miss, &self.id_key, value);
+                }
+                Ok((self.next_identity, identity, interned))
+            }
+        }
+    }
+
+    /// Decides through the decision cache (if on).
+    fn decide(
+        &mut self,
+        policy: &Policy,
+        request: HttpRequest<'_>,
+        id: (u64, &Identity, bool),
+    ) -> Verdict {
+        let (id, identity, interned) = id;
+        let cached = self.settings.cache_entries > 0;
+        if cached {
+            policy.http_request_key(&mut self.key, &request);
+            if interned {
+                self.key.extend_from_slice(&id.to_le_bytes());
+            } else {
+                self.key.extend_from_slice(&self.id_key);
+            }
+        }
+        let hit = if cached {
+            self.cache.lookup(self.version, &self.key)
+        } else {
+            Err(None)
+        };
+        match hit {
+            Ok(v) => v,
+            Err(miss) => {
+                let v = policy.decide(identity, &Request::Http(request));
+                if let Some(miss) = miss {
+                    self.cache.insert(miss, &self.key, v);
+                }
+                v
+            }
+        }
+    }
+}
+
+impl Filter for Entitlements {
+    const NAME: &'static str = "entitlements";
+    type Stream = ();
+
+    fn configure<H: Host>(h: &H, config: &[u8]) -> Result<Entitlements, ConfigError> {
+        let mut settings = Settings::from_json(config)?;
+        let policy = settings.policy.take();
+        let mut e = Entitlements {
+            policy: None,
+            version: 0,
+            cache: DecisionCache::new(settings.cache_entries, settings.cache_key_bytes),
+            identities: BoundedCache::new(settings.identity_entries, settings.cache_key_bytes),
+            next_identity: 0,
+            id_key: Vec::with_capacity(512),
+            metrics: Metrics::define(h),
+            key: Vec::with_capacity(256),
+            remote: settings.remote.clone().map(Remote::new),
+            settings,
+        };
+        if let Some(p) = policy {
+            e.install(h, p);
+        }
+        Ok(e)
+    }
+
+    /// How often a worker looks at shared data and the fetch lease.
+    fn tick_period(&self) -> Option<Duration> {
+        let t = &self.remote.as_ref()?.source.timings;
+        let ms = t.refresh_ms.min(t.retry_initial_ms).min(1000);
+        Some(Duration::from_millis(ms))
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "configured, {} rules{}",
+            self.policy.as_ref().map_or(0, |p| p.len()),
+            if self.remote.is_some() {
+                ", remote source on"
+            } else {
+                ""
+            }
+        )
+    }
+
+    fn on_tick<H: Host>(&mut self, h: &H) {
+        self.sync(h);
+        if let Some(e) = self.remote.as_mut().and_then(|r| r.poll(h)) {
+            self.report_fetch(h, e);
+        }
+    }
+
+    fn on_http_call_response<H: Host>(&mut self, h: &H, token: u32, body_size: usize) {
+        let Some(r) = self.remote.as_mut() else {
+            return;
+        };
+        let check = |doc: &[u8], _: bool| match Policy::from_json(doc) {
+            Ok(_) => Check::Keep,
+            Err(e) => Check::Refuse(e.to_string()),
+        };
+        if let Some(e) = r.on_response(h, token, body_size, check) {
+            let stored = e == Event::Stored;
+            self.report_fetch(h, e);
+            if stored {
+                self.sync(h);
+            }
+        }
+    }
+
+    fn unconfigured<H: Host>(h: &H) -> Flow {
+        forbidden(h, "default");
+        Flow::Pause
+    }
+
+    fn on_request_headers<H: Host>(&mut self, h: &H, _stream: &mut (), _id: u32) -> Flow {
+        let Some(policy) = self.policy.clone() else {
+            h.increment(self.metrics.unavailable, 1);
+            h.reply_json(
+                503,
+                &[("retry-after", "1")],
+                r#"{"error":"unavailable","message":"entitlements policy not loaded yet"}"#,
+            );
+            return Flow::Pause;
+        };
+
+        // The request, with the path normalised.
+        let headers = h.request_headers();
+        let method = headers.text(":method").unwrap_or_default();
+        let authority = headers.text(":authority").unwrap_or_default();
+        let Some(raw_path) = headers.text(":path") else {
+            return self.invalid_path(h, "path is missing or not UTF-8");
+        };
+        let target = match normalize(raw_path, &self.settings.path) {
+            Ok(t) => t,
+            Err(e) => return self.invalid_path(h, &e.to_string()),
+        };
+        if self.settings.rewrite_path {
+            let unchanged = match &target.query {
+                None => raw_path == target.path,
+                Some(q) => {
+                    raw_path.len() == target.path.len() + 1 + q.len()
+                        && raw_path.starts_with(target.path.as_str())
+                }
+            };
+            if !unchanged {
+                h.set_header(Map::RequestHeaders, ":path", &target.to_string());
+            }
+        }
+        let mut read_headers = Vec::with_capacity(policy.headers_read().len());
+        for name in policy.headers_read() {
+            if let Some(v) = headers.text(name) {
+                read_headers.push((name.clone(), v.to_string()));
+            }
+        }
+        let request = HttpRequest {
+            method,
+            host: authority,
+            path: &target.path,
+            query: target.query.as_deref(),
+            headers: &read_headers,
+        };
+
+        // The identity, as auth set it.
+        let n = &self.settings.headers;
+        let raw = match (
+            headers.get(&n.subject),
+            headers.get(&n.issuer),
+            headers.get(&n.tenant),
+            headers.get(&n.roles),
+            headers.get(&n.claims),
+        ) {
+            (Ok(subject), Ok(issuer), Ok(tenant), Ok(roles), Ok(claims)) => RawIdentity {
+                subject,
+                issuer,
+                tenant,
+                roles,
+                claims,
+            },
+            _ => return self.invalid_identity(h, "an identity header is not UTF-8"),
+        };
+        let (id, identity, interned) = match self.identity(&policy, &raw) {
+            Ok(i) => i,
+            Err(why) => return self.invalid_identity(h, why),
+        };
+        let verdict = self.decide(&policy, request, (id, &identity, interned));
+        self.metrics
+            .identity_cache
+            .flush(h, self.identities.stats());
+        self.metrics.cache.flush(h, self.cache.stats());
+        self.report(h, &policy, verdict, (method, &target.path, raw.subject));
+        if verdict.allowed {
+            Flow::Continue
+        } else {
+            forbidden(h, policy.rule_id(verdict.rule));
+            Flow::Pause
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "filter/tests.rs"]
+mod tests;
