@@ -3,6 +3,7 @@
 
 use crate::callout::{Cluster, Outcome, PendingCall, Reply};
 use crate::plugin::{self, LoadError, Plugin, PluginConfig, PluginInner};
+use crate::profile::Profile;
 use crate::stream::{self, Chain, Stream, StreamOptions};
 use crate::vm::Vm;
 use crate::CallRequest;
@@ -214,6 +215,7 @@ pub(crate) struct Settings {
     pub(crate) memory_limit: usize,
     pub(crate) canary: bool,
     pub(crate) echo_logs: bool,
+    pub(crate) profile: Profile,
 }
 
 /// What hostcalls reach: settings and the shared state. No plugins here, so
@@ -251,7 +253,8 @@ pub(crate) struct HostInner {
     pub(crate) next_worker: AtomicU64,
 }
 
-/// Builder for a [`Host`]. Defaults mirror Envoy's: 2 workers, `info` log level.
+/// Builder for a [`Host`]. Defaults mirror Envoy's: 2 workers, `info` log
+/// level, [`Profile::Envoy`].
 pub struct HostBuilder {
     settings: Settings,
     start: SystemTime,
@@ -303,6 +306,13 @@ impl HostBuilder {
     /// throw-away VM before creating the workers' VMs). Default true.
     pub fn canary(mut self, yes: bool) -> Self {
         self.settings.canary = yes;
+        self
+    }
+
+    /// Which host to behave like: Envoy's (the default) or the stricter
+    /// hosts' rules of [`Profile::Strict`], to test that a filter is portable.
+    pub fn profile(mut self, profile: Profile) -> Self {
+        self.settings.profile = profile;
         self
     }
 
@@ -378,6 +388,7 @@ impl Host {
                 memory_limit: 256 << 20,
                 canary: true,
                 echo_logs: std::env::var_os("WASM_HOST_ECHO_LOGS").is_some(),
+                profile: Profile::Envoy,
             },
             start: UNIX_EPOCH + Duration::from_secs(DEFAULT_START),
             real_clock: false,
@@ -387,6 +398,11 @@ impl Host {
 
     pub fn workers(&self) -> usize {
         self.inner.core.settings.workers
+    }
+
+    /// The host profile this host was built with.
+    pub fn profile(&self) -> Profile {
+        self.inner.core.settings.profile
     }
 
     /// Loads a plugin: compiles the module (once per process and path), runs

@@ -16,6 +16,17 @@
 //! by [`Host::run_until_idle`] (called after every stream operation), never
 //! from inside a guest callback.
 //!
+//! # Profiles
+//!
+//! By default the host is Envoy's, in every detail above. Other proxy-wasm
+//! hosts are stricter in places, and a filter meant to run on them too is
+//! tested with [`HostBuilder::profile`]`(`[`Profile::Strict`]`)`: a second
+//! tick period (or one set from a stream context) traps, a shared-data CAS
+//! of 0 only creates a key, removing a request header does nothing, and
+//! integer attributes (`response.code`, `request.size`, `request.duration`,
+//! ...) are decimal strings. [`Profile::Strict`] says where each rule comes
+//! from.
+//!
 //! ```no_run
 //! use wasm_host::{Host, PluginConfig, Reply};
 //! let host = Host::builder().workers(2).build();
@@ -35,6 +46,7 @@ mod callout;
 mod host;
 mod hostcalls;
 mod plugin;
+mod profile;
 mod stream;
 mod vm;
 mod wasi;
@@ -43,6 +55,7 @@ pub use abi::{parse_pairs, serialize_pairs, Pairs, Status};
 pub use callout::{CallRequest, CallResponse, GrpcRequest, GrpcResponse, Reply};
 pub use host::{Host, HostBuilder, LogLevel, LogRecord, MetricKind, MetricValue};
 pub use plugin::{FailurePolicy, LoadError, Plugin, PluginConfig};
+pub use profile::Profile;
 pub use stream::{
     Callback, Chain, Direction, LocalReply, Message, Stream, StreamOptions, TraceEntry,
 };

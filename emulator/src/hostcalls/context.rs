@@ -44,6 +44,19 @@ pub(super) fn add_to_linker(l: &mut Linker<VmState>) -> Result<()> {
         "proxy_set_tick_period_milliseconds",
         |mut c: C<'_>, ms: i32| -> Result<i32> {
             let st = c.data_mut();
+            if st.core.settings.profile.strict() {
+                // The stricter hosts set a period once per root context.
+                if st.effective != st.root_id {
+                    wasmtime::bail!(
+                        "proxy_set_tick_period_milliseconds: can only set tick_period in root context (strict profile)"
+                    );
+                }
+                if st.tick_period_ns > 0 {
+                    wasmtime::bail!(
+                        "proxy_set_tick_period_milliseconds: tick_period already set (strict profile)"
+                    );
+                }
+            }
             st.tick_generation += 1;
             st.tick_period_ns = u64::from(ms as u32) * 1_000_000;
             if st.tick_period_ns > 0 {

@@ -1,5 +1,6 @@
 //! Header maps: the stream's four, reachable only when Envoy allows it, and a
-//! callout answer's headers and trailers.
+//! callout answer's headers and trailers. In the strict profile, removing a
+//! request header does nothing.
 
 use super::{give, link, ok, read, read_key, st, C};
 use crate::abi::{map, parse_pairs, serialize_pairs, Pairs, Status};
@@ -108,6 +109,10 @@ pub(super) fn add_to_linker(l: &mut Linker<VmState>) -> Result<()> {
         "proxy_remove_header_map_value",
         |mut c: C<'_>, m: i32, kp: i32, kl: i32| -> Result<i32> {
             let key = read_key(&mut c, kp, kl)?;
+            if m == map::REQUEST_HEADERS && c.data().core.settings.profile.strict() {
+                // Reachable or not as in Envoy, but nothing is removed.
+                return st(with_map_mut(&c, m, |_| {}));
+            }
             st(with_map_mut(&c, m, |map| map.retain(|(k, _)| *k != key)))
         },
     )?;

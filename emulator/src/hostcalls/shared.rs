@@ -1,5 +1,5 @@
-//! Shared data per VM id with Envoy's CAS rules, and shared queues whose
-//! `on_queue_ready` goes to the latest registrant.
+//! Shared data per VM id with Envoy's CAS rules (or the strict profile's),
+//! and shared queues whose `on_queue_ready` goes to the latest registrant.
 
 use super::{give, ok, read, read_string, st, write_u32, C};
 use crate::abi::Status;
@@ -38,12 +38,18 @@ pub(super) fn add_to_linker(l: &mut Linker<VmState>) -> Result<()> {
             let value = read(&mut c, vp, vl)?;
             let vm_id = c.data().meta.vm_id.clone();
             let cas = cas as u32;
+            let strict = c.data().core.settings.profile.strict();
             let mut s = c.data().core.lock();
             let k = (vm_id, key);
-            if let Some(e) = s.shared_data.get(&k) {
-                if cas != 0 && cas != e.cas {
-                    return st(Status::CasMismatch);
-                }
+            let current = s.shared_data.get(&k).map(|e| e.cas);
+            let refused = if strict {
+                // Only the current CAS, or 0 for an absent key.
+                cas != current.unwrap_or(0)
+            } else {
+                current.is_some_and(|c| cas != 0 && cas != c)
+            };
+            if refused {
+                return st(Status::CasMismatch);
             }
             let new_cas = s.next_cas();
             s.shared_data.insert(

@@ -1,5 +1,6 @@
 //! Stream and plugin attributes (`proxy_get_property`), as Envoy's
-//! attribute wrappers compute them.
+//! attribute wrappers compute them (integers as decimal strings in the
+//! strict profile).
 
 use crate::abi::Pairs;
 use crate::vm::{StreamLink, VmState};
@@ -38,6 +39,16 @@ pub(crate) fn property(
         addr.rsplit_once(':')
             .and_then(|(_, p)| p.parse::<i64>().ok())
     };
+    // An int64 attribute: 8 bytes little endian (Envoy), or decimal ASCII
+    // in the strict profile.
+    let strict = vm.core.settings.profile.strict();
+    let int = |n: i64| -> Vec<u8> {
+        if strict {
+            n.to_string().into_bytes()
+        } else {
+            n.to_le_bytes().to_vec()
+        }
+    };
     match p.as_slice() {
         ["request", "path"] => header(":path"),
         ["request", "url_path"] => header(":path").map(|v| {
@@ -55,7 +66,7 @@ pub(crate) fn property(
         ["request", "referer"] => header("referer"),
         ["request", "useragent"] => header("user-agent"),
         ["request", "protocol"] => Some(b"HTTP/1.1".to_vec()),
-        ["request", "time"] => Some((d.start_ns as i64).to_le_bytes().to_vec()),
+        ["request", "time"] => Some(int(d.start_ns as i64)),
         ["request", "headers"] => {
             if !req_live {
                 return None;
@@ -99,9 +110,9 @@ pub(crate) fn property(
         ["request", "size"] => match header("content-length") {
             Some(v) => {
                 let n: i64 = std::str::from_utf8(&v).ok()?.trim().parse().ok()?;
-                Some(n.to_le_bytes().to_vec())
+                Some(int(n))
             }
-            None => Some((d.bytes_received as i64).to_le_bytes().to_vec()),
+            None => Some(int(d.bytes_received as i64)),
         },
         ["request", "total_size"] => {
             let headers = if req_live {
@@ -109,14 +120,14 @@ pub(crate) fn property(
             } else {
                 0
             };
-            Some(((d.bytes_received + headers) as i64).to_le_bytes().to_vec())
+            Some(int((d.bytes_received + headers) as i64))
         }
         // Set once the stream is complete (Envoy's `requestComplete`).
         ["request", "duration"] => {
             let ns = d.end_ns?.saturating_sub(d.start_ns);
-            Some((ns as i64).to_le_bytes().to_vec())
+            Some(int(ns as i64))
         }
-        ["response", "size"] => Some((d.bytes_sent as i64).to_le_bytes().to_vec()),
+        ["response", "size"] => Some(int(d.bytes_sent as i64)),
         // bytesSent plus the headers and trailers while reachable (as the
         // request's: in their callback or in `on_log`).
         ["response", "total_size"] => {
@@ -128,20 +139,20 @@ pub(crate) fn property(
             if a.read[3] || d.in_log {
                 n += byte_size(d.maps[3].as_deref());
             }
-            Some((n as i64).to_le_bytes().to_vec())
+            Some(int(n as i64))
         }
         ["response", "code"] => {
             let h = d.maps[2].as_ref()?;
             let s = h.iter().find(|(k, _)| k == ":status")?;
             let code: i64 = std::str::from_utf8(&s.1).ok()?.parse().ok()?;
-            Some(code.to_le_bytes().to_vec())
+            Some(int(code))
         }
         ["source", "address"] => Some(d.source.clone().into_bytes()),
-        ["source", "port"] => port(&d.source).map(|p| p.to_le_bytes().to_vec()),
+        ["source", "port"] => port(&d.source).map(int),
         ["destination", "address"] => Some(d.destination.clone().into_bytes()),
-        ["destination", "port"] => port(&d.destination).map(|p| p.to_le_bytes().to_vec()),
+        ["destination", "port"] => port(&d.destination).map(int),
         ["connection", "mtls"] => Some(vec![u8::from(d.mtls)]),
-        ["connection", "id"] => Some(d.connection_id.to_le_bytes().to_vec()),
+        ["connection", "id"] => Some(int(d.connection_id as i64)),
         _ => None,
     }
 }

@@ -7,5 +7,6 @@ mod callouts;
 mod common;
 mod faults;
 mod lifecycle;
+mod profile;
 mod state;
 mod streams;

@@ -61,6 +61,8 @@ enum Op {
     RawGetHeader(MapRef, String),
     /// `proxy_replace_header_map_value` without the SDK: logs the raw status.
     RawSetHeader(MapRef, String, String),
+    /// `proxy_remove_header_map_value` without the SDK: logs the raw status.
+    RawRemoveHeader(MapRef, String),
     GetHeaders(MapRef),
     SetHeaders(MapRef, Vec<(String, String)>),
     GetBody(BufRef),
@@ -199,6 +201,7 @@ extern "C" {
         value: *const u8,
         value_len: usize,
     ) -> u32;
+    fn proxy_remove_header_map_value(map: u32, key: *const u8, key_len: usize) -> u32;
 }
 
 fn log(msg: String) {
@@ -286,6 +289,11 @@ fn run(ops: &[Op]) -> Action {
                     )
                 };
                 log(format!("raw_set {k} status={st}"));
+            }
+            Op::RawRemoveHeader(m, k) => {
+                let st =
+                    unsafe { proxy_remove_header_map_value(m.map() as u32, k.as_ptr(), k.len()) };
+                log(format!("raw_remove {k} status={st}"));
             }
             Op::GetHeaders(m) => log(format!(
                 "headers={:?}",
