@@ -242,6 +242,19 @@ impl FakeHost {
         }
     }
 
+    fn update_metric(&self, id: u32, f: impl FnOnce(&mut i64)) -> Result<(), HostError> {
+        let mut w = self.world.borrow_mut();
+        let name = w
+            .metric_names
+            .get(id as usize)
+            .cloned()
+            .ok_or(HostError::NotFound)?;
+        if let Some((_, v)) = w.metrics.get_mut(&name) {
+            f(v);
+        }
+        Ok(())
+    }
+
     fn token(&self) -> u32 {
         let t = self.next_token.get() + 4;
         self.next_token.set(t);
@@ -456,29 +469,11 @@ impl Host for FakeHost {
     }
 
     fn increment_metric(&self, id: u32, by: i64) -> Result<(), HostError> {
-        let mut w = self.world.borrow_mut();
-        let name = w
-            .metric_names
-            .get(id as usize)
-            .cloned()
-            .ok_or(HostError::NotFound)?;
-        if let Some((_, v)) = w.metrics.get_mut(&name) {
-            *v += by;
-        }
-        Ok(())
+        self.update_metric(id, |v| *v += by)
     }
 
     fn record_metric(&self, id: u32, value: u64) -> Result<(), HostError> {
-        let mut w = self.world.borrow_mut();
-        let name = w
-            .metric_names
-            .get(id as usize)
-            .cloned()
-            .ok_or(HostError::NotFound)?;
-        if let Some((_, v)) = w.metrics.get_mut(&name) {
-            *v = i64::try_from(value).unwrap_or(i64::MAX);
-        }
-        Ok(())
+        self.update_metric(id, |v| *v = i64::try_from(value).unwrap_or(i64::MAX))
     }
 }
 
