@@ -6,7 +6,10 @@
 //! Shared data follows Envoy's rules (CAS from a counter starting at 1,
 //! an absent key accepts any CAS, 0 is unconditional) unless
 //! [`FakeHost::strict`] makes it follow the stricter hosts': a CAS of 0
-//! only creates, and a second `set_tick_period` fails.
+//! only creates, a non-zero CAS on an absent key is refused, a second
+//! `set_tick_period` fails, and removing a request header does nothing (the
+//! worst case a filter must survive: only replace and a rewrite of the map
+//! take a client's value away).
 
 use crate::host::{HeaderPairs, Host, HostError, Level, Map, MetricKind};
 use std::cell::{Cell, RefCell};
@@ -309,7 +312,17 @@ impl Host for FakeHost {
     }
 
     fn remove_header(&self, map: Map, name: &str) -> Result<(), HostError> {
-        self.map(map).borrow_mut().retain(|(k, _)| k != name);
+        if !(self.strict && map == Map::RequestHeaders) {
+            self.map(map).borrow_mut().retain(|(k, _)| k != name);
+        }
+        Ok(())
+    }
+
+    fn set_request_headers(&self, pairs: &[(&str, &[u8])]) -> Result<(), HostError> {
+        *self.request.borrow_mut() = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_vec()))
+            .collect();
         Ok(())
     }
 
@@ -355,7 +368,7 @@ impl Host for FakeHost {
         let mut w = self.world.borrow_mut();
         let current = w.shared.get(key).map(|(_, c)| *c);
         let ok = match current {
-            None => true,
+            None => cas == 0 || !self.strict,
             Some(c) => c == cas || (cas == 0 && !self.strict),
         };
         if !ok {
@@ -494,6 +507,24 @@ mod tests {
         assert!(s.shared_cas("k", b"1", 0));
         assert!(!s.shared_cas("k", b"2", 0), "strict: 0 only creates");
         assert!(s.shared_put("k", b"3"), "read first, then CAS");
+        assert!(
+            !s.shared_cas("absent", b"1", 7),
+            "strict: an absent key wants 0"
+        );
+        s.stream(2, &[("a", "1"), ("b", "2")]);
+        s.drop_header(Map::RequestHeaders, "a");
+        assert_eq!(
+            s.request_header("a").as_deref(),
+            Some("1"),
+            "strict: removal does nothing"
+        );
+        s.strip_request_headers(&["a"]);
+        assert_eq!(
+            s.request_header("a"),
+            None,
+            "the map is rewritten without it"
+        );
+        assert_eq!(s.request_header("b").as_deref(), Some("2"));
         assert_eq!(s.shared_value("k").unwrap(), b"3");
         assert!(s.set_tick_period(Duration::from_secs(1)).is_ok());
         assert!(s.set_tick_period(Duration::from_secs(2)).is_err());

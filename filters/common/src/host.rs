@@ -88,6 +88,8 @@ pub trait Host {
     /// Sets `name` to exactly this value (replacing every other value).
     fn replace_header(&self, map: Map, name: &str, value: &str) -> Result<(), HostError>;
     fn remove_header(&self, map: Map, name: &str) -> Result<(), HostError>;
+    /// Replaces the whole request header map with these pairs.
+    fn set_request_headers(&self, pairs: &[(&str, &[u8])]) -> Result<(), HostError>;
     /// A property by path (`["source", "address"]`): raw bytes.
     fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError>;
 
@@ -229,6 +231,35 @@ pub trait Host {
         }
     }
 
+    /// Removes request headers so that no copy is left: each is removed,
+    /// and if one is still there (a host whose removal does nothing) the
+    /// map is written again without them. On Envoy that costs one lookup
+    /// per name.
+    fn strip_request_headers(&self, names: &[&str]) {
+        if names.is_empty() {
+            return;
+        }
+        for name in names {
+            self.drop_header(Map::RequestHeaders, name);
+        }
+        let left = |n: &&str| matches!(self.header(Map::RequestHeaders, n), Ok(Some(_)));
+        if !names.iter().any(left) {
+            return;
+        }
+        let all = self.request_headers();
+        let keep: Vec<(&str, &[u8])> = all
+            .pairs()
+            .filter_map(|(k, v)| Some((std::str::from_utf8(k).ok()?, v)))
+            .filter(|(k, _)| !names.contains(k))
+            .collect();
+        if let Err(e) = self.set_request_headers(&keep) {
+            self.log(
+                Level::Error,
+                &format!("cannot rewrite the request headers: {e}"),
+            );
+        }
+    }
+
     /// A local reply, logged if it fails.
     fn reply(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
         if let Err(e) = self.send_reply(status, headers, body) {
@@ -339,6 +370,11 @@ impl HeaderPairs {
             b.push(0);
         }
         b
+    }
+
+    /// Every (name, value), as bytes, in order.
+    pub fn pairs(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.entries()
     }
 
     fn entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> {

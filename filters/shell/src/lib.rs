@@ -121,6 +121,10 @@ impl Host for ProxyWasm {
         hostcalls::set_map_value(map_type(map), name, None).map_err(typed)
     }
 
+    fn set_request_headers(&self, pairs: &[(&str, &[u8])]) -> Result<(), HostError> {
+        hostcalls::set_map_bytes(MapType::HttpRequestHeaders, pairs.to_vec()).map_err(typed)
+    }
+
     fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
         hostcalls::get_property(path.to_vec()).map_err(typed)
     }

@@ -365,12 +365,10 @@ fn usage_records_status_sizes_and_duration_from_decimal_attributes() {
 
 /// What removal does on Envoy, without removal: a host where
 /// `proxy_remove_header_map_value` does nothing still must not forward a
-/// client's identity headers. Fails today: auth discards them only by
-/// removal, so an anonymous request on an `allow_missing` route keeps the
-/// client's `x-auth-subject` and `x-auth-tenant`, an authenticated one keeps
-/// other `x-auth-*` names, and the token header is forwarded.
+/// client's identity headers (auth rewrites the map without them when a
+/// removal left one in place): not on an anonymous request of an
+/// `allow_missing` route, no other `x-auth-*` name, not the token header.
 #[test]
-#[ignore = "fails today: auth discards client headers only by removal (run with --ignored)"]
 fn auth_forwards_no_client_identity_headers_without_removal() {
     let host = strict(1);
     let auth = load_auth(

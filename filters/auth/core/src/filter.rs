@@ -160,7 +160,7 @@ impl Auth {
                     if let Some(SourceConfig::Header { name, .. }) =
                         source.and_then(|i| self.settings.sources.get(i))
                     {
-                        h.drop_header(Map::RequestHeaders, name);
+                        h.strip_request_headers(&[name]);
                     }
                 }
                 h.increment(self.metrics.allowed, 1);
@@ -330,13 +330,13 @@ impl Filter for Auth {
             &o.claims_header,
             &o.expires_header,
         ];
-        for name in headers.names() {
-            if name.starts_with("x-auth-")
-                || own.iter().any(|n| !n.is_empty() && n.as_str() == name)
-            {
-                h.drop_header(Map::RequestHeaders, name);
-            }
-        }
+        let spoofed: Vec<&str> = headers
+            .names()
+            .filter(|name| {
+                name.starts_with("x-auth-") || own.iter().any(|n| !n.is_empty() && n == name)
+            })
+            .collect();
+        h.strip_request_headers(&spoofed);
         let method = headers.text(":method").unwrap_or("");
         let full = headers.text(":path").unwrap_or("/");
         let (path, query) = match full.split_once('?') {

@@ -248,3 +248,22 @@ fn configuration_errors_are_refused_with_the_field() {
     );
     assert_eq!(Auth::NAME, "auth");
 }
+
+#[test]
+fn no_client_identity_header_survives_a_host_whose_removal_does_nothing() {
+    let h = FakeHost::at(AT).strict();
+    let mut a = worker(&h, &config(json!({"inline": {"keys": [ec_jwk("k1")]}})));
+    assert_eq!(send(&h, &mut a, 2, "/public/x", None), Flow::Continue);
+    assert_eq!(h.request_header("x-auth-subject"), None, "anonymous: gone");
+    assert_eq!(send(&h, &mut a, 3, "/api", Some(&es("k1"))), Flow::Continue);
+    assert_eq!(
+        h.request_values("x-auth-subject"),
+        ["4f1c2a9e-8d2b-4e6f-9a0c-1b2c3d4e5f60"]
+    );
+    assert_eq!(h.request_header("authorization"), None, "not forwarded");
+    assert_eq!(
+        h.request_header(":path").as_deref(),
+        Some("/api"),
+        "the rest kept"
+    );
+}
