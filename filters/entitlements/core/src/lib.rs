@@ -5,7 +5,8 @@
 //! Request paths are normalised before any rule sees them ([`path`]);
 //! channels follow the NATS syntax of DESIGN.md ([`channel`]); rules match
 //! with templates that capture values ([`template`]) and test the verified
-//! identity ([`identity`]); [`policy`] compiles and evaluates them;
+//! identity ([`identity`]) or the grants the caller holds ([`grants`]);
+//! [`policy`] compiles and evaluates them;
 //! [`filter::Entitlements`] is the filter itself, written against the
 //! [`Host`](filter_common::host::Host) trait.
 #![cfg_attr(
@@ -21,6 +22,7 @@
 pub mod cache;
 pub mod channel;
 pub mod filter;
+pub mod grants;
 pub mod identity;
 mod index;
 pub mod metrics;

@@ -41,6 +41,8 @@ pub struct Policy {
     key_headers: Vec<String>,
     key_query: Vec<String>,
     uses_claims: bool,
+    /// Whether any rule has a `grant` condition.
+    uses_grants: bool,
     /// Top-level claims some condition reads (sorted).
     claim_roots: Vec<String>,
     /// HTTP rules by the path segments they need.
@@ -74,6 +76,12 @@ impl Policy {
     /// not be decoded, and is not part of the cache key).
     pub fn uses_claims(&self) -> bool {
         self.uses_claims
+    }
+
+    /// Whether any rule asks for a grant (a decision then depends on the
+    /// grants in force, not only on the identity and the request).
+    pub fn uses_grants(&self) -> bool {
+        self.uses_grants
     }
 
     /// The ids of the rules, in order (for per-rule metrics).

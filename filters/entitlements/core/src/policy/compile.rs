@@ -2,10 +2,10 @@
 //! claim paths compiled (errors name the rule and the field), the path
 //! index built, and what the cache key needs collected.
 
-use super::conditions::{Attr, Condition, Operand};
+use super::conditions::{Attr, AttrCondition, Condition, GrantCondition, Operand, Part};
 use super::config::{
-    ChannelAction, ConditionConfig, Op, PathMatchConfig, PolicyConfig, PolicyError, RuleConfig,
-    ValueMatchConfig, RESERVED_IDS,
+    ChannelAction, ConditionConfig, GrantConditionConfig, Op, PathMatchConfig, PolicyConfig,
+    PolicyError, RuleConfig, ValueMatchConfig, RESERVED_IDS,
 };
 use super::matching::{PathMatch, Rule, Target, ValueMatch};
 use super::Policy;
@@ -46,10 +46,11 @@ impl Policy {
         let mut key_headers = std::collections::BTreeSet::new();
         let mut key_query = std::collections::BTreeSet::new();
         let mut uses_claims = false;
+        let mut uses_grants = false;
         let mut claim_roots = std::collections::BTreeSet::new();
         for r in &rules {
             for c in &r.when {
-                if let Attr::Claim(p) = &c.attr {
+                if let Some(p) = c.claim() {
                     claim_roots.insert(p.root().to_string());
                 }
             }
@@ -57,7 +58,8 @@ impl Policy {
                 key_headers.extend(headers.iter().map(|(n, _)| n.clone()));
                 key_query.extend(query.iter().map(|(n, _)| n.clone()));
             }
-            uses_claims |= r.when.iter().any(|c| matches!(c.attr, Attr::Claim(_)));
+            uses_claims |= r.when.iter().any(|c| c.claim().is_some());
+            uses_grants |= r.when.iter().any(Condition::is_grant);
         }
         let mut index = PathIndex::new(rules.len());
         let mut channel_rules = Vec::new();
@@ -83,6 +85,7 @@ impl Policy {
             key_headers: key_headers.into_iter().collect(),
             key_query: key_query.into_iter().collect(),
             uses_claims,
+            uses_grants,
             claim_roots: claim_roots.into_iter().collect(),
         })
     }
@@ -205,7 +208,22 @@ fn compile_condition(
     target: &Target,
 ) -> Result<Condition, PolicyError> {
     let field = |f: &str| format!("when[{i}].{f}");
-    let attr = match c.attr.as_str() {
+    let (attr, op) = match (c.grant, c.attr, c.op) {
+        (Some(g), None, None) if c.value.is_none() && c.values.is_none() && c.capture.is_none() => {
+            return compile_grant(id, &field("grant"), g, target).map(Condition::Grant)
+        }
+        (Some(_), _, _) => {
+            return Err(rule_err(
+                id,
+                &field("grant"),
+                "a grant condition stands alone (no attr, op, value(s) or capture)",
+            ))
+        }
+        (None, Some(a), Some(op)) => (a, op),
+        (None, None, _) => return Err(rule_err(id, &field("attr"), "required (or grant)")),
+        (None, Some(_), None) => return Err(rule_err(id, &field("op"), "required")),
+    };
+    let attr = match attr.as_str() {
         "subject" => Attr::Subject,
         "issuer" => Attr::Issuer,
         "tenant" => Attr::Tenant,
@@ -223,7 +241,7 @@ fn compile_condition(
             }
         },
     };
-    let operand = match (&c.capture, c.op) {
+    let operand = match (&c.capture, op) {
         (Some(cap), Op::Eq | Op::Ne | Op::In | Op::Contains) => {
             if c.value.is_some() || c.values.is_some() {
                 return Err(rule_err(
@@ -232,15 +250,7 @@ fn compile_condition(
                     "compare with a capture or with value(s), not both",
                 ));
             }
-            let known = match target {
-                Target::Http {
-                    path: Some(PathMatch::Template(t)),
-                    ..
-                } => t.capture_names().any(|n| n == cap),
-                Target::Channel { template, .. } => template.capture_names().any(|n| n == cap),
-                _ => false,
-            };
-            if !known {
+            if !known_capture(target, cap) {
                 return Err(rule_err(
                     id,
                     &field("capture"),
@@ -273,10 +283,81 @@ fn compile_condition(
             None => return Err(rule_err(id, &field("value"), "required")),
         },
     };
-    Ok(Condition {
-        attr,
-        op: c.op,
-        operand,
+    Ok(Condition::Attr(AttrCondition { attr, op, operand }))
+}
+
+/// Whether the rule's template captures `name`.
+fn known_capture(target: &Target, name: &str) -> bool {
+    match target {
+        Target::Http {
+            path: Some(PathMatch::Template(t)),
+            ..
+        } => t.capture_names().any(|n| n == name),
+        Target::Channel { template, .. } => template.capture_names().any(|n| n == name),
+        _ => false,
+    }
+}
+
+/// `curves:{market}` into text and captures (each one the rule's); the
+/// action a word ([`crate::grants::check_action`], not `*`).
+fn compile_grant(
+    id: &str,
+    field: &str,
+    g: GrantConditionConfig,
+    target: &Target,
+) -> Result<GrantCondition, PolicyError> {
+    let rfield = format!("{field}.resource");
+    let mut parts = Vec::new();
+    let mut rest = g.resource.as_str();
+    while let Some(open) = rest.find('{') {
+        let (text, after) = rest.split_at(open);
+        let Some(close) = after.find('}') else {
+            return Err(rule_err(id, &rfield, "`{` without `}`"));
+        };
+        let name = after.get(1..close).unwrap_or("");
+        if !known_capture(target, name) {
+            return Err(rule_err(
+                id,
+                &rfield,
+                format!("no {{{name}}} in the rule's template"),
+            ));
+        }
+        if !text.is_empty() {
+            parts.push(Part::Text(text.to_string()));
+        }
+        parts.push(Part::Capture(name.to_string()));
+        rest = after.get(close + 1..).unwrap_or("");
+    }
+    if !rest.is_empty() {
+        parts.push(Part::Text(rest.to_string()));
+    }
+    let literal: String = parts
+        .iter()
+        .map(|p| match p {
+            Part::Text(t) => t.as_str(),
+            Part::Capture(_) => "x",
+        })
+        .collect();
+    if literal.contains(['}', '*']) || crate::grants::check_resource(&literal).is_err() {
+        return Err(rule_err(
+            id,
+            &rfield,
+            format!(
+                "{:?}: a resource without spaces, `*` or stray braces",
+                g.resource
+            ),
+        ));
+    }
+    if g.action == "*" || crate::grants::check_action(&g.action).is_err() {
+        return Err(rule_err(
+            id,
+            &format!("{field}.action"),
+            format!("{:?} is not a lower-case word", g.action),
+        ));
+    }
+    Ok(GrantCondition {
+        resource: parts,
+        action: g.action,
     })
 }
 

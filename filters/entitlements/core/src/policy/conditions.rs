@@ -1,7 +1,9 @@
 //! Conditions on the verified identity: the compiled attribute, operator
-//! and operand, and whether they hold (with the values a match captured).
+//! and operand, or a grant the caller must hold; and whether they hold
+//! (with the values a match captured).
 
 use super::config::Op;
+use crate::grants::{Caller, Grants};
 use crate::identity::{ClaimPath, Identity};
 use crate::template::Captures;
 use regex_lite::Regex;
@@ -22,14 +24,74 @@ pub(super) enum Operand {
     None,
 }
 
-pub(super) struct Condition {
+pub(super) enum Condition {
+    Attr(AttrCondition),
+    Grant(GrantCondition),
+}
+
+pub(super) struct AttrCondition {
     pub(super) attr: Attr,
     pub(super) op: Op,
     pub(super) operand: Operand,
 }
 
+/// A piece of a grant condition's resource.
+pub(super) enum Part {
+    Text(String),
+    Capture(String),
+}
+
+pub(super) struct GrantCondition {
+    pub(super) resource: Vec<Part>,
+    pub(super) action: String,
+}
+
 impl Condition {
-    pub(super) fn holds(&self, id: &Identity, caps: &Captures) -> bool {
+    pub(super) fn holds(&self, id: &Identity, caps: &Captures, grants: &dyn Grants) -> bool {
+        match self {
+            Condition::Attr(c) => c.holds(id, caps),
+            Condition::Grant(g) => g.holds(id, caps, grants),
+        }
+    }
+
+    /// The claim it reads, if any.
+    pub(super) fn claim(&self) -> Option<&ClaimPath> {
+        match self {
+            Condition::Attr(AttrCondition {
+                attr: Attr::Claim(p),
+                ..
+            }) => Some(p),
+            _ => None,
+        }
+    }
+
+    pub(super) fn is_grant(&self) -> bool {
+        matches!(self, Condition::Grant(_))
+    }
+}
+
+impl GrantCondition {
+    fn holds(&self, id: &Identity, caps: &Captures, grants: &dyn Grants) -> bool {
+        let mut resource = String::new();
+        for p in &self.resource {
+            match p {
+                Part::Text(t) => resource.push_str(t),
+                Part::Capture(name) => match caps.iter().find(|(n, _)| n == name) {
+                    Some((_, v)) => resource.push_str(v),
+                    None => return false,
+                },
+            }
+        }
+        let caller = Caller {
+            tenant: id.tenant.as_deref(),
+            subject: id.subject.as_deref(),
+        };
+        grants.holds(caller, &resource, &self.action)
+    }
+}
+
+impl AttrCondition {
+    fn holds(&self, id: &Identity, caps: &Captures) -> bool {
         // Borrowed from the identity: no copy per evaluation (claims that are
         // numbers or booleans are the only values formatted).
         let values: Vec<std::borrow::Cow<'_, str>> = match &self.attr {

@@ -106,16 +106,27 @@ pub enum ChannelAction {
 
 /// A condition: `attr` (`subject`, `issuer`, `tenant`, `roles` or
 /// `claims.<path>`) compared with `value`/`values`, or with a value the
-/// match captured (`capture`).
+/// match captured (`capture`); or, alone, `grant`: the caller's tenant or
+/// the caller holds a grant ([`crate::grants`]).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConditionConfig {
-    pub attr: String,
-    pub op: Op,
+    pub attr: Option<String>,
+    pub op: Option<Op>,
+    pub grant: Option<GrantConditionConfig>,
     pub value: Option<String>,
     pub values: Option<Vec<String>>,
     /// Compare this capture with the attribute instead of `value`(s).
     pub capture: Option<String>,
+}
+
+/// `{"grant": {"resource": "curves:{market}", "action": "read"}}`: the
+/// resource with the rule's captures filled in (`{name}`), asked literally.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantConditionConfig {
+    pub resource: String,
+    pub action: String,
 }
 
 /// Comparison operators.

@@ -4,6 +4,7 @@
 use super::config::Effect;
 use super::matching::Request;
 use super::Policy;
+use crate::grants::{Grants, NoGrants};
 use crate::identity::Identity;
 use crate::index::ones;
 use crate::template::Captures;
@@ -54,16 +55,33 @@ impl Policy {
     /// Decides a request for an identity, naming rules by position (what
     /// the decision cache stores; [`Policy::explain`] gives the ids).
     pub fn decide(&self, identity: &Identity, request: &Request<'_>) -> Verdict {
-        self.decide_with(identity, request, true)
+        self.decide_with(identity, request, true, &NoGrants)
+    }
+
+    /// [`Policy::decide`] with these grants in force (without them every
+    /// `grant` condition is false).
+    pub fn decide_granted(
+        &self,
+        identity: &Identity,
+        request: &Request<'_>,
+        grants: &dyn Grants,
+    ) -> Verdict {
+        self.decide_with(identity, request, true, grants)
     }
 
     /// [`Policy::decide`] without the path index: every rule is looked at.
     /// The reference the index is tested against, and a benchmark baseline.
     pub fn decide_scan(&self, identity: &Identity, request: &Request<'_>) -> Verdict {
-        self.decide_with(identity, request, false)
+        self.decide_with(identity, request, false, &NoGrants)
     }
 
-    fn decide_with(&self, identity: &Identity, request: &Request<'_>, indexed: bool) -> Verdict {
+    fn decide_with(
+        &self,
+        identity: &Identity,
+        request: &Request<'_>,
+        indexed: bool,
+        grants: &dyn Grants,
+    ) -> Verdict {
         let mut caps = Captures::new();
         // First matching enforced deny, else first enforced allow; and the
         // same over every rule, shadow ones included.
@@ -74,7 +92,7 @@ impl Policy {
                 return;
             };
             caps.clear();
-            if !rule.applies(identity, request, &mut caps) {
+            if !rule.applies(identity, request, &mut caps, grants) {
                 return;
             }
             let better = |cur: Option<(usize, Effect)>| match cur {

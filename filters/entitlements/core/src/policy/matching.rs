@@ -5,6 +5,7 @@
 use super::conditions::Condition;
 use super::config::{ChannelAction, Effect};
 use crate::channel::Pattern;
+use crate::grants::Grants;
 use crate::identity::Identity;
 use crate::template::{Captures, ChannelTemplate, PathTemplate};
 use regex_lite::Regex;
@@ -131,6 +132,7 @@ impl Rule {
         identity: &Identity,
         request: &Request<'_>,
         caps: &mut Captures,
+        grants: &dyn Grants,
     ) -> bool {
         let target = match (&self.target, request) {
             (
@@ -164,6 +166,6 @@ impl Rule {
             }
             _ => false,
         };
-        target && self.when.iter().all(|c| c.holds(identity, caps))
+        target && self.when.iter().all(|c| c.holds(identity, caps, grants))
     }
 }

@@ -1,0 +1,286 @@
+//! Grants: entitlements as data, (holder, resource, action), asked by the
+//! policy's `grant` condition ([`crate::policy`]).
+//!
+//! - The **holder** is a tenant (every caller of that tenant) or a subject.
+//! - The **resource** is a string such as `curves:CAISO`; its `:`-separated
+//!   segments are the caller's business. A grant's resource may end in a
+//!   wildcard: `*` alone matches every resource; `<prefix>:*` matches every
+//!   resource that starts with `<prefix>:` and has at least one character
+//!   after it (`instruments:*` matches `instruments:ICE` and
+//!   `instruments:ICE:DEC26`, not `instruments` nor `instrumentsX`). A `*`
+//!   anywhere else is refused. The resource asked about is always literal:
+//!   a `*` in it (from a capture) is only a character.
+//! - The **action** is a lower-case word (`read`, `subscribe`, `publish`);
+//!   a grant's action `*` matches every action.
+
+use std::collections::{HashMap, HashSet};
+
+/// Longest resource or action, bytes.
+pub const MAX_LEN: usize = 256;
+
+/// Who holds a grant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Holder {
+    Tenant(String),
+    Subject(String),
+}
+
+/// One grant, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Grant {
+    pub holder: Holder,
+    pub resource: String,
+    pub action: String,
+}
+
+/// A grant refused, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct GrantError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn err(field: &'static str, reason: impl Into<String>) -> GrantError {
+    GrantError {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Checks a holder's name: 1 to [`MAX_LEN`] bytes, no control characters.
+fn check_name(field: &'static str, v: &str) -> Result<(), GrantError> {
+    if v.is_empty() || v.len() > MAX_LEN || v.chars().any(char::is_control) {
+        return Err(err(
+            field,
+            format!("must be 1 to {MAX_LEN} bytes without control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a grant's resource (see the module's rules for `*`).
+pub fn check_resource(r: &str) -> Result<(), GrantError> {
+    if r.is_empty() || r.len() > MAX_LEN || r.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(err(
+            "resource",
+            format!("must be 1 to {MAX_LEN} bytes without spaces or control characters"),
+        ));
+    }
+    let head = r
+        .strip_suffix(":*")
+        .unwrap_or(if r == "*" { "" } else { r });
+    if head.contains('*') {
+        return Err(err(
+            "resource",
+            format!("{r:?}: `*` only as the whole resource or after the last `:`"),
+        ));
+    }
+    if head.is_empty() && r != "*" {
+        return Err(err("resource", format!("{r:?}: nothing before `:*`")));
+    }
+    Ok(())
+}
+
+/// Checks an action: a lower-case word (`a-z`, `0-9`, `_`, `-`), or `*`.
+pub fn check_action(a: &str) -> Result<(), GrantError> {
+    let word = !a.is_empty()
+        && a.len() <= MAX_LEN
+        && a.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if word || a == "*" {
+        Ok(())
+    } else {
+        Err(err(
+            "action",
+            format!("{a:?} is not a lower-case word or `*`"),
+        ))
+    }
+}
+
+impl Grant {
+    pub fn new(holder: Holder, resource: &str, action: &str) -> Result<Grant, GrantError> {
+        match &holder {
+            Holder::Tenant(t) => check_name("tenant", t)?,
+            Holder::Subject(s) => check_name("subject", s)?,
+        }
+        check_resource(resource)?;
+        check_action(action)?;
+        Ok(Grant {
+            holder,
+            resource: resource.to_string(),
+            action: action.to_string(),
+        })
+    }
+}
+
+/// Whether a grant's resource covers a (literal) resource.
+pub fn resource_covers(granted: &str, resource: &str) -> bool {
+    if granted == "*" {
+        return true;
+    }
+    match granted.strip_suffix('*') {
+        // `<prefix>:*`: the prefix with its colon, and something after it.
+        Some(prefix) => resource.len() > prefix.len() && resource.starts_with(prefix),
+        None => granted == resource,
+    }
+}
+
+/// Whether a grant's action covers an action.
+pub fn action_covers(granted: &str, action: &str) -> bool {
+    granted == "*" || granted == action
+}
+
+/// The caller a grant condition asks about.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub tenant: Option<&'a str>,
+    pub subject: Option<&'a str>,
+}
+
+/// What the policy asks of the grants in force.
+pub trait Grants {
+    /// Whether the caller's tenant or the caller holds a grant covering
+    /// (`resource`, `action`).
+    fn holds(&self, caller: Caller<'_>, resource: &str, action: &str) -> bool;
+}
+
+/// No grants: every grant condition is false.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoGrants;
+
+impl Grants for NoGrants {
+    fn holds(&self, _: Caller<'_>, _: &str, _: &str) -> bool {
+        false
+    }
+}
+
+/// One holder's grants, indexed: exact (resource, action) pairs, and the
+/// wildcard ones (few) scanned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HolderGrants {
+    exact: HashSet<(String, String)>,
+    /// (resource, action) with a wildcard in either.
+    wild: Vec<(String, String)>,
+}
+
+impl HolderGrants {
+    fn insert(&mut self, resource: &str, action: &str) -> bool {
+        let pair = (resource.to_string(), action.to_string());
+        if resource.ends_with('*') || action == "*" {
+            if self.wild.contains(&pair) {
+                return false;
+            }
+            self.wild.push(pair);
+            true
+        } else {
+            self.exact.insert(pair)
+        }
+    }
+
+    fn remove(&mut self, resource: &str, action: &str) -> bool {
+        let pair = (resource.to_string(), action.to_string());
+        let before = self.wild.len();
+        self.wild.retain(|p| *p != pair);
+        self.exact.remove(&pair) || self.wild.len() != before
+    }
+
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.wild.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether these grants cover (`resource`, `action`).
+    pub fn covers(&self, resource: &str, action: &str) -> bool {
+        self.exact
+            .contains(&(resource.to_string(), action.to_string()))
+            || self
+                .wild
+                .iter()
+                .any(|(r, a)| resource_covers(r, resource) && action_covers(a, action))
+    }
+}
+
+/// Grants in memory, by holder.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GrantSet {
+    holders: HashMap<Holder, HolderGrants>,
+    len: usize,
+}
+
+impl GrantSet {
+    pub fn new() -> GrantSet {
+        GrantSet::default()
+    }
+
+    /// Adds a grant; false if it was there (idempotent).
+    pub fn insert(&mut self, g: &Grant) -> bool {
+        let added = self
+            .holders
+            .entry(g.holder.clone())
+            .or_default()
+            .insert(&g.resource, &g.action);
+        self.len += usize::from(added);
+        added
+    }
+
+    /// Removes a grant; false if it was not there (idempotent).
+    pub fn remove(&mut self, g: &Grant) -> bool {
+        let Some(h) = self.holders.get_mut(&g.holder) else {
+            return false;
+        };
+        let removed = h.remove(&g.resource, &g.action);
+        if h.is_empty() {
+            self.holders.remove(&g.holder);
+        }
+        self.len -= usize::from(removed);
+        removed
+    }
+
+    /// Grants in the set.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// One holder's grants.
+    pub fn holder(&self, h: &Holder) -> Option<&HolderGrants> {
+        self.holders.get(h)
+    }
+}
+
+impl FromIterator<Grant> for GrantSet {
+    fn from_iter<I: IntoIterator<Item = Grant>>(iter: I) -> GrantSet {
+        let mut s = GrantSet::new();
+        for g in iter {
+            s.insert(&g);
+        }
+        s
+    }
+}
+
+impl Grants for GrantSet {
+    fn holds(&self, caller: Caller<'_>, resource: &str, action: &str) -> bool {
+        let covers = |h: Holder| {
+            self.holders
+                .get(&h)
+                .is_some_and(|g| g.covers(resource, action))
+        };
+        caller
+            .tenant
+            .is_some_and(|t| covers(Holder::Tenant(t.to_string())))
+            || caller
+                .subject
+                .is_some_and(|s| covers(Holder::Subject(s.to_string())))
+    }
+}
+
+#[cfg(test)]
+#[path = "grants/tests.rs"]
+mod tests;
