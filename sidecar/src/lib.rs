@@ -10,6 +10,7 @@ pub mod config;
 pub mod expo;
 pub mod fanout;
 pub mod fetch;
+pub mod grants;
 pub mod metrics;
 pub mod protocol;
 pub mod reload;

@@ -14,7 +14,7 @@ mod common;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -363,72 +363,7 @@ fn tenants_beyond_the_cap_fold_into_other() {
 
 // ---------------------------------------------------------------- PostgreSQL
 
-const PG: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
-
-/// A fresh schema for one test, dropped at the end.
-struct Schema {
-    name: String,
-    rt: tokio::runtime::Runtime,
-}
-
-impl Schema {
-    fn new(tag: &str) -> Schema {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "usage_test_{tag}_{}_{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let s = Schema { name, rt };
-        s.exec(&format!(
-            "DROP SCHEMA IF EXISTS {0} CASCADE; CREATE SCHEMA {0}",
-            s.name
-        ));
-        s
-    }
-
-    fn conninfo(&self) -> String {
-        format!("{PG} options='-c search_path={}'", self.name)
-    }
-
-    fn client(&self) -> tokio_postgres::Client {
-        self.rt.block_on(async {
-            let (c, conn) = tokio_postgres::connect(&self.conninfo(), tokio_postgres::NoTls)
-                .await
-                .unwrap_or_else(|e| panic!("connect to PostgreSQL ({PG}): {e}"));
-            tokio::spawn(conn);
-            c
-        })
-    }
-
-    fn exec(&self, sql: &str) {
-        let c = self.client();
-        self.rt
-            .block_on(c.batch_execute(sql))
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    }
-
-    fn int(&self, sql: &str) -> i64 {
-        let c = self.client();
-        self.rt
-            .block_on(c.query_one(sql, &[]))
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-            .get::<_, Option<i64>>(0)
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            self.exec(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
-        }
-    }
-}
+use common::pg::Schema;
 
 #[test]
 fn rollups_are_upserted_once_per_batch_id() {

@@ -85,52 +85,67 @@ fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-async fn connect(conninfo: &str) -> Result<Client, String> {
+pub async fn connect(conninfo: &str) -> Result<Client, String> {
     let (client, conn) = tokio_postgres::connect(conninfo, NoTls)
         .await
         .map_err(|e| format!("postgres: {e}"))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
-            log::warn!("usage: postgres connection: {e}");
+            log::warn!("postgres connection: {e}");
         }
     });
     Ok(client)
 }
 
-/// Applies the migrations not applied yet.
+/// Applies the usage migrations not applied yet.
 pub async fn migrate(c: &mut Client) -> Result<(), String> {
+    apply_migrations(c, "usage", 254_000_001, MIGRATIONS).await
+}
+
+/// Applies the migrations of one schema track (`<track>_schema_migrations`
+/// records which are in), in order, in one transaction under an advisory
+/// lock, so concurrent starts apply each once.
+pub async fn apply_migrations(
+    c: &mut Client,
+    track: &str,
+    lock: i64,
+    migrations: &[(i32, &str)],
+) -> Result<(), String> {
     let e = |e: tokio_postgres::Error| format!("postgres migration: {e}");
     let tx = c.transaction().await.map_err(e)?;
-    tx.execute("SELECT pg_advisory_xact_lock(254000001)", &[])
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock])
         .await
         .map_err(e)?;
-    tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS usage_schema_migrations (version integer PRIMARY KEY, \
-         applied_at timestamptz NOT NULL DEFAULT now())",
-    )
+    tx.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {track}_schema_migrations (version integer PRIMARY KEY, \
+         applied_at timestamptz NOT NULL DEFAULT now())"
+    ))
     .await
     .map_err(e)?;
     let done: HashSet<i32> = tx
-        .query("SELECT version FROM usage_schema_migrations", &[])
+        .query(
+            &format!("SELECT version FROM {track}_schema_migrations"),
+            &[],
+        )
         .await
         .map_err(e)?
         .iter()
         .map(|r| r.get(0))
         .collect();
-    for (v, sql) in MIGRATIONS {
+    for (v, sql) in migrations {
         if done.contains(v) {
             continue;
         }
         tx.batch_execute(sql)
             .await
-            .map_err(|err| format!("postgres migration {v}: {err}"))?;
+            .map_err(|err| format!("postgres migration {track} {v}: {err}"))?;
         tx.execute(
-            "INSERT INTO usage_schema_migrations (version) VALUES ($1)",
+            &format!("INSERT INTO {track}_schema_migrations (version) VALUES ($1)"),
             &[v],
         )
         .await
         .map_err(e)?;
-        log::info!("usage: applied migration {v}");
+        log::info!("{track}: applied migration {v}");
     }
     tx.commit().await.map_err(e)
 }

@@ -2,6 +2,8 @@
 //! a WebSocket one (tokio-tungstenite) and a raw one for bad frames.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
