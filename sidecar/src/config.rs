@@ -214,6 +214,15 @@ pub struct Config {
     /// Batches waiting for the PostgreSQL writer (beyond: 503, retried).
     #[arg(long, env = "SIDECAR_USAGE_PG_QUEUE", default_value_t = 1024)]
     pub usage_pg_queue: usize,
+    /// PostgreSQL of the entitlement grants (libpq key=value or URL): the
+    /// admin API (`/admin/v1/`) reads and writes them there. Without it the
+    /// admin API answers 503.
+    #[arg(long, env = "SIDECAR_GRANTS_POSTGRES", hide_env_values = true)]
+    pub grants_postgres: Option<String>,
+    /// A secret that admits admin calls without the `access-admin` role
+    /// (header `x-admin-secret`); empty: none.
+    #[arg(long, env = "SIDECAR_ADMIN_SECRET", hide_env_values = true)]
+    pub admin_secret: Option<String>,
 }
 
 impl Config {

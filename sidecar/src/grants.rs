@@ -191,15 +191,21 @@ impl GrantStore {
             .collect())
     }
 
-    /// The audit rows after `after_id`, oldest first, at most `limit`.
-    pub async fn audit(&self, after_id: i64, limit: i64) -> Result<Vec<AuditRow>, String> {
+    /// The audit rows after `after_id` and at or after `since` (seconds
+    /// since the epoch), oldest first, at most `limit`.
+    pub async fn audit(
+        &self,
+        after_id: i64,
+        since: f64,
+        limit: i64,
+    ) -> Result<Vec<AuditRow>, String> {
         let rows = self
             .client
             .query(
                 "SELECT id, extract(epoch FROM at)::float8, actor, op, holder_kind, holder, \
                  resource, action, before, after, version FROM grants_audit WHERE id > $1 \
-                 ORDER BY id LIMIT $2",
-                &[&after_id, &limit],
+                 AND at >= to_timestamp($2) ORDER BY id LIMIT $3",
+                &[&after_id, &since, &limit],
             )
             .await
             .map_err(pg)?;

@@ -5,6 +5,7 @@
 //! ([`rls`], [`resp`]). [`run`] wires them from a [`config::Config`].
 
 pub mod access;
+pub mod admin;
 pub mod bus;
 pub mod config;
 pub mod expo;
@@ -144,7 +145,12 @@ fn assemble(
         ctx.verifier = Some(v);
     }
     let ctx = Arc::new(ctx);
-    Arc::new(server::App::new(ctx, bus, registry, config.front(), usage))
+    let mut app = server::App::new(ctx, bus, registry, config.front(), usage);
+    app.admin = config
+        .grants_postgres
+        .clone()
+        .map(|c| Arc::new(admin::Admin::new(c, config.admin_secret.clone())));
+    Arc::new(app)
 }
 
 /// Runs the sidecar on `listener` until `shutdown` is cancelled.

@@ -65,6 +65,8 @@ pub struct App {
     pub registry: Registry,
     pub cfg: FrontConfig,
     pub usage: Arc<Usage>,
+    /// The admin API's grants store (`--grants-postgres`).
+    pub admin: Option<Arc<crate::admin::Admin>>,
     connections: AtomicUsize,
     shutdown: CancellationToken,
 }
@@ -83,6 +85,7 @@ impl App {
             registry,
             cfg,
             usage,
+            admin: None,
             connections: AtomicUsize::new(0),
             shutdown: CancellationToken::new(),
         }
@@ -94,9 +97,9 @@ impl App {
     }
 }
 
-type Body = Full<Bytes>;
+pub(crate) type Body = Full<Bytes>;
 
-fn json(status: StatusCode, body: serde_json::Value) -> Response<Body> {
+pub(crate) fn json(status: StatusCode, body: serde_json::Value) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -106,7 +109,7 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response<Body> {
     r
 }
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
+pub(crate) fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
     json(
         status,
         serde_json::json!({"error": code, "message": message.into()}),
@@ -265,6 +268,7 @@ async fn route(
         (&Method::GET, "/v1/usage/rollups") => rollups(&req, peer, &app),
         (&Method::GET, "/ws") => upgrade(req, app, tracker),
         (&Method::POST, p) if p.starts_with("/publish/") => publish(req, app).await,
+        (_, p) if p.starts_with("/admin/") => crate::admin::route(req, &app).await,
         (_, "/ws" | "/healthz" | "/readyz" | "/metrics" | "/v1/usage" | "/v1/usage/rollups") => {
             error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -486,7 +490,7 @@ pub fn render_metrics(app: &App, format: Format) -> String {
 
 /// The whole body, at most `limit` bytes: else 413 (or 400 if it could
 /// not be read). `what` names it in the message.
-async fn read_body(
+pub(crate) async fn read_body(
     req: Request<Incoming>,
     limit: usize,
     what: &str,

@@ -55,7 +55,7 @@ fn writes_are_idempotent_audited_and_read_back() {
             "already gone"
         );
         assert!(s.list(&g.holder).await.unwrap().is_empty());
-        let audit = s.audit(0, 100).await.unwrap();
+        let audit = s.audit(0, 0.0, 100).await.unwrap();
         let seen: Vec<_> = audit
             .iter()
             .map(|r| (r.actor.as_str(), r.op.as_str(), r.version))
@@ -76,7 +76,7 @@ fn writes_are_idempotent_audited_and_read_back() {
         assert_eq!((&audit[2].before, &audit[2].after), (&Some(grant), &None));
         assert_eq!(audit[2].grant, g);
         assert_eq!(
-            s.audit(audit[1].id, 100).await.unwrap().len(),
+            s.audit(audit[1].id, 0.0, 100).await.unwrap().len(),
             1,
             "after an id"
         );
@@ -175,4 +175,187 @@ fn bad_grants_are_refused_before_anything_is_written() {
         assert!(why.contains("check constraint"), "{why}");
     });
     assert_eq!(db.int("SELECT count(*) FROM grants"), 0);
+}
+
+// ---------------------------------------------------------------- admin API
+
+async fn call(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    who: &[(String, String)],
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let raw = if body.is_null() {
+        Vec::new()
+    } else {
+        body.to_string().into_bytes()
+    };
+    let (status, text) = common::http(addr, method, path, who, &raw).await;
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+fn admin(sub: &str) -> Vec<(String, String)> {
+    common::identity(sub, "viewer,access-admin", &[])
+}
+
+#[test]
+fn the_admin_api_writes_lists_and_audits_with_the_callers_subject() {
+    let db = Schema::new("grants_api");
+    let conninfo = db.conninfo();
+    block_on(async {
+        let sc = common::start(&["--grants-postgres", &conninfo, "--admin-secret", "s3cret"]).await;
+        let a = sc.addr;
+        let g = json!({"tenant": "acme", "resource": "curves:CAISO", "action": "read"});
+        let (st, v) = call(a, "PUT", "/admin/v1/grants", &admin("sales-1"), g.clone()).await;
+        assert_eq!(
+            (st, &v["changed"], &v["version"]),
+            (200, &json!(true), &json!(1)),
+            "{v}"
+        );
+        assert_eq!(v["grant"], g);
+        let (st, v) = call(a, "PUT", "/admin/v1/grants", &admin("sales-1"), g.clone()).await;
+        assert_eq!(
+            (st, &v["changed"], &v["version"]),
+            (200, &json!(false), &json!(null))
+        );
+        let secret = vec![("x-admin-secret".to_string(), "s3cret".to_string())];
+        let bob = json!({"subject": "bob", "resource": "instruments:*", "action": "*"});
+        assert_eq!(
+            call(a, "PUT", "/admin/v1/grants", &secret, bob).await.0,
+            200
+        );
+        let (st, v) = call(
+            a,
+            "GET",
+            "/admin/v1/grants?tenant=acme",
+            &admin("x"),
+            json!(null),
+        )
+        .await;
+        assert_eq!((st, v), (200, json!({"grants": [g]})));
+        let (st, v) = call(
+            a,
+            "DELETE",
+            "/admin/v1/grants",
+            &admin("support-1"),
+            g.clone(),
+        )
+        .await;
+        assert_eq!(
+            (st, &v["changed"], &v["version"]),
+            (200, &json!(true), &json!(3))
+        );
+        let (st, v) = call(
+            a,
+            "GET",
+            "/admin/v1/audit?since=0",
+            &admin("x"),
+            json!(null),
+        )
+        .await;
+        assert_eq!(st, 200);
+        let rows = v["audit"].as_array().unwrap();
+        let who: Vec<(&str, &str)> = rows
+            .iter()
+            .map(|r| (r["actor"].as_str().unwrap(), r["op"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            who,
+            [
+                ("sales-1", "put"),
+                ("admin-secret", "put"),
+                ("support-1", "delete")
+            ]
+        );
+        assert_eq!((&rows[2]["before"], &rows[2]["after"]), (&g, &json!(null)));
+        let next = v["next"].as_i64().unwrap();
+        let later = format!("/admin/v1/audit?after={next}");
+        let (_, v) = call(a, "GET", &later, &admin("x"), json!(null)).await;
+        assert_eq!(v["audit"], json!([]), "nothing after the last id");
+        sc.shutdown.cancel();
+    });
+}
+
+#[test]
+fn the_admin_api_refuses_bad_input_and_callers_without_the_role() {
+    let db = Schema::new("grants_api_bad");
+    let conninfo = db.conninfo();
+    block_on(async {
+        let sc = common::start(&["--grants-postgres", &conninfo, "--admin-secret", "s3cret"]).await;
+        let a = sc.addr;
+        let g = json!({"tenant": "acme", "resource": "curves:CAISO", "action": "read"});
+        for who in [
+            common::identity("mallory", "viewer", &[]),
+            vec![("x-admin-secret".to_string(), "wrong".to_string())],
+            Vec::new(),
+        ] {
+            let (st, v) = call(a, "PUT", "/admin/v1/grants", &who, g.clone()).await;
+            assert_eq!((st, &v["error"]), (403, &json!("forbidden")), "{who:?}");
+        }
+        for (body, field) in [
+            (json!({"resource": "curves:X", "action": "read"}), "tenant"),
+            (
+                json!({"tenant": "a", "subject": "b", "resource": "c", "action": "read"}),
+                "tenant",
+            ),
+            (
+                json!({"tenant": "acme", "resource": "cur*", "action": "read"}),
+                "resource",
+            ),
+            (
+                json!({"tenant": "acme", "resource": "curves:X", "action": "READ"}),
+                "action",
+            ),
+            (
+                json!({"tenant": "acme", "resource": "c", "action": "read", "x": 1}),
+                "body",
+            ),
+        ] {
+            let (st, v) = call(a, "PUT", "/admin/v1/grants", &admin("a"), body.clone()).await;
+            assert_eq!((st, &v["field"]), (400, &json!(field)), "{body}: {v}");
+        }
+        let (st, v) = call(a, "GET", "/admin/v1/grants", &admin("a"), json!(null)).await;
+        assert_eq!((st, &v["field"]), (400, &json!("tenant")));
+        let (st, _) = call(a, "POST", "/admin/v1/grants", &admin("a"), g.clone()).await;
+        assert_eq!(st, 405);
+        let (st, v) = call(
+            a,
+            "GET",
+            "/admin/v1/grants?tenant=acme",
+            &admin("a"),
+            json!(null),
+        )
+        .await;
+        assert_eq!((st, v), (200, json!({"grants": []})));
+        sc.shutdown.cancel();
+    });
+    assert_eq!(
+        db.int("SELECT count(*) FROM grants_audit"),
+        0,
+        "nothing written"
+    );
+}
+
+#[test]
+fn without_postgresql_writes_are_503_and_nothing_is_half_applied() {
+    block_on(async {
+        let down = "host=127.0.0.1 port=1 user=postgres dbname=test connect_timeout=2";
+        let sc = common::start(&["--grants-postgres", down]).await;
+        let g = json!({"tenant": "acme", "resource": "curves:CAISO", "action": "read"});
+        let (st, v) = call(sc.addr, "PUT", "/admin/v1/grants", &admin("a"), g).await;
+        assert_eq!((st, &v["error"]), (503, &json!("grants_unavailable")));
+        sc.shutdown.cancel();
+        let sc = common::start(&[]).await;
+        let (st, v) = call(sc.addr, "GET", "/admin/v1/audit", &admin("a"), json!(null)).await;
+        assert_eq!(
+            (st, &v["error"]),
+            (503, &json!("grants_unavailable")),
+            "not configured"
+        );
+        sc.shutdown.cancel();
+    });
 }
