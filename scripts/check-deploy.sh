@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Validates the deployment files (envoy/envoy.yaml, k8s/) in a venv of its
-# own, target/venv-deploy, created on first use (needs PyPI once; reused
+# own, <target>/venv-deploy (<target>: cargo's target directory), created on
+# first use (needs PyPI once; reused
 # while the pins below are unchanged). What is checked: scripts/check_deploy.py.
 #
 #   scripts/check-deploy.sh                 check; exits non-zero on any error
 #   scripts/check-deploy.sh --sync          regenerate k8s' generated files first
 #   scripts/check-deploy.sh --sync --pin    ... taking the image digests from
-#                                           target/oci (scripts/package-oci.sh)
+#                                           <target>/oci (scripts/package-oci.sh)
 #   scripts/check-deploy.sh --envoy FILE    check FILE instead of envoy/envoy.yaml
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,27 +24,11 @@ pins=(
   jsonschema==4.26.0
   kubernetes-validate==1.37.0
 )
-venv=target/venv-deploy
-stamp="$venv/.pins"
-
-if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "${pins[*]}" ]; then
-  rm -rf "$venv"
-  mkdir -p target
-  if ! python3 -m venv "$venv" >/dev/null 2>&1; then
-    # Debian's python3 comes without ensurepip; python3-venv brings it.
-    rm -rf "$venv"
-    echo "check-deploy: python3 -m venv failed; installing python3-venv" >&2
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
-    else
-      echo "check-deploy: install python3-venv (apt-get install python3-venv)" >&2
-      exit 1
-    fi
-    python3 -m venv "$venv"
-  fi
-  echo "check-deploy: installing ${pins[*]} into $venv" >&2
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check "${pins[@]}"
-  echo "${pins[*]}" > "$stamp"
-fi
+# Cargo's target directory (CARGO_TARGET_DIR, a cargo config, or target/):
+# the venv and the OCI layouts live there; check_deploy.py reads TARGET_DIR.
+TARGET_DIR=$(scripts/target-dir.sh)
+export TARGET_DIR
+venv=$TARGET_DIR/venv-deploy
+scripts/ensure-venv.sh "$venv" "${pins[@]}"
 
 PYTHONDONTWRITEBYTECODE=1 exec "$venv/bin/python" scripts/check_deploy.py "$@"

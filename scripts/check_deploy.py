@@ -52,6 +52,8 @@ from collections.abc import Mapping
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Cargo's target directory: check-deploy.sh passes it (scripts/target-dir.sh).
+TARGET = os.environ.get("TARGET_DIR") or os.path.join(ROOT, "target")
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 sys.dont_write_bytecode = True  # no __pycache__ in scripts/
 import oci_layout  # noqa: E402
@@ -590,7 +592,7 @@ def sync(exp, pin):
         deploy = load_yaml(DEPLOY_JSON)
         for n in exp.names:
             try:
-                got = oci_layout.verify(os.path.join(ROOT, "target", "oci", n))
+                got = oci_layout.verify(os.path.join(TARGET, "oci", n))
             except (OSError, ValueError, KeyError) as e:
                 sys.exit(f"--pin: target/oci/{n}: {e} (run scripts/package-oci.sh first)")
             deploy["images"]["digests"][n] = got["digest"]
@@ -1298,8 +1300,8 @@ def check_oci(exp):
     build of other sources differs)."""
     errs = []
     for n in exp.names:
-        layout = os.path.join(ROOT, "target", "oci", n)
-        wasm = os.path.join(ROOT, "target", "wasm32-wasip1", "release", f"{n}.wasm")
+        layout = os.path.join(TARGET, "oci", n)
+        wasm = os.path.join(TARGET, "wasm32-wasip1", "release", f"{n}.wasm")
         if os.path.isdir(layout):
             try:
                 got = oci_layout.verify(layout)

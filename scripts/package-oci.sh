@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Packages each built filter (target/wasm32-wasip1/release/<name>.wasm) as an
-# OCI image layout directory, target/oci/<name>/ (oci-layout, index.json,
+# Packages each built filter (<target>/wasm32-wasip1/release/<name>.wasm,
+# <target> being cargo's target directory: scripts/target-dir.sh) as an
+# OCI image layout directory, <target>/oci/<name>/ (oci-layout, index.json,
 # blobs/sha256/...), in the Wasm image "compat" format Istio pulls: one
 # application/vnd.oci.image.layer.v1.tar+gzip layer holding plugin.wasm.
 # Prints each image's manifest digest (the sha256 that WasmPlugin,
@@ -27,13 +28,14 @@ while [ $# -gt 0 ]; do
 done
 [ ${#names[@]} -gt 0 ] || names=(usage auth entitlements ratelimit)
 
+target=$(scripts/target-dir.sh)
 specs=()
 for n in "${names[@]}"; do
-  wasm=target/wasm32-wasip1/release/$n.wasm
+  wasm=$target/wasm32-wasip1/release/$n.wasm
   if [ ! -f "$wasm" ]; then
     echo "package-oci: $wasm missing; run scripts/build-filters.sh first" >&2
     exit 1
   fi
   specs+=("$n=$wasm")
 done
-python3 scripts/oci_layout.py pack target/oci "${specs[@]}" --tag "$tag"
+python3 scripts/oci_layout.py pack "$target/oci" "${specs[@]}" --tag "$tag"
