@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
-"""Draws target/bench/chart.svg from the bench results under target/bench/:
+"""Draws <target>/bench/chart.svg from the bench results under
+<target>/bench/ (<target>: cargo's target directory, scripts/target-dir.sh):
 for every row of every bench, the spread of its samples (min to max, the
 box from the 25th to the 75th percentile, the median as a dot) on a
 logarithmic axis; for the fan-out comparison, the delivery latency
 percentiles (p50, p99, p99.9) of the sidecar and nchan per scenario.
 Standard library only.
 
-    python3 scripts/bench_chart.py [target/bench]
+    python3 scripts/bench_chart.py [<target>/bench]
 """
-import glob, html, json, math, os, sys
+import glob, html, json, math, os, subprocess, sys
 
-d = sys.argv[1] if len(sys.argv) > 1 else "target/bench"
+d = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
+    subprocess.run([os.path.join(os.path.dirname(os.path.abspath(__file__)), "target-dir.sh")],
+                   check=True, capture_output=True, text=True).stdout.strip(), "bench")
 panels = []
 for f in sorted(glob.glob(os.path.join(d, "*.json"))):
     name = os.path.basename(f)[:-5]

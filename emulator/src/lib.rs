@@ -60,8 +60,7 @@ pub use stream::{
     Callback, Chain, Direction, LocalReply, Message, Stream, StreamOptions, TraceEntry,
 };
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 /// The command that builds every `.wasm` the tests load.
@@ -98,39 +97,9 @@ pub fn target_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let root = workspace_root();
-        let env = std::env::var_os("CARGO_TARGET_DIR")
-            .filter(|d| !d.is_empty())
-            .map(PathBuf::from);
-        match env {
-            Some(dir) if dir.is_absolute() => dir,
-            env => cargo_target_dir(&root)
-                .or_else(|| env.map(|d| root.join(d)))
-                .unwrap_or_else(|| root.join("target")),
-        }
+        benchkit::target_dir(&root.to_string_lossy()).unwrap_or_else(|| root.join("target"))
     })
     .clone()
-}
-
-/// `target_directory` from `cargo metadata`, run in `root`.
-fn cargo_target_dir(root: &Path) -> Option<PathBuf> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(cargo)
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--no-deps",
-            "--offline",
-        ])
-        .current_dir(root)
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    meta.get("target_directory")?.as_str().map(PathBuf::from)
 }
 
 fn workspace_root() -> PathBuf {

@@ -172,21 +172,74 @@ pub fn write_json(manifest_dir: &str, name: &str, plan: Plan, rows: &[Row]) -> O
     Some(path.display().to_string())
 }
 
-/// `bench/` in cargo's target directory (created): `CARGO_TARGET_DIR` when
-/// set (relative to the workspace root, as cargo reads it), else the
-/// workspace's `target`.
-pub fn bench_dir(manifest_dir: &str) -> Option<std::path::PathBuf> {
-    let mut root = std::path::PathBuf::from(manifest_dir);
+/// Cargo's target directory for the workspace holding `manifest_dir`: an
+/// absolute `CARGO_TARGET_DIR`; else what `cargo metadata` reports (it also
+/// knows a cargo config's `build.target-dir`); else a relative
+/// `CARGO_TARGET_DIR` under the workspace root, or `<root>/target`.
+pub fn target_dir(manifest_dir: &str) -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let mut root = PathBuf::from(manifest_dir);
     while !root.join("Cargo.lock").is_file() {
         if !root.pop() {
             return None;
         }
     }
-    let target = match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(t) if !t.is_empty() => root.join(t),
-        _ => root.join("target"),
-    };
-    let dir = target.join("bench");
+    let env = std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from);
+    Some(match env {
+        Some(dir) if dir.is_absolute() => dir,
+        env => cargo_target_dir(&root)
+            .or_else(|| env.map(|d| root.join(d)))
+            .unwrap_or_else(|| root.join("target")),
+    })
+}
+
+/// `target_directory` from `cargo metadata`, run in `root`.
+fn cargo_target_dir(root: &std::path::Path) -> Option<std::path::PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
+        .current_dir(root)
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    json_string_field(&String::from_utf8_lossy(&out.stdout), "target_directory")
+        .map(std::path::PathBuf::from)
+}
+
+/// The string value of `"key":"…"` in a JSON document (escapes `\"`,
+/// `\\` and `\/` undone; enough for a path cargo printed).
+fn json_string_field(doc: &str, key: &str) -> Option<String> {
+    let at = doc.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    let mut out = String::new();
+    let mut chars = doc.get(at..)?.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return Some(out),
+            '\\' => match chars.next()? {
+                'n' => out.push('\n'),
+                't' => out.push('\t'),
+                other => out.push(other),
+            },
+            c => out.push(c),
+        }
+    }
+    None
+}
+
+/// `bench/` in cargo's target directory ([`target_dir`]), created.
+pub fn bench_dir(manifest_dir: &str) -> Option<std::path::PathBuf> {
+    let dir = target_dir(manifest_dir)?.join("bench");
     std::fs::create_dir_all(&dir).ok()?;
     Some(dir)
 }
@@ -194,6 +247,26 @@ pub fn bench_dir(manifest_dir: &str) -> Option<std::path::PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_string_field_is_read_with_its_escapes() {
+        let doc = r#"{"packages":[],"target_directory":"/a/\"b\"\\c","version":1}"#;
+        assert_eq!(
+            json_string_field(doc, "target_directory").as_deref(),
+            Some("/a/\"b\"\\c")
+        );
+        assert_eq!(json_string_field(doc, "missing"), None);
+        assert_eq!(json_string_field(r#"{"k":"open"#, "k"), None);
+    }
+
+    #[test]
+    fn the_target_directory_is_cargos() {
+        let dir = target_dir(env!("CARGO_MANIFEST_DIR")).unwrap();
+        assert!(dir.is_absolute(), "{}", dir.display());
+        assert!(bench_dir(env!("CARGO_MANIFEST_DIR"))
+            .unwrap()
+            .starts_with(&dir));
+    }
 
     #[test]
     fn median_min_max() {
