@@ -3,7 +3,7 @@
 
 use base64::Engine as _;
 use serde_json::Value;
-use wasm_host::{Host, LoadError, Plugin, PluginConfig};
+use wasm_host::{Host, LoadError, Message, Plugin, PluginConfig};
 
 /// The entitlements filter with this plugin configuration.
 pub fn entitlements_config(config: &Value) -> PluginConfig {
@@ -94,5 +94,21 @@ impl Req {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect()
+    }
+}
+
+/// The demo upstream of the usage tests: 404 for `/missing…`, else 200
+/// with an 11-byte body.
+pub fn demo_upstream(req: &Message) -> Message {
+    let path = req.header(":path").unwrap_or_default();
+    let (status, body) = if path.starts_with("/missing") {
+        ("404", b"no".to_vec())
+    } else {
+        ("200", b"hello world".to_vec())
+    };
+    Message {
+        headers: vec![(":status".into(), status.as_bytes().to_vec())].into(),
+        body,
+        trailers: None,
     }
 }

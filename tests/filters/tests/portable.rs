@@ -14,7 +14,9 @@
 mod common;
 
 use common::*;
-use filter_tests::{load_auth, load_entitlements, ratelimit_config, usage_config, Req};
+use filter_tests::{
+    demo_upstream as upstream, load_auth, load_entitlements, ratelimit_config, usage_config, Req,
+};
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
@@ -259,20 +261,6 @@ fn ratelimit_is_exact_across_four_workers() {
 }
 
 // ---- usage: records from decimal-string attributes ----
-
-fn upstream(req: &Message) -> Message {
-    let path = req.header(":path").unwrap_or_default();
-    let (status, body) = if path.starts_with("/missing") {
-        ("404", b"no".to_vec())
-    } else {
-        ("200", b"hello world".to_vec())
-    };
-    Message {
-        headers: vec![(":status".into(), status.as_bytes().to_vec())].into(),
-        body,
-        trailers: None,
-    }
-}
 
 #[test]
 fn usage_records_status_sizes_and_duration_from_decimal_attributes() {

@@ -7,28 +7,13 @@
     clippy::indexing_slicing
 )]
 
-use filter_tests::usage_config;
+use filter_tests::{demo_upstream as upstream, usage_config};
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use wasm_host::{CallRequest, Host, Message, Reply};
+use wasm_host::{CallRequest, Host, Reply};
 
 type Calls = Arc<Mutex<Vec<CallRequest>>>;
-
-fn upstream(req: &Message) -> Message {
-    // The demo upstream: 404 for /missing, else 200 with a 11-byte body.
-    let path = req.header(":path").unwrap_or_default();
-    let (status, body) = if path.starts_with("/missing") {
-        ("404", b"no".to_vec())
-    } else {
-        ("200", b"hello world".to_vec())
-    };
-    Message {
-        headers: vec![(":status".into(), status.as_bytes().to_vec())].into(),
-        body,
-        trailers: None,
-    }
-}
 
 struct Env {
     host: Host,

@@ -155,48 +155,60 @@ impl Grants for NoGrants {
     }
 }
 
-/// One holder's grants, indexed: exact (resource, action) pairs, and the
-/// wildcard ones (few) scanned.
+/// One holder's grants, indexed: exact ones by resource then action (a
+/// lookup borrows, never allocates), the wildcard ones (few) scanned.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HolderGrants {
-    exact: HashSet<(String, String)>,
+    exact: HashMap<String, HashSet<String>>,
     /// (resource, action) with a wildcard in either.
     wild: Vec<(String, String)>,
 }
 
 impl HolderGrants {
     fn insert(&mut self, resource: &str, action: &str) -> bool {
-        let pair = (resource.to_string(), action.to_string());
         if resource.ends_with('*') || action == "*" {
-            if self.wild.contains(&pair) {
+            if self.wild.iter().any(|(r, a)| r == resource && a == action) {
                 return false;
             }
-            self.wild.push(pair);
+            self.wild.push((resource.to_string(), action.to_string()));
             true
         } else {
-            self.exact.insert(pair)
+            self.exact
+                .entry(resource.to_string())
+                .or_default()
+                .insert(action.to_string())
         }
     }
 
     fn remove(&mut self, resource: &str, action: &str) -> bool {
-        let pair = (resource.to_string(), action.to_string());
         let before = self.wild.len();
-        self.wild.retain(|p| *p != pair);
-        self.exact.remove(&pair) || self.wild.len() != before
+        self.wild.retain(|(r, a)| !(r == resource && a == action));
+        if self.wild.len() != before {
+            return true;
+        }
+        let Some(actions) = self.exact.get_mut(resource) else {
+            return false;
+        };
+        let removed = actions.remove(action);
+        if actions.is_empty() {
+            self.exact.remove(resource);
+        }
+        removed
     }
 
     pub fn len(&self) -> usize {
-        self.exact.len() + self.wild.len()
+        self.exact.values().map(HashSet::len).sum::<usize>() + self.wild.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.exact.is_empty() && self.wild.is_empty()
     }
 
     /// Whether these grants cover (`resource`, `action`).
     pub fn covers(&self, resource: &str, action: &str) -> bool {
         self.exact
-            .contains(&(resource.to_string(), action.to_string()))
+            .get(resource)
+            .is_some_and(|actions| actions.contains(action))
             || self
                 .wild
                 .iter()
@@ -204,10 +216,12 @@ impl HolderGrants {
     }
 }
 
-/// Grants in memory, by holder.
+/// Grants in memory, by holder (tenants and subjects apart, so a lookup
+/// borrows the caller's names).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GrantSet {
-    holders: HashMap<Holder, HolderGrants>,
+    tenants: HashMap<String, HolderGrants>,
+    subjects: HashMap<String, HolderGrants>,
     len: usize,
 }
 
@@ -216,25 +230,30 @@ impl GrantSet {
         GrantSet::default()
     }
 
+    fn side(&mut self, h: &Holder) -> (&mut HashMap<String, HolderGrants>, String) {
+        match h {
+            Holder::Tenant(t) => (&mut self.tenants, t.clone()),
+            Holder::Subject(s) => (&mut self.subjects, s.clone()),
+        }
+    }
+
     /// Adds a grant; false if it was there (idempotent).
     pub fn insert(&mut self, g: &Grant) -> bool {
-        let added = self
-            .holders
-            .entry(g.holder.clone())
-            .or_default()
-            .insert(&g.resource, &g.action);
+        let (map, name) = self.side(&g.holder);
+        let added = map.entry(name).or_default().insert(&g.resource, &g.action);
         self.len += usize::from(added);
         added
     }
 
     /// Removes a grant; false if it was not there (idempotent).
     pub fn remove(&mut self, g: &Grant) -> bool {
-        let Some(h) = self.holders.get_mut(&g.holder) else {
+        let (map, name) = self.side(&g.holder);
+        let Some(h) = map.get_mut(&name) else {
             return false;
         };
         let removed = h.remove(&g.resource, &g.action);
         if h.is_empty() {
-            self.holders.remove(&g.holder);
+            map.remove(&name);
         }
         self.len -= usize::from(removed);
         removed
@@ -251,7 +270,10 @@ impl GrantSet {
 
     /// One holder's grants.
     pub fn holder(&self, h: &Holder) -> Option<&HolderGrants> {
-        self.holders.get(h)
+        match h {
+            Holder::Tenant(t) => self.tenants.get(t),
+            Holder::Subject(s) => self.subjects.get(s),
+        }
     }
 }
 
@@ -267,17 +289,11 @@ impl FromIterator<Grant> for GrantSet {
 
 impl Grants for GrantSet {
     fn holds(&self, caller: Caller<'_>, resource: &str, action: &str) -> bool {
-        let covers = |h: Holder| {
-            self.holders
-                .get(&h)
+        let covers = |map: &HashMap<String, HolderGrants>, name: Option<&str>| {
+            name.and_then(|n| map.get(n))
                 .is_some_and(|g| g.covers(resource, action))
         };
-        caller
-            .tenant
-            .is_some_and(|t| covers(Holder::Tenant(t.to_string())))
-            || caller
-                .subject
-                .is_some_and(|s| covers(Holder::Subject(s.to_string())))
+        covers(&self.tenants, caller.tenant) || covers(&self.subjects, caller.subject)
     }
 }
 
