@@ -14,6 +14,7 @@
 //!   a grant's action `*` matches every action.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 /// Longest resource or action, bytes.
 pub const MAX_LEN: usize = 256;
@@ -165,7 +166,30 @@ pub struct HolderGrants {
 }
 
 impl HolderGrants {
-    fn insert(&mut self, resource: &str, action: &str) -> bool {
+    /// Whether exactly this (resource, action) is held (no wildcard
+    /// reasoning: `*` is the grant `*`).
+    pub fn has(&self, resource: &str, action: &str) -> bool {
+        if resource.ends_with('*') || action == "*" {
+            self.wild.iter().any(|(r, a)| r == resource && a == action)
+        } else {
+            self.exact
+                .get(resource)
+                .is_some_and(|actions| actions.contains(action))
+        }
+    }
+
+    /// Every (resource, action) held, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        let exact = self
+            .exact
+            .iter()
+            .flat_map(|(r, acts)| acts.iter().map(move |a| (r.as_str(), a.as_str())));
+        exact.chain(self.wild.iter().map(|(r, a)| (r.as_str(), a.as_str())))
+    }
+
+    /// Adds a (resource, action) the caller checked
+    /// ([`check_resource`], [`check_action`]); false if it was there.
+    pub fn insert(&mut self, resource: &str, action: &str) -> bool {
         if resource.ends_with('*') || action == "*" {
             if self.wild.iter().any(|(r, a)| r == resource && a == action) {
                 return false;
@@ -180,7 +204,8 @@ impl HolderGrants {
         }
     }
 
-    fn remove(&mut self, resource: &str, action: &str) -> bool {
+    /// Removes a (resource, action); false if it was not there.
+    pub fn remove(&mut self, resource: &str, action: &str) -> bool {
         let before = self.wild.len();
         self.wild.retain(|(r, a)| !(r == resource && a == action));
         if self.wild.len() != before {
@@ -217,30 +242,43 @@ impl HolderGrants {
 }
 
 /// Grants in memory, by holder (tenants and subjects apart, so a lookup
-/// borrows the caller's names).
+/// borrows the caller's names). Each holder's grants sit behind an `Arc`
+/// and are copied on write, so a clone costs a pointer per holder: a
+/// reader keeps a snapshot while a writer changes one holder.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GrantSet {
-    tenants: HashMap<String, HolderGrants>,
-    subjects: HashMap<String, HolderGrants>,
+    tenants: HashMap<Arc<str>, Arc<HolderGrants>>,
+    subjects: HashMap<Arc<str>, Arc<HolderGrants>>,
     len: usize,
 }
+
+type Side = HashMap<Arc<str>, Arc<HolderGrants>>;
 
 impl GrantSet {
     pub fn new() -> GrantSet {
         GrantSet::default()
     }
 
-    fn side(&mut self, h: &Holder) -> (&mut HashMap<String, HolderGrants>, String) {
+    fn side<'a>(&'a mut self, h: &'a Holder) -> (&'a mut Side, &'a str) {
         match h {
-            Holder::Tenant(t) => (&mut self.tenants, t.clone()),
-            Holder::Subject(s) => (&mut self.subjects, s.clone()),
+            Holder::Tenant(t) => (&mut self.tenants, t),
+            Holder::Subject(s) => (&mut self.subjects, s),
         }
     }
 
     /// Adds a grant; false if it was there (idempotent).
     pub fn insert(&mut self, g: &Grant) -> bool {
         let (map, name) = self.side(&g.holder);
-        let added = map.entry(name).or_default().insert(&g.resource, &g.action);
+        let added = match map.get_mut(name) {
+            Some(h) if h.has(&g.resource, &g.action) => false,
+            Some(h) => Arc::make_mut(h).insert(&g.resource, &g.action),
+            None => {
+                let mut h = HolderGrants::default();
+                h.insert(&g.resource, &g.action);
+                map.insert(Arc::from(name), Arc::new(h));
+                true
+            }
+        };
         self.len += usize::from(added);
         added
     }
@@ -248,15 +286,44 @@ impl GrantSet {
     /// Removes a grant; false if it was not there (idempotent).
     pub fn remove(&mut self, g: &Grant) -> bool {
         let (map, name) = self.side(&g.holder);
-        let Some(h) = map.get_mut(&name) else {
+        let Some(h) = map.get_mut(name) else {
             return false;
         };
-        let removed = h.remove(&g.resource, &g.action);
-        if h.is_empty() {
-            map.remove(&name);
+        if !h.has(&g.resource, &g.action) {
+            return false;
         }
-        self.len -= usize::from(removed);
-        removed
+        let h = Arc::make_mut(h);
+        h.remove(&g.resource, &g.action);
+        if h.is_empty() {
+            map.remove(name);
+        }
+        self.len -= 1;
+        true
+    }
+
+    /// Puts one holder's grants in place of what it held (none: it holds
+    /// nothing). The grants must be this holder's.
+    pub fn replace_holder(&mut self, holder: &Holder, grants: HolderGrants) {
+        let (map, name) = self.side(holder);
+        let old = if grants.is_empty() {
+            map.remove(name)
+        } else {
+            map.insert(Arc::from(name), Arc::new(grants.clone()))
+        };
+        self.len = self.len - old.map_or(0, |o| o.len()) + grants.len();
+    }
+
+    /// Every holder with its grants, tenants first, in no particular order.
+    pub fn holders(&self) -> impl Iterator<Item = (Holder, &HolderGrants)> {
+        let t = self
+            .tenants
+            .iter()
+            .map(|(n, g)| (Holder::Tenant(n.to_string()), &**g));
+        let s = self
+            .subjects
+            .iter()
+            .map(|(n, g)| (Holder::Subject(n.to_string()), &**g));
+        t.chain(s)
     }
 
     /// Grants in the set.
@@ -271,8 +338,8 @@ impl GrantSet {
     /// One holder's grants.
     pub fn holder(&self, h: &Holder) -> Option<&HolderGrants> {
         match h {
-            Holder::Tenant(t) => self.tenants.get(t),
-            Holder::Subject(s) => self.subjects.get(s),
+            Holder::Tenant(t) => self.tenants.get(t.as_str()).map(|g| &**g),
+            Holder::Subject(s) => self.subjects.get(s.as_str()).map(|g| &**g),
         }
     }
 }
@@ -289,7 +356,7 @@ impl FromIterator<Grant> for GrantSet {
 
 impl Grants for GrantSet {
     fn holds(&self, caller: Caller<'_>, resource: &str, action: &str) -> bool {
-        let covers = |map: &HashMap<String, HolderGrants>, name: Option<&str>| {
+        let covers = |map: &Side, name: Option<&str>| {
             name.and_then(|n| map.get(n))
                 .is_some_and(|g| g.covers(resource, action))
         };

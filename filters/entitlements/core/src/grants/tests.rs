@@ -104,6 +104,33 @@ fn a_set_is_idempotent_and_asks_the_tenant_and_the_subject() {
     assert!(s.is_empty() && s.holder(&Holder::Subject("bob".into())).is_none());
 }
 
+#[test]
+fn a_clone_is_a_snapshot_and_a_holder_is_replaced_whole() {
+    let mut set: GrantSet = [tenant("acme", "curves:CAISO", "read"), subject("u1", "*", "*")]
+        .into_iter()
+        .collect();
+    let snapshot = set.clone();
+    set.insert(&tenant("acme", "curves:PJM", "read"));
+    set.remove(&subject("u1", "*", "*"));
+    assert_eq!((snapshot.len(), set.len()), (2, 2));
+    assert!(snapshot.holds(caller("-", "u1"), "curves:PJM", "read"));
+    assert!(!set.holds(caller("-", "u1"), "curves:PJM", "read"));
+    assert!(set.holds(caller("acme", "-"), "curves:PJM", "read"));
+
+    let mut h = HolderGrants::default();
+    assert!(h.insert("instruments:*", "read"));
+    assert!(!h.insert("instruments:*", "read"));
+    let acme = Holder::Tenant("acme".into());
+    set.replace_holder(&acme, h);
+    assert_eq!(set.len(), 1);
+    assert!(!set.holds(caller("acme", "-"), "curves:CAISO", "read"));
+    assert!(set.holds(caller("acme", "-"), "instruments:ICE", "read"));
+    let listed: Vec<_> = set.holders().map(|(who, g)| (who, g.iter().count())).collect();
+    assert_eq!(listed, vec![(acme.clone(), 1)]);
+    set.replace_holder(&acme, HolderGrants::default());
+    assert!(set.is_empty() && set.holder(&acme).is_none());
+}
+
 fn grants_policy() -> Policy {
     Policy::from_json(
         json!({"rules": [
