@@ -194,7 +194,26 @@ impl<V: Clone, S: BuildHasher> BoundedCache<V, S> {
         self.young.insert_unique(entry.0, entry, |e| e.0);
     }
 
-    /// Entries held now.
+    /// Forgets `key`'s entry (under any version); true if there was one.
+    pub fn remove(&mut self, key: &[u8]) -> bool {
+        if self.half == 0 {
+            return false;
+        }
+        let hash = self.hasher.hash_one(key);
+        let eq = |e: &Entry<V>| e.0 == hash && same(&e.1, key);
+        let young = self.young.find_entry(hash, eq).map(|e| e.remove()).is_ok();
+        young || self.old.find_entry(hash, eq).map(|e| e.remove()).is_ok()
+    }
+
+    /// Keeps only the entries whose value `keep` accepts (one pass over
+    /// all of them); the number dropped.
+    pub fn retain(&mut self, mut keep: impl FnMut(&V) -> bool) -> usize {
+        let before = self.len();
+        self.young.retain(|e| keep(&e.2));
+        self.old.retain(|e| keep(&e.2));
+        before - self.len()
+    }
+
     pub fn len(&self) -> usize {
         self.young.len() + self.old.len()
     }
@@ -362,6 +381,22 @@ mod tests {
         // A late put for the previous version is ignored.
         c.put(1, b"a", v(0));
         assert_eq!(c.get(2, b"a"), None);
+    }
+
+    #[test]
+    fn entries_are_removed_by_key_or_by_value_in_both_generations() {
+        let mut c = DecisionCache::new(4, 64);
+        for (i, k) in [b"a", b"b", b"c", b"d"].iter().enumerate() {
+            c.put(1, *k, v(i));
+        }
+        // "a" and "b" are in the old generation now.
+        assert!(c.remove(b"a"));
+        assert!(!c.remove(b"a"));
+        assert!(c.remove(b"d"));
+        assert_eq!(c.get(1, b"a"), None);
+        assert_eq!(c.retain(|x| *x != v(1)), 1);
+        assert_eq!((c.get(1, b"b"), c.get(1, b"c")), (None, Some(v(2))));
+        assert_eq!(c.len(), 1);
     }
 
     #[test]

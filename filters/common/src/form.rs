@@ -58,6 +58,25 @@ pub fn decode(s: &str) -> Option<String> {
     String::from_utf8(decode_bytes(s)).ok()
 }
 
+/// `s` percent-encoded for a query value: everything but RFC 3986's
+/// unreserved characters (`A-Z a-z 0-9 - . _ ~`) as `%XX`, so
+/// [`decode`] gives `s` back.
+pub fn encode(s: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            let hex = |n: u8| char::from(HEX.get(usize::from(n)).copied().unwrap_or(b'0'));
+            out.push('%');
+            out.push(hex(b >> 4));
+            out.push(hex(b & 15));
+        }
+    }
+    out
+}
+
 /// The value of the first parameter of `query` (without the `?`) whose
 /// decoded name is `name`: pairs split on `&`, the value after the first
 /// `=` (none: the empty value). The first match decides, as upstream
@@ -78,6 +97,15 @@ mod tests {
     use super::*;
     #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn encode_keeps_only_unreserved_and_decodes_back() {
+        assert_eq!(encode("pg-6f1d.9_~"), "pg-6f1d.9_~");
+        assert_eq!(encode("a b+c/%&="), "a%20b%2Bc%2F%25%26%3D");
+        for s in ["", "€ x", "t:acme corp", "%+4"] {
+            assert_eq!(decode(&encode(s)).as_deref(), Some(s));
+        }
+    }
 
     #[test]
     fn escapes_plus_and_literals() {

@@ -108,6 +108,16 @@ pub struct Remote {
     early_at: Option<u64>,
 }
 
+/// A fetch lease in shared data: `u64` LE time the next fetch is due (ns),
+/// `u32` LE failures in a row. One worker of all takes it by CAS and
+/// fetches; it is also the schedule (refresh after a success, doubling
+/// retries after failures). Shared by [`Remote`] and every other fetcher
+/// (the entitlements grants feed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub key: String,
+}
+
 fn lease(next_at: u64, failures: u32) -> [u8; 12] {
     let mut v = [0u8; 12];
     v[..8].copy_from_slice(&next_at.to_le_bytes());
@@ -125,6 +135,72 @@ fn read_lease(b: &[u8]) -> (u64, u32) {
         .and_then(|b| b.try_into().ok())
         .map_or(0, u32::from_le_bytes);
     (next, failures)
+}
+
+impl Lease {
+    pub fn new(key: impl Into<String>) -> Lease {
+        Lease { key: key.into() }
+    }
+
+    /// Takes the lease if a fetch is due (`now` ≥ its time) and no other
+    /// worker took it first, holding it until `until` (ns).
+    pub fn take<H: Host>(&self, h: &H, now: u64, until: u64) -> bool {
+        let (value, cas) = match h.shared(&self.key) {
+            Some(v) => v,
+            None => {
+                // Create it (an absent key accepts any CAS), then race on
+                // the CAS it got.
+                h.shared_cas(&self.key, &lease(0, 0), 0);
+                match h.shared(&self.key) {
+                    Some(v) => v,
+                    None => return false,
+                }
+            }
+        };
+        let (next_at, failures) = read_lease(&value);
+        now >= next_at && h.shared_cas(&self.key, &lease(until, failures), cas)
+    }
+
+    /// Holds the lease until `until` (ns), keeping the failure count: the
+    /// holder goes on fetching (the next page of an answer).
+    pub fn extend<H: Host>(&self, h: &H, until: u64) {
+        h.shared_put(&self.key, &lease(until, self.failures(h)));
+    }
+
+    /// Failures in a row so far.
+    pub fn failures<H: Host>(&self, h: &H) -> u32 {
+        h.shared(&self.key).map_or(0, |(v, _)| read_lease(&v).1)
+    }
+
+    /// Schedules the next fetch at `at` (ns) with this failure count.
+    pub fn schedule<H: Host>(&self, h: &H, at: u64, failures: u32) -> bool {
+        h.shared_put(&self.key, &lease(at, failures))
+    }
+
+    /// Makes a fetch due now (a fetch is wanted early).
+    pub fn due_now<H: Host>(&self, h: &H) -> bool {
+        h.shared_put(&self.key, &lease(0, 0))
+    }
+
+    /// After a success: the next fetch after `delay_ms`, no failures.
+    pub fn succeeded<H: Host>(&self, h: &H, delay_ms: u64) {
+        let at = h
+            .now_ns()
+            .saturating_add(delay_ms.saturating_mul(NS_PER_MS));
+        self.schedule(h, at, 0);
+    }
+
+    /// After a failure: the next attempt after the doubling retry delay of
+    /// `timings`; the delay in ms.
+    pub fn failed<H: Host>(&self, h: &H, timings: &Timings) -> u64 {
+        let failures = self.failures(h).saturating_add(1);
+        let retry_in_ms = timings.failure_delay(failures);
+        let at = h
+            .now_ns()
+            .saturating_add(retry_in_ms.saturating_mul(NS_PER_MS));
+        self.schedule(h, at, failures);
+        retry_in_ms
+    }
 }
 
 fn encode(fetched_at: u64, etag: Option<&str>, body: &[u8]) -> Vec<u8> {
@@ -164,8 +240,8 @@ impl Remote {
         }
     }
 
-    fn lease_key(&self) -> String {
-        format!("{}.next", self.source.key)
+    fn lease(&self) -> Lease {
+        Lease::new(format!("{}.next", self.source.key))
     }
 
     fn uri_key(&self) -> String {
@@ -204,26 +280,12 @@ impl Remote {
             Some(_) => self.pending = None, // its answer is not coming
             None => {}
         }
-        let key = self.lease_key();
-        let (value, cas) = match h.shared(&key) {
-            Some(v) => v,
-            None => {
-                // Create it (an absent key accepts any CAS), then race on
-                // the CAS it got.
-                h.shared_cas(&key, &lease(0, 0), 0);
-                h.shared(&key)?
-            }
-        };
-        let (next_at, failures) = read_lease(&value);
-        if now < next_at {
-            return None;
-        }
         let timeout_ns = u64::try_from(self.source.timeout.as_nanos()).unwrap_or(u64::MAX);
         let until = now
             .saturating_add(timeout_ns)
             .saturating_add(1000 * NS_PER_MS);
-        if !h.shared_cas(&key, &lease(until, failures), cas) {
-            return None; // another worker took it
+        if !self.lease().take(h, now, until) {
+            return None; // not due, or another worker took it
         }
         let pointed = self
             .source
@@ -286,16 +348,7 @@ impl Remote {
 
     /// Moves the lease past a failure, doubling the delay.
     fn failed<H: Host>(&mut self, h: &H, why: String, refused: bool) -> Event {
-        let key = self.lease_key();
-        let failures = h
-            .shared(&key)
-            .map_or(0, |(v, _)| read_lease(&v).1)
-            .saturating_add(1);
-        let retry_in_ms = self.source.timings.failure_delay(failures);
-        let at = h
-            .now_ns()
-            .saturating_add(retry_in_ms.saturating_mul(NS_PER_MS));
-        h.shared_put(&key, &lease(at, failures));
+        let retry_in_ms = self.lease().failed(h, &self.source.timings);
         if refused {
             Event::Refused { why, retry_in_ms }
         } else {
@@ -307,9 +360,8 @@ impl Remote {
         let max_age = h
             .call_response_header("cache-control")
             .and_then(|cc| max_age(&cc));
-        let delay = self.source.timings.success_delay(max_age);
-        let at = h.now_ns().saturating_add(delay.saturating_mul(NS_PER_MS));
-        h.shared_put(&self.lease_key(), &lease(at, 0));
+        self.lease()
+            .succeeded(h, self.source.timings.success_delay(max_age));
     }
 
     /// The answer to a callout: `None` if the token is not this
@@ -388,7 +440,7 @@ impl Remote {
             return false;
         }
         self.early_at = Some(now);
-        h.shared_put(&self.lease_key(), &lease(0, 0))
+        self.lease().due_now(h)
     }
 }
 

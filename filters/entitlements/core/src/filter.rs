@@ -10,6 +10,7 @@
 //! failed or invalid fetch keeps the last good policy.
 
 pub mod config;
+pub mod grants;
 
 use crate::cache::{BoundedCache, DecisionCache};
 use crate::identity::{decode_claims, Identity};
@@ -22,6 +23,7 @@ use filter_common::config::ConfigError;
 use filter_common::filter::{Filter, Flow};
 use filter_common::host::{Host, Level, Map};
 use filter_common::remote::{Check, Event, Remote};
+use grants::{Change, Feed, FeedEvent};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -49,6 +51,8 @@ pub struct Entitlements {
     /// Reused buffer for cache keys.
     key: Vec<u8>,
     remote: Option<Remote>,
+    /// The grants feed (`grants`).
+    feed: Option<Feed>,
 }
 
 /// The identity headers as received.
@@ -128,6 +132,75 @@ impl Entitlements {
             Err(e) => {
                 h.increment(self.metrics.policy_invalid, 1);
                 h.log(Level::Error, &format!("entitlements: shared policy: {e}"));
+            }
+        }
+    }
+
+    /// Takes a new version of the grants in force, dropping the decisions
+    /// it may change: every one for a new generation, else those of the
+    /// callers whose tenant or subject it changed (their identities get
+    /// new ids, so their cached decisions are never found again).
+    fn sync_grants<H: Host>(&mut self, h: &H) {
+        let Some(feed) = self.feed.as_mut() else {
+            return;
+        };
+        match feed.sync(h) {
+            Change::Nothing => {}
+            Change::All { overflow } => {
+                if overflow {
+                    h.increment(self.metrics.grants.log_overflow, 1);
+                }
+                self.version += 1;
+            }
+            Change::Holders(keys) => {
+                let changed = |kind: &str, name: &Option<String>| {
+                    name.as_deref()
+                        .is_some_and(|n| keys.iter().any(|k| k.strip_prefix(kind) == Some(n)))
+                };
+                self.identities
+                    .retain(|(_, id)| !changed("t/", &id.tenant) && !changed("s/", &id.subject));
+            }
+        }
+    }
+
+    fn report_feed<H: Host>(&self, h: &H, e: FeedEvent) {
+        let m = &self.metrics.grants;
+        match e {
+            FeedEvent::Applied {
+                snapshot,
+                holders,
+                done,
+                version,
+                grants,
+            } => {
+                h.increment(m.pages, 1);
+                if done {
+                    h.increment(if snapshot { m.snapshots } else { m.deltas }, 1);
+                    h.record(m.version, version);
+                    h.record(m.in_force, grants);
+                    h.log(
+                        if snapshot { Level::Info } else { Level::Debug },
+                        &format!(
+                            "entitlements: grants version {version} in force ({}, {holders} holders on the last page, {grants} grants)",
+                            if snapshot { "snapshot" } else { "delta" }
+                        ),
+                    );
+                }
+            }
+            FeedEvent::NotModified => h.increment(m.not_modified, 1),
+            FeedEvent::Failed { why, retry_in_ms } => {
+                h.increment(m.fetch_failed, 1);
+                h.log(
+                    Level::Warn,
+                    &format!("entitlements: grants fetch failed, keeping the grants in force, again in {retry_in_ms} ms: {why}"),
+                );
+            }
+            FeedEvent::Refused { why, retry_in_ms } => {
+                h.increment(m.invalid, 1);
+                h.log(
+                    Level::Error,
+                    &format!("entitlements: grants page refused, keeping the grants in force, again in {retry_in_ms} ms: {why}"),
+                );
             }
         }
     }
@@ -242,15 +315,39 @@ impl Entitlements {
         }
     }
 
-    /// Decides through the decision cache (if on).
-    fn decide(
+    /// Decides with the caller's grants (if the policy asks for them).
+    fn decide_now<H: Host>(
         &mut self,
+        h: &H,
+        policy: &Policy,
+        request: &Request<'_>,
+        identity: &Identity,
+    ) -> Verdict {
+        match self.feed.as_mut() {
+            Some(feed) if policy.uses_grants() => {
+                let grants =
+                    feed.caller(h, identity.tenant.as_deref(), identity.subject.as_deref());
+                let v = policy.decide_granted(identity, request, &grants);
+                self.metrics.grants.cache.flush(h, feed.cache_stats());
+                v
+            }
+            _ => policy.decide(identity, request),
+        }
+    }
+
+    /// Decides through the decision cache (if on). With grants, only
+    /// decisions for interned identities are cached: a change of a
+    /// holder's grants retires those identities' ids.
+    fn decide<H: Host>(
+        &mut self,
+        h: &H,
         policy: &Policy,
         request: HttpRequest<'_>,
         id: (u64, &Identity, bool),
     ) -> Verdict {
         let (id, identity, interned) = id;
-        let cached = self.settings.cache_entries > 0;
+        let cached = self.settings.cache_entries > 0
+            && (interned || self.feed.is_none() || !policy.uses_grants());
         if cached {
             policy.http_request_key(&mut self.key, &request);
             if interned {
@@ -267,7 +364,7 @@ impl Entitlements {
         match hit {
             Ok(v) => v,
             Err(miss) => {
-                let v = policy.decide(identity, &Request::Http(request));
+                let v = self.decide_now(h, policy, &Request::Http(request), identity);
                 if let Some(miss) = miss {
                     self.cache.insert(miss, &self.key, v);
                 }
@@ -294,6 +391,7 @@ impl Filter for Entitlements {
             metrics: Metrics::define(h),
             key: Vec::with_capacity(256),
             remote: settings.remote.clone().map(Remote::new),
+            feed: settings.grants.clone().map(Feed::new),
             settings,
         };
         if let Some(p) = policy {
@@ -304,17 +402,27 @@ impl Filter for Entitlements {
 
     /// How often a worker looks at shared data and the fetch lease.
     fn tick_period(&self) -> Option<Duration> {
-        let t = &self.remote.as_ref()?.source.timings;
-        let ms = t.refresh_ms.min(t.retry_initial_ms).min(1000);
-        Some(Duration::from_millis(ms))
+        let remote = self.remote.as_ref().map(|r| r.source.timings);
+        let feed = self.feed.as_ref().map(|f| f.source.timings);
+        let ms = [remote, feed]
+            .into_iter()
+            .flatten()
+            .map(|t| t.refresh_ms.min(t.retry_initial_ms))
+            .min()?;
+        Some(Duration::from_millis(ms.min(1000)))
     }
 
     fn describe(&self) -> String {
         format!(
-            "configured, {} rules{}",
+            "configured, {} rules{}{}",
             self.policy.as_ref().map_or(0, |p| p.len()),
             if self.remote.is_some() {
                 ", remote source on"
+            } else {
+                ""
+            },
+            if self.feed.is_some() {
+                ", grants feed on"
             } else {
                 ""
             }
@@ -326,9 +434,25 @@ impl Filter for Entitlements {
         if let Some(e) = self.remote.as_mut().and_then(|r| r.poll(h)) {
             self.report_fetch(h, e);
         }
+        self.sync_grants(h);
+        if let Some(e) = self.feed.as_mut().and_then(|f| f.poll(h)) {
+            self.report_feed(h, e);
+        }
     }
 
     fn on_http_call_response<H: Host>(&mut self, h: &H, token: u32, body_size: usize) {
+        if let Some(e) = self
+            .feed
+            .as_mut()
+            .and_then(|f| f.on_response(h, token, body_size))
+        {
+            let applied = matches!(e, FeedEvent::Applied { done: true, .. });
+            self.report_feed(h, e);
+            if applied {
+                self.sync_grants(h);
+            }
+            return;
+        }
         let Some(r) = self.remote.as_mut() else {
             return;
         };
@@ -360,6 +484,20 @@ impl Filter for Entitlements {
             );
             return Flow::Pause;
         };
+        if policy.uses_grants() && self.feed.as_ref().is_some_and(|f| !f.ready()) {
+            // Until the first version of the grants is in, the workers
+            // look at every request (the fetcher's answer may be in).
+            self.sync_grants(h);
+            if self.feed.as_ref().is_some_and(|f| !f.ready()) {
+                h.increment(self.metrics.unavailable, 1);
+                h.reply_json(
+                    503,
+                    &[("retry-after", "1")],
+                    r#"{"error":"unavailable","message":"entitlements grants not loaded yet"}"#,
+                );
+                return Flow::Pause;
+            }
+        }
 
         // The request, with the path normalised.
         let headers = h.request_headers();
@@ -420,7 +558,7 @@ impl Filter for Entitlements {
             Ok(i) => i,
             Err(why) => return self.invalid_identity(h, why),
         };
-        let verdict = self.decide(&policy, request, (id, &identity, interned));
+        let verdict = self.decide(h, &policy, request, (id, &identity, interned));
         self.metrics
             .identity_cache
             .flush(h, self.identities.stats());

@@ -99,12 +99,17 @@ pub fn check_action(a: &str) -> Result<(), GrantError> {
     }
 }
 
+/// Checks a holder's name (the field is `tenant` or `subject`).
+pub fn check_holder(holder: &Holder) -> Result<(), GrantError> {
+    match holder {
+        Holder::Tenant(t) => check_name("tenant", t),
+        Holder::Subject(s) => check_name("subject", s),
+    }
+}
+
 impl Grant {
     pub fn new(holder: Holder, resource: &str, action: &str) -> Result<Grant, GrantError> {
-        match &holder {
-            Holder::Tenant(t) => check_name("tenant", t)?,
-            Holder::Subject(s) => check_name("subject", s)?,
-        }
+        check_holder(&holder)?;
         check_resource(resource)?;
         check_action(action)?;
         Ok(Grant {

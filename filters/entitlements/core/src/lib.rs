@@ -21,6 +21,7 @@
 
 pub mod cache;
 pub mod channel;
+pub mod feed;
 pub mod filter;
 pub mod grants;
 pub mod identity;

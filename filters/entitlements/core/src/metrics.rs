@@ -22,6 +22,20 @@ pub const POLICY_FETCH_FAILED: &str = "entitlements.policy.fetch_failed";
 pub const POLICY_INVALID: &str = "entitlements.policy.invalid";
 /// Gauge: rules of the policy in force.
 pub const POLICY_RULES: &str = "entitlements.policy.rules";
+pub const GRANTS_PAGES: &str = "entitlements.grants.pages";
+pub const GRANTS_SNAPSHOTS: &str = "entitlements.grants.snapshots";
+pub const GRANTS_DELTAS: &str = "entitlements.grants.deltas";
+pub const GRANTS_NOT_MODIFIED: &str = "entitlements.grants.not_modified";
+pub const GRANTS_FETCH_FAILED: &str = "entitlements.grants.fetch_failed";
+pub const GRANTS_INVALID: &str = "entitlements.grants.invalid";
+/// A worker emptied its caches: the log of changed holders
+/// (`grants.log_entries`) did not reach back to its version.
+pub const GRANTS_LOG_OVERFLOW: &str = "entitlements.grants.log_overflow";
+/// Gauges: grants in force at this Envoy, and their version.
+pub const GRANTS_IN_FORCE: &str = "entitlements.grants.in_force";
+pub const GRANTS_VERSION: &str = "entitlements.grants.version";
+/// `entitlements.grants.cache.{hits,misses,evictions}`.
+pub const GRANTS_CACHE: &str = "entitlements.grants.cache";
 /// `entitlements.cache.{hits,misses,evictions,oversized}`.
 pub const CACHE: &str = "entitlements.cache";
 /// `entitlements.identity_cache.{hits,misses,evictions}`.
@@ -47,10 +61,48 @@ pub struct Metrics {
     pub policy_fetch_failed: Metric,
     pub policy_invalid: Metric,
     policy_rules: Metric,
+    pub grants: GrantsMetrics,
     /// Per-rule hit counters of the policy in force, the default last.
     rules: Vec<Metric>,
     /// Every rule counter defined so far, by name (a policy swap reuses them).
     defined: HashMap<String, Metric>,
+}
+
+/// The grants feed's.
+pub struct GrantsMetrics {
+    pub pages: Metric,
+    pub snapshots: Metric,
+    pub deltas: Metric,
+    pub not_modified: Metric,
+    pub fetch_failed: Metric,
+    pub invalid: Metric,
+    pub log_overflow: Metric,
+    pub in_force: Metric,
+    pub version: Metric,
+    pub cache: CacheCounters,
+}
+
+impl GrantsMetrics {
+    fn define<H: Host>(h: &H) -> GrantsMetrics {
+        GrantsMetrics {
+            pages: h.counter(GRANTS_PAGES),
+            snapshots: h.counter(GRANTS_SNAPSHOTS),
+            deltas: h.counter(GRANTS_DELTAS),
+            not_modified: h.counter(GRANTS_NOT_MODIFIED),
+            fetch_failed: h.counter(GRANTS_FETCH_FAILED),
+            invalid: h.counter(GRANTS_INVALID),
+            log_overflow: h.counter(GRANTS_LOG_OVERFLOW),
+            in_force: h.metric(MetricKind::Gauge, GRANTS_IN_FORCE),
+            version: h.metric(MetricKind::Gauge, GRANTS_VERSION),
+            cache: CacheCounters::define(
+                h,
+                &format!("{GRANTS_CACHE}.hits"),
+                &format!("{GRANTS_CACHE}.misses"),
+                &format!("{GRANTS_CACHE}.evictions"),
+                None,
+            ),
+        }
+    }
 }
 
 impl Metrics {
@@ -82,6 +134,7 @@ impl Metrics {
             policy_fetch_failed: h.counter(POLICY_FETCH_FAILED),
             policy_invalid: h.counter(POLICY_INVALID),
             policy_rules: h.metric(MetricKind::Gauge, POLICY_RULES),
+            grants: GrantsMetrics::define(h),
             rules: Vec::new(),
             defined: HashMap::new(),
         }

@@ -2,6 +2,7 @@
 //! fields refused, then compiled (the policy, path options, remote
 //! source); every error names the field.
 
+use crate::filter::grants::FeedSource;
 use crate::path::{EscapedSlashes, PathOptions, DEFAULT_MAX_PATH_BYTES};
 use crate::policy::{Policy, PolicyConfig};
 use filter_common::config::ConfigError;
@@ -20,6 +21,9 @@ pub struct FilterConfig {
     pub policy: Option<PolicyConfig>,
     /// Fetch the policy from an HTTP endpoint and refresh it on a timer.
     pub remote: Option<RemoteConfig>,
+    /// Take the grants of the policy's `grant` conditions from the
+    /// sidecar's grants feed. Without it every `grant` condition is false.
+    pub grants: Option<GrantsConfig>,
     /// Names of the identity headers auth sets.
     #[serde(default)]
     pub identity_headers: IdentityHeaders,
@@ -59,6 +63,55 @@ pub struct RemoteConfig {
     pub max_bytes: usize,
     /// Shared-data key under which the workers share the fetched policy;
     /// default derived from cluster and path.
+    pub shared_key: Option<String>,
+}
+
+/// The grants feed ([`crate::filter::grants`]).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantsConfig {
+    /// Envoy cluster of the sidecar.
+    pub cluster: String,
+    /// Default `/internal/v1/grants`.
+    #[serde(default = "default_grants_path")]
+    pub path: String,
+    /// `:authority`; default: the cluster name.
+    pub authority: Option<String>,
+    /// Sent as `authorization: Bearer <token>` (the sidecar's
+    /// `--grants-feed-token`).
+    pub token: Option<String>,
+    /// Time between polls after a success (ms): the longest a change
+    /// takes to reach this Envoy, and one request (a 304 when nothing
+    /// changed) per interval. Default 1 000.
+    #[serde(default = "default_grants_refresh_ms")]
+    pub refresh_interval_ms: u64,
+    /// First delay after a failure (ms), doubling up to the refresh
+    /// interval. Default 1 000.
+    #[serde(default = "default_grants_refresh_ms")]
+    pub retry_interval_ms: u64,
+    /// Timeout of one page (ms). Default 5 000.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Grants asked for per page. Default 10 000.
+    #[serde(default = "default_page_grants")]
+    pub page_grants: usize,
+    /// Largest page accepted (bytes). Default 4 MiB.
+    #[serde(default = "default_max_page_bytes")]
+    pub max_page_bytes: usize,
+    /// Most grants in force at this Envoy. Default 1 000 000.
+    #[serde(default = "default_max_grants")]
+    pub max_grants: u64,
+    /// Most grants of one holder. Default 10 000.
+    #[serde(default = "default_max_holder_grants")]
+    pub max_holder_grants: usize,
+    /// Changed holders remembered so workers drop only those from their
+    /// caches. Default 4 096.
+    #[serde(default = "default_4096")]
+    pub log_entries: usize,
+    /// Holders each worker keeps decoded. Default 4 096.
+    #[serde(default = "default_4096")]
+    pub holder_cache_entries: usize,
+    /// Shared-data prefix; default `254carbon.grants|<cluster>|<path>`.
     pub shared_key: Option<String>,
 }
 
@@ -116,6 +169,27 @@ impl Default for CacheConfig {
     }
 }
 
+fn default_grants_path() -> String {
+    "/internal/v1/grants".into()
+}
+fn default_grants_refresh_ms() -> u64 {
+    1_000
+}
+fn default_page_grants() -> usize {
+    10_000
+}
+fn default_max_page_bytes() -> usize {
+    4 * 1024 * 1024
+}
+fn default_max_grants() -> u64 {
+    1_000_000
+}
+fn default_max_holder_grants() -> usize {
+    10_000
+}
+fn default_4096() -> usize {
+    4096
+}
 fn default_max_claims_bytes() -> usize {
     16 * 1024
 }
@@ -136,6 +210,7 @@ fn default_max_policy_bytes() -> usize {
 pub struct Settings {
     pub policy: Option<Policy>,
     pub remote: Option<Source>,
+    pub grants: Option<FeedSource>,
     pub headers: IdentityHeaders,
     pub path: PathOptions,
     pub rewrite_path: bool,
@@ -143,6 +218,79 @@ pub struct Settings {
     pub cache_key_bytes: usize,
     pub identity_entries: usize,
     pub max_claims_bytes: usize,
+}
+
+fn positive(field: &str, v: u64, max: u64) -> Result<(), ConfigError> {
+    if v == 0 || v > max {
+        return Err(ConfigError::new(
+            field,
+            format!("{v} is not between 1 and {max}"),
+        ));
+    }
+    Ok(())
+}
+
+fn feed_source(g: GrantsConfig) -> Result<FeedSource, ConfigError> {
+    if g.cluster.is_empty() {
+        return Err(ConfigError::new("grants.cluster", "must not be empty"));
+    }
+    if !g.path.starts_with('/') {
+        return Err(ConfigError::new(
+            "grants.path",
+            format!("{:?} must start with '/'", g.path),
+        ));
+    }
+    let ms = u64::from(u32::MAX);
+    positive("grants.refresh_interval_ms", g.refresh_interval_ms, ms)?;
+    positive("grants.retry_interval_ms", g.retry_interval_ms, ms)?;
+    positive("grants.timeout_ms", g.timeout_ms, ms)?;
+    positive("grants.page_grants", g.page_grants as u64, 100_000)?;
+    positive(
+        "grants.max_page_bytes",
+        g.max_page_bytes as u64,
+        u64::from(u32::MAX),
+    )?;
+    positive("grants.max_grants", g.max_grants, u64::MAX)?;
+    positive(
+        "grants.max_holder_grants",
+        g.max_holder_grants as u64,
+        u64::MAX,
+    )?;
+    positive("grants.log_entries", g.log_entries as u64, 1_000_000)?;
+    if let Some(t) = &g.token {
+        if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::new(
+                "grants.token",
+                "must be printable ASCII without spaces",
+            ));
+        }
+    }
+    let key = g
+        .shared_key
+        .unwrap_or_else(|| format!("254carbon.grants|{}|{}", g.cluster, g.path));
+    if key.is_empty() {
+        return Err(ConfigError::new("grants.shared_key", "must not be empty"));
+    }
+    Ok(FeedSource {
+        authority: g.authority.unwrap_or_else(|| g.cluster.clone()),
+        cluster: g.cluster,
+        path: g.path,
+        token: g.token,
+        timeout: Duration::from_millis(g.timeout_ms),
+        timings: Timings {
+            refresh_ms: g.refresh_interval_ms,
+            retry_initial_ms: g.retry_interval_ms.min(g.refresh_interval_ms),
+            retry_max_ms: g.refresh_interval_ms,
+            min_refetch_ms: g.refresh_interval_ms,
+        },
+        page_grants: g.page_grants,
+        max_page_bytes: g.max_page_bytes,
+        max_grants: g.max_grants,
+        max_holder_grants: g.max_holder_grants,
+        log_entries: g.log_entries,
+        holder_cache_entries: g.holder_cache_entries,
+        key,
+    })
 }
 
 fn header_name(field: &str, v: &str) -> Result<(), ConfigError> {
@@ -226,6 +374,7 @@ impl Settings {
                 })
             }
         };
+        let grants = cfg.grants.map(feed_source).transpose()?;
         let h = &cfg.identity_headers;
         header_name("identity_headers.subject", &h.subject)?;
         header_name("identity_headers.issuer", &h.issuer)?;
@@ -246,6 +395,7 @@ impl Settings {
         Ok(Settings {
             policy,
             remote,
+            grants,
             headers: cfg.identity_headers,
             path: PathOptions {
                 escaped_slashes: match cfg.path.escaped_slashes {

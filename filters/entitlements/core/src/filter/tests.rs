@@ -206,3 +206,115 @@ fn configuration_errors_name_the_field() {
         assert!(h.logged(want), "{want}: {:?}", h.logs.borrow());
     }
 }
+
+fn grants_cfg() -> Value {
+    json!({
+        "policy": {"default": "deny", "rules": [{
+            "id": "curves-granted", "effect": "allow",
+            "match": {"path": {"template": "/api/v1/curves/{market}/**"}},
+            "when": [{"grant": {"resource": "curves:{market}", "action": "read"}}]
+        }]},
+        "grants": {"cluster": "sidecar", "page_grants": 100}
+    })
+}
+
+fn page(version: u64, snapshot: bool, holders: Value) -> Vec<u8> {
+    json!({"epoch": "pg-1", "version": version, "snapshot": snapshot,
+        "holders": holders, "next": null})
+    .to_string()
+    .into_bytes()
+}
+
+/// Answers the feed call the last tick made.
+fn feed(h: &FakeHost, e: &mut Entitlements, body: &[u8]) -> Call {
+    e.on_tick(h);
+    let c = h.take_calls().pop().expect("a feed call");
+    let n = h.answer(Some(200), &[], body);
+    e.on_http_call_response(h, c.token, n);
+    c
+}
+
+use filter_common::double::Call;
+
+#[test]
+fn grants_from_the_feed_decide_and_a_revoke_retires_cached_decisions() {
+    let a = FakeHost::at(START);
+    let b = a.sibling();
+    let (mut ea, mut eb) = (worker(&a, grants_cfg()), worker(&b, grants_cfg()));
+    assert_eq!(*a.ticks.borrow(), [Duration::from_secs(1)]);
+    let acme = [("x-auth-subject", "alice"), ("x-auth-tenant", "acme")];
+    let path = "/api/v1/curves/CAISO/latest";
+    assert_eq!(send(&a, &mut ea, "GET", path, &acme), Flow::Pause);
+    assert_eq!(
+        reply(&a),
+        (
+            503,
+            json!({"error": "unavailable", "message": "entitlements grants not loaded yet"})
+        )
+    );
+    let c = feed(
+        &a,
+        &mut ea,
+        &page(
+            3,
+            true,
+            json!([{"tenant": "acme", "grants": [["curves:CAISO", "read"]]}]),
+        ),
+    );
+    assert_eq!(
+        (c.cluster.as_str(), c.header(":path")),
+        ("sidecar", Some("/internal/v1/grants?limit=100"))
+    );
+    assert_eq!(a.metric_value("entitlements.grants.snapshots"), 1);
+    assert_eq!(a.metric_value("entitlements.grants.in_force"), 1);
+    assert_eq!(send(&a, &mut ea, "GET", path, &acme), Flow::Continue);
+    // The other worker: it sees the grants at its first request.
+    assert_eq!(send(&b, &mut eb, "GET", path, &acme), Flow::Continue);
+    assert_eq!(send(&b, &mut eb, "GET", path, &acme), Flow::Continue);
+    assert_eq!(b.metric_value("entitlements.cache.hits"), 1);
+    assert_eq!(
+        send(&b, &mut eb, "GET", "/api/v1/curves/PJM/latest", &acme),
+        Flow::Pause
+    );
+    assert_eq!(reply(&b).1["rule"], "default");
+
+    // The revoke: a delta for acme; b drops alice's decisions at its tick.
+    a.advance(Duration::from_secs(1));
+    let c = feed(
+        &a,
+        &mut ea,
+        &page(4, false, json!([{"tenant": "acme", "grants": []}])),
+    );
+    assert!(c.header(":path").unwrap().ends_with("&epoch=pg-1&after=3"));
+    assert_eq!(a.metric_value("entitlements.grants.deltas"), 1);
+    assert_eq!(send(&a, &mut ea, "GET", path, &acme), Flow::Pause);
+    eb.on_tick(&b);
+    assert_eq!(send(&b, &mut eb, "GET", path, &acme), Flow::Pause);
+    assert_eq!(a.metric_value("entitlements.grants.version"), 4);
+}
+
+#[test]
+fn grants_configuration_errors_name_the_field() {
+    for (grants, want) in [
+        (json!({"cluster": ""}), "grants.cluster: must not be empty"),
+        (json!({"cluster": "s", "path": "x"}), "grants.path"),
+        (
+            json!({"cluster": "s", "page_grants": 0}),
+            "grants.page_grants: 0 is not between 1 and 100000",
+        ),
+        (
+            json!({"cluster": "s", "max_grants": 0}),
+            "grants.max_grants",
+        ),
+        (json!({"cluster": "s", "token": "a b"}), "grants.token"),
+        (
+            json!({"cluster": "s", "refresh": 1}),
+            "unknown field `refresh`",
+        ),
+    ] {
+        let cfg = json!({"policy": policy(), "grants": grants});
+        let h = FakeHost::at(START).with_config(&cfg);
+        assert!(configure::<Entitlements, _>(&h).is_none());
+        assert!(h.logged(want), "{want}: {:?}", h.logs.borrow());
+    }
+}

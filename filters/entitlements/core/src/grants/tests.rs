@@ -106,9 +106,12 @@ fn a_set_is_idempotent_and_asks_the_tenant_and_the_subject() {
 
 #[test]
 fn a_clone_is_a_snapshot_and_a_holder_is_replaced_whole() {
-    let mut set: GrantSet = [tenant("acme", "curves:CAISO", "read"), subject("u1", "*", "*")]
-        .into_iter()
-        .collect();
+    let mut set: GrantSet = [
+        tenant("acme", "curves:CAISO", "read"),
+        subject("u1", "*", "*"),
+    ]
+    .into_iter()
+    .collect();
     let snapshot = set.clone();
     set.insert(&tenant("acme", "curves:PJM", "read"));
     set.remove(&subject("u1", "*", "*"));
@@ -125,7 +128,10 @@ fn a_clone_is_a_snapshot_and_a_holder_is_replaced_whole() {
     assert_eq!(set.len(), 1);
     assert!(!set.holds(caller("acme", "-"), "curves:CAISO", "read"));
     assert!(set.holds(caller("acme", "-"), "instruments:ICE", "read"));
-    let listed: Vec<_> = set.holders().map(|(who, g)| (who, g.iter().count())).collect();
+    let listed: Vec<_> = set
+        .holders()
+        .map(|(who, g)| (who, g.iter().count()))
+        .collect();
     assert_eq!(listed, vec![(acme.clone(), 1)]);
     set.replace_holder(&acme, HolderGrants::default());
     assert!(set.is_empty() && set.holder(&acme).is_none());
