@@ -215,10 +215,37 @@ pub struct Config {
     #[arg(long, env = "SIDECAR_USAGE_PG_QUEUE", default_value_t = 1024)]
     pub usage_pg_queue: usize,
     /// PostgreSQL of the entitlement grants (libpq key=value or URL): the
-    /// admin API (`/admin/v1/`) reads and writes them there. Without it the
-    /// admin API answers 503.
+    /// admin API (`/admin/v1/`) reads and writes them there, and the
+    /// grants in force follow it (LISTEN/NOTIFY, a resync every
+    /// `--grants-resync` seconds). Without it the admin API answers 503.
+    /// Not with `--grants-file`.
     #[arg(long, env = "SIDECAR_GRANTS_POSTGRES", hide_env_values = true)]
     pub grants_postgres: Option<String>,
+    /// The grants from a file when there is no PostgreSQL: JSON
+    /// `{"grants": [{"tenant"|"subject": …, "resource": …, "action": …}]}`,
+    /// read at start (invalid: the sidecar does not start), on SIGHUP and
+    /// when its content changes (every `--policy-poll` seconds); an
+    /// invalid change is refused and the last good grants stay. Setting
+    /// both this and `--grants-postgres` is a start error.
+    #[arg(long, env = "SIDECAR_GRANTS_FILE", conflicts_with = "grants_postgres")]
+    pub grants_file: Option<PathBuf>,
+    /// Seconds between catch-ups from PostgreSQL when no notice came (a
+    /// lost NOTIFY is healed within this).
+    #[arg(long, env = "SIDECAR_GRANTS_RESYNC", default_value_t = 30)]
+    pub grants_resync: u64,
+    /// Changes (version, holder) kept for the grants feed's deltas; a
+    /// caller older than the oldest kept gets a snapshot.
+    #[arg(long, env = "SIDECAR_GRANTS_LOG", default_value_t = 100_000)]
+    pub grants_log: usize,
+    /// Most grants held in memory; a load or catch-up beyond is refused
+    /// and the last good grants stay.
+    #[arg(long, env = "SIDECAR_GRANTS_MAX", default_value_t = 2_000_000)]
+    pub grants_max: usize,
+    /// A bearer token the internal endpoints (`/internal/v1/grants`,
+    /// `/internal/v1/policy`) require in `authorization: Bearer <token>`;
+    /// empty: none.
+    #[arg(long, env = "SIDECAR_GRANTS_FEED_TOKEN", hide_env_values = true)]
+    pub grants_feed_token: Option<String>,
     /// A secret that admits admin calls without the `access-admin` role
     /// (header `x-admin-secret`); empty: none.
     #[arg(long, env = "SIDECAR_ADMIN_SECRET", hide_env_values = true)]
@@ -275,6 +302,23 @@ impl Config {
                 max_group: self.usage_pg_group.max(1),
                 queue: self.usage_pg_queue.max(1),
             }),
+        }
+    }
+
+    pub fn grants(&self) -> crate::grants::LiveConfig {
+        crate::grants::LiveConfig {
+            log: self.grants_log,
+            max: self.grants_max,
+        }
+    }
+
+    /// Where the grants come from (both set: the first source named).
+    pub fn grants_source(&self) -> crate::grants::SourceKind {
+        use crate::grants::SourceKind;
+        match (&self.grants_postgres, &self.grants_file) {
+            (Some(_), _) => SourceKind::Postgres,
+            (None, Some(_)) => SourceKind::File,
+            (None, None) => SourceKind::None,
         }
     }
 

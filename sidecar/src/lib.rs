@@ -1,8 +1,10 @@
 //! The native access sidecar, as a library with a thin binary
 //! (`src/main.rs`): WebSocket fan-out of live channels with the embedded
 //! bus ([`server`], [`session`], [`fanout`], [`bus`]), Prometheus metrics
-//! ([`metrics`], [`expo`]), usage metering ([`usage`]), and the Envoy Rate Limit Service backed by Redis
-//! ([`rls`], [`resp`]). [`run`] wires them from a [`config::Config`].
+//! ([`metrics`], [`expo`]), usage metering ([`usage`]), entitlement grants
+//! and their feed to the filters ([`grants`], [`admin`], [`internal`]), and
+//! the Envoy Rate Limit Service backed by Redis ([`rls`], [`resp`]). [`run`]
+//! wires them from a [`config::Config`].
 
 pub mod access;
 pub mod admin;
@@ -12,6 +14,7 @@ pub mod expo;
 pub mod fanout;
 pub mod fetch;
 pub mod grants;
+pub mod internal;
 pub mod metrics;
 pub mod protocol;
 pub mod reload;
@@ -42,6 +45,9 @@ pub enum StartError {
     Usage(String),
     #[error("auth configuration {path}: {reason}")]
     Auth { path: String, reason: String },
+    /// The grants source (`--grants-file`) could not be put in force.
+    #[error("grants {path}: {reason}")]
+    Grants { path: String, reason: String },
 }
 
 /// The verifier of `--auth-config`, if set (not started).
@@ -145,12 +151,58 @@ fn assemble(
         ctx.verifier = Some(v);
     }
     let ctx = Arc::new(ctx);
+    let live = Arc::new(grants::Live::new(config.grants(), config.grants_source()));
+    live.metrics.register(&mut registry);
     let mut app = server::App::new(ctx, bus, registry, config.front(), usage);
+    app.grants = live;
+    app.feed_token = config.grants_feed_token.clone().filter(|t| !t.is_empty());
     app.admin = config
         .grants_postgres
         .clone()
         .map(|c| Arc::new(admin::Admin::new(c, config.admin_secret.clone())));
     Arc::new(app)
+}
+
+/// Starts the grants source of the configuration into `app.grants`: the
+/// file is read at once (an invalid one is a start error) and watched;
+/// PostgreSQL is followed by a task (not waited for: `/readyz` says
+/// `grants: not loaded` until the first load). Both set: a start error.
+pub fn start_grants(
+    app: &server::App,
+    config: &config::Config,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let live = app.grants.clone();
+    match (&config.grants_postgres, &config.grants_file) {
+        (Some(_), Some(path)) => Err(StartError::Grants {
+            path: path.display().to_string(),
+            reason: "--grants-file and --grants-postgres are exclusive".into(),
+        }),
+        (Some(conninfo), None) => {
+            let cfg = grants::sync::PgSync::new(
+                conninfo,
+                Duration::from_secs(config.grants_resync.max(1)),
+            );
+            tokio::spawn(grants::sync::run(cfg, live, shutdown));
+            Ok(())
+        }
+        (None, Some(path)) => {
+            let source = grants::file::FileGrants::start(path, &live).map_err(|reason| {
+                StartError::Grants {
+                    path: path.display().to_string(),
+                    reason,
+                }
+            })?;
+            tokio::spawn(grants::file::watch(
+                source,
+                live,
+                Duration::from_secs(config.policy_poll),
+                shutdown,
+            ));
+            Ok(())
+        }
+        (None, None) => Ok(()),
+    }
 }
 
 /// Runs the sidecar on `listener` until `shutdown` is cancelled.
@@ -162,6 +214,11 @@ pub async fn run(
     let policy = load_policy(&config.policy)?;
     let seen = std::fs::read(&config.policy).ok();
     let app = app_with_bus(&config, policy, shutdown.clone()).await?;
+    if let Some(bytes) = &seen {
+        app.ctx
+            .set_policy_document(session::PolicyDocument::new(bytes.clone()));
+    }
+    start_grants(&app, &config, shutdown.clone())?;
     match &config.policy_url {
         // The file serves until the first fetch; the remote source rules.
         Some(url) => {

@@ -8,7 +8,7 @@
 //! Putting a policy in force makes every live session decide its
 //! subscriptions again ([`crate::session::Context::set_policy`]).
 
-use crate::session::Context;
+use crate::session::{Context, PolicyDocument};
 use entitlements_core::policy::Policy;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -66,7 +66,7 @@ impl FileSource {
         }
         let outcome = match Policy::from_json(&bytes) {
             Ok(p) => {
-                ctx.set_policy(p);
+                ctx.set_policy_from(p, PolicyDocument::new(bytes.clone()));
                 m.policy_reload("file", true);
                 log::info!("policy {}: reloaded", self.path.display());
                 Outcome::Applied
@@ -199,7 +199,7 @@ pub async fn watch_remote(r: Remote, ctx: Arc<Context>, shutdown: CancellationTo
             Ok(f) if f.status == 304 => None,
             Ok(f) if f.status == 200 => match Policy::from_json(&f.body) {
                 Ok(p) => {
-                    ctx.set_policy(p);
+                    ctx.set_policy_from(p, PolicyDocument::new(f.body.clone()));
                     m.policy_reload("remote", true);
                     log::info!(
                         "policy {}{}: in force (etag {:?})",

@@ -1,6 +1,8 @@
 //! The sidecar's HTTP front on one listener: `/ws` (the WebSocket upgrade),
 //! `POST /publish/{channel}`, `POST /v1/usage`, `GET /v1/usage/rollups`,
-//! `/healthz`, `/readyz`, `/metrics` (Prometheus or OpenMetrics text).
+//! `/healthz`, `/readyz`, `/metrics` (Prometheus or OpenMetrics text), the
+//! admin API (`/admin/`, [`crate::admin`]) and the internal endpoints the
+//! filters read (`/internal/`, [`crate::internal`]).
 //!
 //! It trusts the `x-auth-*` identity headers because only Envoy, whose auth
 //! filter strips client copies and sets them, can reach it (bind it to
@@ -67,6 +69,11 @@ pub struct App {
     pub usage: Arc<Usage>,
     /// The admin API's grants store (`--grants-postgres`).
     pub admin: Option<Arc<crate::admin::Admin>>,
+    /// The grants in force (none until a source is started:
+    /// [`crate::start_grants`]).
+    pub grants: Arc<crate::grants::Live>,
+    /// The bearer token of `/internal/` (`--grants-feed-token`).
+    pub feed_token: Option<String>,
     connections: AtomicUsize,
     shutdown: CancellationToken,
 }
@@ -86,6 +93,11 @@ impl App {
             cfg,
             usage,
             admin: None,
+            grants: Arc::new(crate::grants::Live::new(
+                Default::default(),
+                crate::grants::SourceKind::None,
+            )),
+            feed_token: None,
             connections: AtomicUsize::new(0),
             shutdown: CancellationToken::new(),
         }
@@ -244,13 +256,7 @@ async fn route(
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") => {
-            if app.bus.ready() && !app.shutdown.is_cancelled() {
-                text(StatusCode::OK, "ready\n")
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-            }
-        }
+        (&Method::GET, "/readyz") => readiness(&app),
         (&Method::GET, "/metrics") => {
             let format = Format::negotiate(
                 req.headers()
@@ -269,6 +275,7 @@ async fn route(
         (&Method::GET, "/ws") => upgrade(req, app, tracker),
         (&Method::POST, p) if p.starts_with("/publish/") => publish(req, app).await,
         (_, p) if p.starts_with("/admin/") => crate::admin::route(req, &app).await,
+        (_, p) if p.starts_with("/internal/") => crate::internal::route(req, &app),
         (_, "/ws" | "/healthz" | "/readyz" | "/metrics" | "/v1/usage" | "/v1/usage/rollups") => {
             error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -283,6 +290,32 @@ async fn route(
         ),
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
+}
+
+/// `/readyz`: the verdict, then each check on a line of its own. Not
+/// ready while the bus is away, while shutting down, or while a configured
+/// grants source has never been loaded (stale grants still serve).
+fn readiness(app: &App) -> Response<Body> {
+    let bus = app.bus.ready();
+    let (grants, line) = app.grants.readiness();
+    let stopping = app.shutdown.is_cancelled();
+    let ready = bus && grants && !stopping;
+    let mut body = String::from(if ready { "ready\n" } else { "not ready\n" });
+    body.push_str(if bus {
+        "bus: ok\n"
+    } else {
+        "bus: not connected\n"
+    });
+    body.push_str(&line);
+    body.push('\n');
+    if stopping {
+        body.push_str("server: shutting down\n");
+    }
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    if !ready {
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    r
 }
 
 fn header_has(h: &HeaderMap, name: header::HeaderName, token: &str) -> bool {

@@ -75,6 +75,28 @@ impl Default for SessionConfig {
     }
 }
 
+/// The policy document in force as it was loaded (the bytes of the file
+/// or the remote answer), for `GET /internal/v1/policy`.
+#[derive(Debug, Clone)]
+pub struct PolicyDocument {
+    pub bytes: bytes::Bytes,
+    /// A strong validator: the SHA-1 of the bytes, in hex, quoted.
+    pub etag: String,
+}
+
+impl PolicyDocument {
+    pub fn new(bytes: impl Into<bytes::Bytes>) -> PolicyDocument {
+        use sha1::Digest;
+        let bytes = bytes.into();
+        let digest = sha1::Sha1::digest(&bytes);
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        PolicyDocument {
+            bytes,
+            etag: format!("\"{hex}\""),
+        }
+    }
+}
+
 /// What the sessions share.
 pub struct Context {
     pub hub: Arc<Hub>,
@@ -95,6 +117,8 @@ pub struct Context {
     /// Verifies in-band `auth` and `refresh` tokens (`--auth-config`);
     /// without it, those frames are refused.
     pub verifier: Option<Arc<Verifier>>,
+    /// The document of the policy in force, when it was loaded from bytes.
+    document: std::sync::RwLock<Option<Arc<PolicyDocument>>>,
 }
 
 impl Context {
@@ -111,7 +135,28 @@ impl Context {
             cfg,
             clock: Clock::new(),
             verifier: None,
+            document: std::sync::RwLock::new(None),
         }
+    }
+
+    /// The document of the policy in force, if it came from bytes.
+    pub fn policy_document(&self) -> Option<Arc<PolicyDocument>> {
+        self.document
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records the document `policy` was compiled from (without changing
+    /// the policy in force: at start, with [`Context::new`]'s policy).
+    pub fn set_policy_document(&self, doc: PolicyDocument) {
+        *self.document.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(doc));
+    }
+
+    /// Puts `policy`, compiled from `doc`, in force (see [`Context::set_policy`]).
+    pub fn set_policy_from(self: &Arc<Self>, policy: Policy, doc: PolicyDocument) {
+        self.set_policy_document(doc);
+        self.set_policy(policy);
     }
 
     /// The policy in force now.

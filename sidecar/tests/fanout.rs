@@ -457,7 +457,10 @@ async fn health_readiness_and_metrics() {
     );
     assert_eq!(
         http(sc.addr, "GET", "/readyz", &[], b"").await,
-        (200, "ready\n".to_string())
+        (
+            200,
+            "ready\nbus: ok\ngrants: ok, no source, version 0, 0 grants\n".to_string()
+        )
     );
     let mut ws = connect(sc.addr, &[]).await;
     send(

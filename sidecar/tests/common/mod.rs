@@ -62,6 +62,9 @@ pub async fn start_with(
             ctx.verifier = Some(v);
         }
     }
+    app.ctx
+        .set_policy_document(sidecar::session::PolicyDocument::new(POLICY));
+    sidecar::start_grants(&app, &config, shutdown.clone()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let done = tokio::spawn(sidecar::server::serve(
@@ -175,6 +178,18 @@ pub async fn http(
     headers: &[(String, String)],
     body: &[u8],
 ) -> (u16, String) {
+    let (status, _, body) = http_full(addr, method, path, headers, body).await;
+    (status, body)
+}
+
+/// One HTTP/1.1 request; status, the response head (lower-cased) and body.
+pub async fn http_full(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nhost: sidecar\r\nconnection: close\r\ncontent-length: {}\r\n",
@@ -193,11 +208,11 @@ pub async fn http(
         .unwrap();
     let text = String::from_utf8_lossy(&out).to_string();
     let status = text[9..12].parse().unwrap();
-    let body = text
+    let (head, body) = text
         .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
+        .map(|(h, b)| (h.to_ascii_lowercase(), b.to_string()))
         .unwrap_or_default();
-    (status, body)
+    (status, head, body)
 }
 
 pub async fn publish(addr: SocketAddr, channel: &str, data: Value) -> (u16, Value) {
@@ -305,5 +320,22 @@ pub async fn raw_until_close(s: &mut TcpStream) -> (Vec<Value>, u16, String) {
             }
             _ => {}
         }
+    }
+}
+
+/// Waits (up to 10 s, polling every 20 ms) until what `f` returns resolves
+/// to true.
+pub async fn eventually_async<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !f().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} did not happen within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
