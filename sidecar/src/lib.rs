@@ -173,6 +173,25 @@ pub fn start_grants(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let live = app.grants.clone();
+    // The sessions decide with every version put in force.
+    let ctx = app.ctx.clone();
+    let mut versions = live.watch();
+    ctx.set_grants(versions.borrow_and_update().grants.clone());
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = versions.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    let grants = versions.borrow_and_update().grants.clone();
+                    ctx.set_grants(grants);
+                }
+            }
+        }
+    });
     match (&config.grants_postgres, &config.grants_file) {
         (Some(_), Some(path)) => Err(StartError::Grants {
             path: path.display().to_string(),

@@ -457,8 +457,8 @@ async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string()),
     };
-    let policy = app.ctx.policy();
-    let d = policy.evaluate(
+    let rules = app.ctx.rules();
+    let d = rules.evaluate(
         &who,
         &PolicyRequest::Channel {
             pattern: &pattern,

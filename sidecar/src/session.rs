@@ -1,5 +1,6 @@
 //! One WebSocket connection, in one task: reads and answers client
-//! messages, checks each subscription against the entitlements policy,
+//! messages, checks each subscription against the entitlements policy
+//! and the grants in force (and again when either changes),
 //! writes what the hub queued, pings, and closes with a code and a reason
 //! when the client breaks the protocol or a limit.
 //!
@@ -17,8 +18,10 @@ use crate::ws::{self, close, Incoming, Parser, Violation};
 use auth_core::authenticate::Verified;
 use auth_core::error::Reason;
 use entitlements_core::channel::Pattern;
+use entitlements_core::grants::{GrantSet, Holder};
 use entitlements_core::identity::decode_claims;
-use entitlements_core::policy::{ChannelAction, Policy, Request};
+use entitlements_core::identity::Identity;
+use entitlements_core::policy::{ChannelAction, Decision, Policy, Request};
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,19 +100,38 @@ impl PolicyDocument {
     }
 }
 
+/// What decides subscriptions: the policy and the grants in force. A
+/// change of either is a new `Rules` (the other shared).
+#[derive(Clone)]
+pub struct Rules {
+    pub policy: Arc<Policy>,
+    pub grants: Arc<GrantSet>,
+}
+
+impl Rules {
+    /// Decides a request with these grants.
+    pub fn evaluate(&self, identity: &Identity, request: &Request<'_>) -> Decision<'_> {
+        self.policy.explain(
+            self.policy
+                .decide_granted(identity, request, self.grants.as_ref()),
+        )
+    }
+}
+
 /// What the sessions share.
 pub struct Context {
     pub hub: Arc<Hub>,
-    /// The policy in force.
-    policy: watch::Sender<Arc<Policy>>,
+    /// The policy and the grants in force.
+    rules: watch::Sender<Arc<Rules>>,
     /// What the sessions watch, each one of these (by its client id): a
-    /// new policy reaches them wave after wave, the propagating task
-    /// yielding between waves, so that ten thousand sessions re-evaluating
-    /// at once do not queue ahead of everything else on the runtime (a
-    /// publish arriving meanwhile waits for one wave, not for all).
-    waves: Vec<watch::Sender<Arc<Policy>>>,
-    /// Bumped by every `set_policy`; a propagation that saw it move goes
-    /// round again.
+    /// new policy or new grants reach them wave after wave, the
+    /// propagating task yielding between waves, so that ten thousand
+    /// sessions re-evaluating at once do not queue ahead of everything
+    /// else on the runtime (a publish arriving meanwhile waits for one
+    /// wave, not for all).
+    waves: Vec<watch::Sender<Arc<Rules>>>,
+    /// Bumped by every `set_policy` and `set_grants`; a propagation that
+    /// saw it move goes round again.
     generation: std::sync::atomic::AtomicU64,
     propagating: std::sync::atomic::AtomicBool,
     pub cfg: SessionConfig,
@@ -123,13 +145,16 @@ pub struct Context {
 
 impl Context {
     pub fn new(hub: Arc<Hub>, policy: Policy, cfg: SessionConfig) -> Context {
-        let policy = Arc::new(policy);
+        let rules = Arc::new(Rules {
+            policy: Arc::new(policy),
+            grants: Arc::new(GrantSet::new()),
+        });
         Context {
             hub,
             waves: (0..WAVES)
-                .map(|_| watch::Sender::new(policy.clone()))
+                .map(|_| watch::Sender::new(rules.clone()))
                 .collect(),
-            policy: watch::Sender::new(policy),
+            rules: watch::Sender::new(rules),
             generation: Default::default(),
             propagating: Default::default(),
             cfg,
@@ -161,14 +186,47 @@ impl Context {
 
     /// The policy in force now.
     pub fn policy(&self) -> Arc<Policy> {
-        self.policy.borrow().clone()
+        self.rules.borrow().policy.clone()
+    }
+
+    /// The policy and the grants in force now.
+    pub fn rules(&self) -> Arc<Rules> {
+        self.rules.borrow().clone()
     }
 
     /// Puts `policy` in force: every live session re-evaluates its
     /// subscriptions against it.
     pub fn set_policy(self: &Arc<Self>, policy: Policy) {
+        let policy = Arc::new(policy);
+        self.rules.send_modify(|r| {
+            *r = Arc::new(Rules {
+                policy,
+                grants: r.grants.clone(),
+            })
+        });
+        self.propagate_rules();
+    }
+
+    /// Puts `grants` in force: every live session whose identity's grants
+    /// changed decides its subscriptions again, when the policy asks for
+    /// grants (otherwise they are only kept for the next decision).
+    pub fn set_grants(self: &Arc<Self>, grants: Arc<GrantSet>) {
+        let mut asks = false;
+        self.rules.send_modify(|r| {
+            asks = r.policy.uses_grants();
+            *r = Arc::new(Rules {
+                policy: r.policy.clone(),
+                grants,
+            })
+        });
+        if asks {
+            self.propagate_rules();
+        }
+    }
+
+    /// Hands the rules in force on to the sessions, wave by wave.
+    fn propagate_rules(self: &Arc<Self>) {
         use std::sync::atomic::Ordering;
-        self.policy.send_replace(Arc::new(policy));
         self.generation.fetch_add(1, Ordering::AcqRel);
         if self.propagating.swap(true, Ordering::AcqRel) {
             // The running propagation sees the new generation.
@@ -181,7 +239,7 @@ impl Context {
             }
             Err(_) => {
                 for w in &self.waves {
-                    w.send_replace(self.policy());
+                    w.send_replace(self.rules());
                 }
                 self.propagating.store(false, Ordering::Release);
             }
@@ -196,7 +254,7 @@ impl Context {
         loop {
             let seen = self.generation.load(Ordering::Acquire);
             for w in &self.waves {
-                let p = self.policy();
+                let p = self.rules();
                 if !Arc::ptr_eq(&w.borrow(), &p) {
                     w.send_replace(p);
                     tokio::task::yield_now().await;
@@ -211,11 +269,11 @@ impl Context {
         }
     }
 
-    fn watch_policy(&self, client: u64) -> watch::Receiver<Arc<Policy>> {
+    fn watch_policy(&self, client: u64) -> watch::Receiver<Arc<Rules>> {
         let i = (client as usize) % self.waves.len().max(1);
         match self.waves.get(i) {
             Some(w) => w.subscribe(),
-            None => self.policy.subscribe(),
+            None => self.rules.subscribe(),
         }
     }
 }
@@ -308,9 +366,9 @@ struct Session<'a> {
     metrics: &'a Metrics,
     client: Arc<Client>,
     access: Access,
-    /// The policy this session's subscriptions were decided by.
-    policy: Arc<Policy>,
-    policy_rx: watch::Receiver<Arc<Policy>>,
+    /// The policy and grants this session's subscriptions were decided by.
+    rules: Arc<Rules>,
+    policy_rx: watch::Receiver<Arc<Rules>>,
     /// When the identity stops being valid, and why.
     valid_until: Option<(Instant, Bound)>,
     /// When to send `expiring` (once per identity).
@@ -373,13 +431,13 @@ pub async fn run(
     // The newest policy, even while its wave is still to be handed it
     // (that hand-over then decides again with the same policy).
     policy_rx.borrow_and_update();
-    let policy = ctx.policy();
+    let rules = ctx.rules();
     let mut s = Session {
         ctx: &ctx,
         metrics,
         client,
         access,
-        policy,
+        rules,
         policy_rx,
         valid_until: None,
         warn_at: None,
@@ -529,29 +587,57 @@ impl Session<'_> {
         self.client.abort(v, self.metrics);
     }
 
-    /// Decides every subscription again (the policy or the identity
-    /// changed): what is no longer allowed ends with `unsubscribed`
+    /// Decides every subscription again (the policy, the caller's grants
+    /// or the identity changed): what is no longer allowed ends with `unsubscribed`
     /// (`reason: revoked`, the deciding rule), and nothing of it is
     /// delivered after that frame.
     fn reevaluate(&mut self) {
-        // The newest policy, which may be ahead of what the wave handed on.
-        self.policy_rx.borrow_and_update();
-        let new = self.ctx.policy();
-        if !Arc::ptr_eq(&new, &self.policy) {
-            // A policy that reads other claims needs them decoded again.
-            if new.claim_roots() != self.policy.claim_roots()
-                || new.uses_claims() != self.policy.uses_claims()
-            {
-                self.access.identity.claims = match (&self.access.payload, new.uses_claims()) {
-                    (Some(raw), true) => {
-                        decode_claims(raw, new.claim_roots()).unwrap_or(serde_json::Value::Null)
-                    }
-                    _ => serde_json::Value::Null,
-                };
-            }
-            self.policy = new;
+        if self.take_rules() {
+            self.decide_again();
         }
-        self.decide_again();
+    }
+
+    /// Takes the rules in force; whether the subscriptions need deciding
+    /// again (not when only other callers' grants changed).
+    fn take_rules(&mut self) -> bool {
+        // The newest rules, which may be ahead of what the wave handed on.
+        self.policy_rx.borrow_and_update();
+        let rules = self.ctx.rules();
+        if Arc::ptr_eq(&rules, &self.rules) {
+            return true;
+        }
+        let new = &rules.policy;
+        let old = &self.rules.policy;
+        let same_policy = Arc::ptr_eq(new, old);
+        if !same_policy
+            && (new.claim_roots() != old.claim_roots() || new.uses_claims() != old.uses_claims())
+        {
+            // A policy that reads other claims needs them decoded again.
+            self.access.identity.claims = match (&self.access.payload, new.uses_claims()) {
+                (Some(raw), true) => {
+                    decode_claims(raw, new.claim_roots()).unwrap_or(serde_json::Value::Null)
+                }
+                _ => serde_json::Value::Null,
+            };
+        }
+        // Only the grants changed: nothing to decide unless this caller's
+        // (its tenant's or its own) did.
+        let unchanged = same_policy && {
+            let id = &self.access.identity;
+            let holders = [
+                id.tenant.clone().map(Holder::Tenant),
+                id.subject.clone().map(Holder::Subject),
+            ];
+            holders.iter().flatten().all(|h| {
+                match (self.rules.grants.holder(h), rules.grants.holder(h)) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => crate::grants::live::same_grants(a, b),
+                    _ => false,
+                }
+            })
+        };
+        self.rules = rules;
+        !unchanged
     }
 
     /// Decides every subscription with the policy and identity in force.
@@ -560,7 +646,7 @@ impl Session<'_> {
         let mut revoked: Vec<(String, Vec<Pattern>)> = Vec::new();
         let mut kept = Vec::with_capacity(self.subs.len());
         for p in std::mem::take(&mut self.subs) {
-            let d = self.policy.evaluate(
+            let d = self.rules.evaluate(
                 &self.access.identity,
                 &Request::Channel {
                     pattern: &p,
@@ -843,8 +929,9 @@ impl Session<'_> {
         );
         if kind == AuthKind::Refresh {
             // The new claims decide every subscription at once, by the
-            // policy in force.
-            self.reevaluate();
+            // rules in force.
+            self.take_rules();
+            self.decide_again();
         }
     }
 
@@ -864,9 +951,10 @@ impl Session<'_> {
                 .map(|(_, val)| val.clone())
         };
         let payload = serde_json::to_vec(&v.claims).ok().map(bytes::Bytes::from);
-        let claims = match (&payload, self.policy.uses_claims()) {
+        let policy = &self.rules.policy;
+        let claims = match (&payload, policy.uses_claims()) {
             (Some(raw), true) => {
-                decode_claims(raw, self.policy.claim_roots()).unwrap_or(serde_json::Value::Null)
+                decode_claims(raw, policy.claim_roots()).unwrap_or(serde_json::Value::Null)
             }
             _ => serde_json::Value::Null,
         };
@@ -891,10 +979,10 @@ impl Session<'_> {
 
     fn subscribe(&mut self, id: Option<&Id>, channels: &[String], since: Option<&protocol::Since>) {
         if self.policy_rx.has_changed().unwrap_or(false)
-            || !Arc::ptr_eq(&self.ctx.policy(), &self.policy)
+            || !Arc::ptr_eq(&self.ctx.rules(), &self.rules)
         {
-            // Decide new subscriptions and old ones by the same policy, the
-            // one in force (ahead of this connection's wave).
+            // Decide new subscriptions and old ones by the same rules, the
+            // ones in force (ahead of this connection's wave).
             self.reevaluate();
         }
         let mut granted: Vec<Pattern> = Vec::new();
@@ -923,7 +1011,7 @@ impl Session<'_> {
                 );
                 continue;
             }
-            let d = self.policy.evaluate(
+            let d = self.rules.evaluate(
                 &self.access.identity,
                 &Request::Channel {
                     pattern: &p,

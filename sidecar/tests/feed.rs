@@ -761,3 +761,114 @@ fn never_loaded_is_not_ready() {
         sc.shutdown.cancel();
     });
 }
+
+/// Channels by grant only: `pricing.curves.<market>.>` for a caller whose
+/// tenant or self holds `curves:<market>` `read`.
+const GRANT_POLICY: &str = r#"{"rules": [
+  {"id": "curves-by-grant", "effect": "allow",
+   "match": {"channel": "pricing.curves.{market}.>"},
+   "when": [{"grant": {"resource": "curves:{market}", "action": "read"}}]},
+  {"id": "publishers", "effect": "allow",
+   "match": {"channel": ">", "actions": ["publish"]},
+   "when": [{"attr": "roles", "op": "contains", "value": "publisher"}]}
+]}"#;
+
+#[test]
+fn a_subscription_allowed_by_a_grant_ends_when_the_grant_is_deleted() {
+    let db = Schema::new("feed_sessions");
+    let conninfo = db.conninfo();
+    block_on(async {
+        let sc = common::start(&["--grants-postgres", &conninfo, "--admin-secret", "s3cret"]).await;
+        let a = sc.addr;
+        sc.app.ctx.set_policy(
+            entitlements_core::policy::Policy::from_json(GRANT_POLICY.as_bytes()).unwrap(),
+        );
+        until_version(a, 0).await;
+        let caiso = grant("tenant", "acme", "curves:CAISO", "read");
+        put_ok(a, caiso.clone()).await;
+        put_ok(a, grant("subject", "bob", "curves:PJM", "read")).await;
+        until_version(a, 2).await;
+        let ctx = sc.app.ctx.clone();
+        common::eventually("the sessions' grants", || ctx.rules().grants.len() == 2).await;
+
+        // alice of acme: CAISO by her tenant's grant, not PJM (bob's).
+        let mut alice = common::connect(a, &common::identity("alice", "trader", &[])).await;
+        common::send(
+            &mut alice,
+            json!({"type": "subscribe", "id": 1, "channels": ["pricing.curves.CAISO.>", "pricing.curves.PJM.>"]}),
+        )
+        .await;
+        let mut got = vec![
+            common::recv(&mut alice).await,
+            common::recv(&mut alice).await,
+        ];
+        got.sort_by_key(|v| v["type"].as_str().unwrap_or("").to_string());
+        assert_eq!(
+            (&got[0]["type"], &got[0]["code"], &got[0]["channel"]),
+            (
+                &json!("error"),
+                &json!("forbidden"),
+                &json!("pricing.curves.PJM.>")
+            ),
+            "{got:?}"
+        );
+        assert_eq!(
+            (&got[1]["type"], &got[1]["channels"]),
+            (&json!("subscribed"), &json!(["pricing.curves.CAISO.>"])),
+            "{got:?}"
+        );
+        let mut bob = common::connect(a, &common::identity("bob", "trader", &[])).await;
+        common::send(
+            &mut bob,
+            json!({"type": "subscribe", "channels": ["pricing.curves.PJM.>", "pricing.curves.CAISO.>"]}),
+        )
+        .await;
+        let v = common::recv(&mut bob).await;
+        assert_eq!(v["type"], "subscribed", "{v}");
+        common::publish_ok(a, "pricing.curves.CAISO.DEC26", json!(1)).await;
+        assert_eq!(common::recv(&mut alice).await["data"], json!(1));
+        assert_eq!(common::recv(&mut bob).await["data"], json!(1));
+
+        // Another holder's change decides nothing for alice; the deletion
+        // of her tenant's grant ends her subscription, and bob's CAISO
+        // (he is of acme too), not his PJM.
+        put_ok(a, grant("tenant", "other", "curves:CAISO", "read")).await;
+        delete_ok(a, caiso.clone()).await;
+        let revoked = json!({"type": "unsubscribed", "channels": ["pricing.curves.CAISO.>"],
+                             "reason": "revoked", "rule": "default"});
+        assert_eq!(common::recv(&mut alice).await, revoked);
+        assert_eq!(common::recv(&mut bob).await, revoked);
+        common::publish_ok(a, "pricing.curves.CAISO.DEC26", json!(2)).await;
+        common::publish_ok(a, "pricing.curves.PJM.DEC26", json!(3)).await;
+        let v = common::recv(&mut bob).await;
+        assert_eq!(
+            (&v["channel"], &v["data"]),
+            (&json!("pricing.curves.PJM.DEC26"), &json!(3))
+        );
+        // The connection stays; nothing more of CAISO reached alice.
+        common::send(&mut alice, json!({"type": "ping", "id": 9})).await;
+        assert_eq!(
+            common::recv(&mut alice).await,
+            json!({"type": "pong", "id": 9})
+        );
+        let m = metrics(a).await;
+        assert!(
+            has_line(
+                &m,
+                "sidecar_ws_revoked_subscriptions_total{rule=\"default\"} 2"
+            ),
+            "{m}"
+        );
+        // Granted again: a new subscribe is allowed at once.
+        put_ok(a, caiso).await;
+        common::eventually("the sessions' grants", || ctx.rules().grants.len() == 3).await;
+        common::send(
+            &mut alice,
+            json!({"type": "subscribe", "channels": ["pricing.curves.CAISO.>"]}),
+        )
+        .await;
+        let v = common::recv(&mut alice).await;
+        assert_eq!(v["type"], "subscribed", "{v}");
+        sc.shutdown.cancel();
+    });
+}
