@@ -116,6 +116,16 @@ pub async fn start(cfg: &StackConfig, shutdown: CancellationToken) -> Result<Add
         args.push("--rls-listen".into());
         args.push(r.to_string());
     }
+    // Grants: PostgreSQL if the extra flags name it, else the example
+    // grants file (the quick start needs nothing installed).
+    let pg = cfg
+        .sidecar_args
+        .iter()
+        .any(|a| a.starts_with("--grants-postgres") || a.starts_with("--grants-file"));
+    if !pg {
+        args.push("--grants-file".into());
+        args.push(cfg.root.join("envoy/grants.json").display().to_string());
+    }
     args.extend(cfg.sidecar_args.iter().cloned());
     let sc: sidecar::config::Config =
         clap::Parser::try_parse_from(&args).map_err(|e| e.to_string())?;

@@ -25,6 +25,31 @@ use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
 
 const GATEWAY: &str = "127.0.0.1:10000";
 const IDP: &str = "127.0.0.1:8090";
+/// The grants of a stack started here: a fresh schema on the loopback
+/// PostgreSQL (`E2E_GRANTS_POSTGRES` names another server).
+const GRANTS_SCHEMA: &str = "devstack_e2e";
+
+fn grants_postgres() -> String {
+    std::env::var("E2E_GRANTS_POSTGRES")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into())
+}
+
+/// Drops and creates the grants schema; the sidecar's conninfo for it.
+fn fresh_grants_schema(rt: &tokio::runtime::Runtime) -> String {
+    let pg = grants_postgres();
+    rt.block_on(async {
+        let (c, conn) = tokio_postgres::connect(&pg, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("grants PostgreSQL ({pg}): {e}"));
+        tokio::spawn(conn);
+        c.batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {GRANTS_SCHEMA} CASCADE; CREATE SCHEMA {GRANTS_SCHEMA}"
+        ))
+        .await
+        .unwrap();
+    });
+    format!("{pg} options='-c search_path={GRANTS_SCHEMA}'")
+}
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -50,13 +75,14 @@ fn stack() {
                 .enable_all()
                 .build()
                 .unwrap();
+            let grants = fresh_grants_schema(&rt);
             rt.block_on(async {
                 let cfg = devstack::StackConfig {
                     root: root(),
                     gateway: root().join("envoy/envoy.yaml"),
                     proxy: true,
                     publish_every: Duration::from_millis(200),
-                    sidecar_args: vec![],
+                    sidecar_args: vec![format!("--grants-postgres={grants}")],
                     log_level: wasm_host::LogLevel::Warn,
                 };
                 let shutdown = tokio_util::sync::CancellationToken::new();
@@ -72,6 +98,20 @@ fn stack() {
         rx.recv()
             .unwrap()
             .unwrap_or_else(|e| panic!("starting the stack: {e}"));
+        // Until the filters' first poll of the grants feed (a second),
+        // the gateway answers 503 `unavailable`: wait for it.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, _, body) = http(GATEWAY, "GET", "/healthz", &[]);
+            if status != 503 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the gateway still 503 after 20 s: {body}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         eprintln!("e2e: started the stack in-process (embedded dev proxy)");
     });
 }
@@ -83,13 +123,28 @@ fn http(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, Vec<(String, String)>, String) {
+    http_body(addr, method, path, headers, "")
+}
+
+/// [`http`] with a request body.
+fn http_body(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, Vec<(String, String)>, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
+    if !body.is_empty() {
+        req.push_str(&format!("content-length: {}\r\n", body.len()));
+    }
     req.push_str("\r\n");
+    req.push_str(body);
     s.write_all(req.as_bytes()).unwrap();
     let mut out = Vec::new();
     s.read_to_end(&mut out).unwrap();
@@ -601,4 +656,106 @@ fn requests_are_metered_in_the_sidecar() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A token of the dev identity provider with this tenant and roles.
+fn token_as(sub: &str, tenant: &str, roles: &str, markets: &str) -> String {
+    stack();
+    let (status, _, body) = http(
+        IDP,
+        "GET",
+        &format!(
+            "/dev/token?sub={sub}&tenant={tenant}&roles={roles}&markets={markets}&ttl=600&format=raw"
+        ),
+        &[],
+    );
+    assert_eq!(status, 200, "{body}");
+    body.trim().to_string()
+}
+
+/// PUT or DELETE a grant through the gateway with an `access-admin` token.
+fn grant(admin: &str, method: &str, tenant: &str, resource: &str, action: &str) -> (u16, String) {
+    let body = json!({"tenant": tenant, "resource": resource, "action": action}).to_string();
+    let bearer = format!("Bearer {admin}");
+    let (status, _, answer) = http_body(
+        GATEWAY,
+        method,
+        "/admin/v1/grants",
+        &[
+            ("authorization", &bearer),
+            ("content-type", "application/json"),
+        ],
+        &body,
+    );
+    (status, answer)
+}
+
+/// Polls `GET path` until it answers `want`, at most 5 s; the time it took.
+fn until_status(path: &str, token: &str, want: u16) -> Duration {
+    let start = Instant::now();
+    loop {
+        let (status, _, body) = get(path, Some(token), &[]);
+        if status == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{path}: still {status} after 5 s, not {want}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_grant_through_the_admin_api_opens_a_market_and_its_revoke_ends_the_stream() {
+    let tenant = unique("grantee");
+    let t = token_as(&unique("gina"), &tenant, "viewer", "EU-ETS");
+    let path = "/api/v1/curves/CAISO/latest";
+    let (status, _, body) = get(path, Some(&t), &[]);
+    assert_eq!(status, 403, "no claim, no grant yet: {body}");
+    // Without the role the admin API is refused at the gateway.
+    let (status, answer) = grant(&t, "PUT", &tenant, "curves:CAISO", "read");
+    assert_eq!(status, 403, "{answer}");
+
+    let admin = token_as(&unique("sales"), "254carbon", "access-admin", "");
+    for action in ["read", "subscribe"] {
+        let (status, answer) = grant(&admin, "PUT", &tenant, "curves:CAISO", action);
+        assert_eq!(status, 200, "PUT {action}: {answer}");
+    }
+    let took = until_status(path, &t, 200);
+    eprintln!(
+        "e2e: PUT → first request allowed in {} ms",
+        took.as_millis()
+    );
+    assert!(took <= Duration::from_secs(3), "{took:?}");
+
+    run(async {
+        let mut ws = ws(&t).await;
+        let ch = "pricing.curves.CAISO.>";
+        send_json(
+            &mut ws,
+            json!({"type": "subscribe", "id": "g", "channels": [ch]}),
+            "the subscribe to CAISO",
+        )
+        .await;
+        let sub = next_json(&mut ws, "the subscribed frame").await;
+        assert_eq!(sub["type"], "subscribed", "allowed by the grant: {sub}");
+
+        for action in ["read", "subscribe"] {
+            let (status, answer) = grant(&admin, "DELETE", &tenant, "curves:CAISO", action);
+            assert_eq!(status, 200, "DELETE {action}: {answer}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let m = next_json(&mut ws, "the revoked frame").await;
+            if m["type"] == "unsubscribed" {
+                assert_eq!(m["reason"], "revoked", "{m}");
+                assert_eq!(m["channels"], json!([ch]), "{m}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "no revoke within 5 s, last {m}");
+        }
+    });
+    let took = until_status(path, &t, 403);
+    assert!(took <= Duration::from_secs(3), "{took:?}");
 }

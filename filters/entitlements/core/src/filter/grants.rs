@@ -91,6 +91,10 @@ struct Pending {
     /// The request carried a cursor (continues an answer).
     continued: bool,
     until: u64,
+    /// When the poll it belongs to started (ns): the next one is due a
+    /// refresh interval after that, so a worker's tick of the same period
+    /// finds it due (counting from the answer would skip a tick).
+    started: u64,
 }
 
 /// One worker's view of the grants feed.
@@ -302,7 +306,7 @@ impl Feed {
             return None;
         }
         let (state, _) = self.read_state(h);
-        self.dispatch(h, &state, until)
+        self.dispatch(h, &state, until, now)
     }
 
     fn until(&self, now: u64) -> u64 {
@@ -311,7 +315,13 @@ impl Feed {
             .saturating_add(1000 * NS_PER_MS)
     }
 
-    fn dispatch<H: Host>(&mut self, h: &H, state: &State, until: u64) -> Option<FeedEvent> {
+    fn dispatch<H: Host>(
+        &mut self,
+        h: &H,
+        state: &State,
+        until: u64,
+        started: u64,
+    ) -> Option<FeedEvent> {
         let (path, continued) = self.query(state);
         let bearer = self.source.token.as_ref().map(|t| format!("Bearer {t}"));
         let mut headers = vec![
@@ -329,6 +339,7 @@ impl Feed {
                     token,
                     continued,
                     until,
+                    started,
                 });
                 None
             }
@@ -376,7 +387,7 @@ impl Feed {
                 }
             }
             Some(304) => {
-                self.lease.succeeded(h, self.source.timings.refresh_ms);
+                self.next_poll(h, p);
                 FeedEvent::NotModified
             }
             Some(code) => self.failed(h, format!("status {code}"), false),
@@ -387,6 +398,15 @@ impl Feed {
             ),
         };
         Some(event)
+    }
+
+    /// After a success: the next poll a refresh interval after this one
+    /// started.
+    fn next_poll<H: Host>(&self, h: &H, p: Pending) {
+        let at = p
+            .started
+            .saturating_add(self.source.timings.refresh_ms.saturating_mul(NS_PER_MS));
+        self.lease.schedule(h, at, 0);
     }
 
     fn write_state<H: Host>(&self, h: &H, state: &State) {
@@ -475,7 +495,7 @@ impl Feed {
             }
             if page.version < cur.version {
                 // A replica that lags: nothing newer.
-                self.lease.succeeded(h, self.source.timings.refresh_ms);
+                self.next_poll(h, p);
                 return FeedEvent::NotModified;
             }
             let mut count = cur.grants;
@@ -531,12 +551,12 @@ impl Feed {
             grants,
         };
         if done {
-            self.lease.succeeded(h, self.source.timings.refresh_ms);
+            self.next_poll(h, p);
             return event;
         }
         let until = self.until(h.now_ns());
         self.lease.extend(h, until);
-        match self.dispatch(h, &state, until) {
+        match self.dispatch(h, &state, until, p.started) {
             None => event,
             Some(failed) => failed,
         }
