@@ -6,7 +6,10 @@
 //!
 //! - `PUT /admin/v1/grants` `{"tenant"|"subject": …, "resource": …,
 //!   "action": …}`: idempotent, 200 `{"grant": …, "changed": bool,
-//!   "version": n|null}`.
+//!   "version": n|null, "in_force": bool}`. A change is answered once
+//!   this replica's grants in force (and so its feed) hold it, or after
+//!   [`IN_FORCE_WAIT`] with `"in_force": false`; other replicas follow
+//!   through the same NOTIFY.
 //! - `DELETE /admin/v1/grants` with the same body: idempotent, likewise.
 //! - `GET /admin/v1/grants?tenant=acme` (or `subject=`): `{"grants": […]}`.
 //! - `GET /admin/v1/audit?since=<epoch s>&after=<id>&limit=<n ≤ 1000>`:
@@ -32,6 +35,21 @@ pub const ADMIN_ROLE: &str = "access-admin";
 pub const SECRET_HEADER: &str = "x-admin-secret";
 /// Largest request body.
 const MAX_BODY: usize = 4096;
+/// Longest a write waits for this replica's grants in force to hold it.
+pub const IN_FORCE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether this replica's grants in force reach `version` within
+/// [`IN_FORCE_WAIT`] (read-your-writes for a caller that asks the feed or
+/// opens a stream right after the admin call).
+async fn in_force(live: &crate::grants::Live, version: i64) -> bool {
+    let want = u64::try_from(version).unwrap_or(u64::MAX);
+    let mut rx = live.watch();
+    let reached = matches!(
+        tokio::time::timeout(IN_FORCE_WAIT, rx.wait_for(|s| s.version >= want)).await,
+        Ok(Ok(_))
+    );
+    reached
+}
 
 /// The admin API's state: where the grants are, and the secret.
 pub struct Admin {
@@ -173,10 +191,17 @@ pub async fn route(req: Request<Incoming>, app: &App) -> Response<Body> {
             })
             .await;
             match done {
-                Ok(v) => json(
-                    StatusCode::OK,
-                    json!({"grant": grant_json(&g), "changed": v.is_some(), "version": v}),
-                ),
+                Ok(v) => {
+                    let applied = match v {
+                        Some(v) => in_force(&app.grants, v).await,
+                        None => true,
+                    };
+                    json(
+                        StatusCode::OK,
+                        json!({"grant": grant_json(&g), "changed": v.is_some(), "version": v,
+                               "in_force": applied}),
+                    )
+                }
                 Err(r) => r,
             }
         }

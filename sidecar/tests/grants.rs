@@ -217,6 +217,10 @@ fn the_admin_api_writes_lists_and_audits_with_the_callers_subject() {
             "{v}"
         );
         assert_eq!(v["grant"], g);
+        // Read-your-writes: answered once this replica's feed has it.
+        assert_eq!(v["in_force"], json!(true), "{v}");
+        let (st, feed) = call(a, "GET", "/internal/v1/grants", &[], json!(null)).await;
+        assert_eq!((st, &feed["version"]), (200, &json!(1)), "{feed}");
         let (st, v) = call(a, "PUT", "/admin/v1/grants", &admin("sales-1"), g.clone()).await;
         assert_eq!(
             (st, &v["changed"], &v["version"]),
