@@ -22,8 +22,14 @@
                      envoy.yaml. Then drift: plugin configurations, filter
                      order, the policy ConfigMap, the sidecar's flags, ports,
                      probes and selectors against envoy/envoy.yaml,
-                     k8s/deploy.json and sidecar/src/config.rs; generated
-                     files byte for byte against a fresh generation.
+                     k8s/deploy.json and sidecar/src/config.rs; for the
+                     ingress overlays the gateway's WasmPlugins (namespace,
+                     labels, mode CLIENT, order, configurations with
+                     deploy.json's overrides), the Gateway, the
+                     VirtualService against envoy.yaml's routes (/ws without
+                     a timeout, nothing reaching /internal/) and the
+                     NetworkPolicy for the gateway's pods; generated files
+                     byte for byte against a fresh generation.
   self-test          broken copies (in memory) of each kind must be refused.
 
   --sync             rewrite the generated files (and the policy checksum
@@ -75,7 +81,17 @@ def _crds():
 CRDS = _crds()
 DEPLOY_JSON = os.path.join(ROOT, "k8s", "deploy.json")
 SIDECAR_CONFIG_RS = os.path.join(ROOT, "sidecar", "src", "config.rs")
-KUSTOMIZATIONS = ["k8s/base", "k8s/overlays/wasmplugin", "k8s/overlays/trafficextension"]
+# Each kustomization and what it attaches the filters to: the application
+# workloads (the kind that does it, or None) and the ingress gateway (None,
+# "alone", or "both": beside the workloads' attachment, deploy.json's
+# ingress.with_sidecar_attachment deciding which filters run where).
+KUSTOMIZATIONS = {
+    "k8s/base": ("EnvoyFilter", None),
+    "k8s/overlays/wasmplugin": ("WasmPlugin", None),
+    "k8s/overlays/trafficextension": ("TrafficExtension", None),
+    "k8s/overlays/ingress": (None, "alone"),
+    "k8s/overlays/ingress-and-sidecar": ("EnvoyFilter", "both"),
+}
 K8S_VERSION = "1.32.0"  # Kubernetes schema version for core kinds
 
 WASM_URL = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
@@ -93,6 +109,15 @@ PHASES = {"usage": "AUTHN", "auth": "AUTHN", "entitlements": "AUTHZ", "ratelimit
 PHASE_RANK = {"AUTHN": 0, "AUTHZ": 1, "STATS": 2, "UNSPECIFIED_PHASE": 3, "UNSPECIFIED": 3}
 
 ENVOYFILTER_NAME = "access-layer-filters"
+# The ingress: WasmPlugins named INGRESS_PREFIX + filter in the gateway's
+# namespace, the Gateway there, the VirtualService and the NetworkPolicy
+# that lets the gateway's pods reach the sidecar in the sidecar's namespace.
+INGRESS_PREFIX = "access-layer-ingress-"
+GATEWAY_NAME = "access-layer"
+VIRTUALSERVICE_NAME = "access-layer"
+INGRESS_NETPOL = "access-sidecar-ingress"
+BOTH_ENVOYFILTER_NAME = "access-layer-filters-with-ingress"
+ENVOY_ROUTE_TIMEOUT = "15s"  # Envoy's default route timeout, when a route sets none
 POLICY_CONFIGMAP = "access-sidecar-policy"
 POLICY_KEY = "policy.json"
 AUTH_KEY = "auth.json"
@@ -331,6 +356,62 @@ def check_envoy_doc(doc, where):
     return filters, errors
 
 
+def duration_s(text):
+    """Seconds of a protobuf JSON Duration ("15s", "0.5s"); None if it is not one."""
+    m = re.fullmatch(r"(-?\d+(?:\.\d{1,9})?)s", text) if isinstance(text, str) else None
+    return float(m.group(1)) if m else None
+
+
+def envoy_routes(doc, where):
+    """The routes of the listener whose HTTP chain runs the wasm filters, as
+    the ingress VirtualService mirrors them: [{match: (path|prefix, value),
+    cluster, timeout: Duration string or None (no timeout)}], and errors for
+    what it could not mirror (the VirtualService is generated from this, so
+    nothing may be dropped silently)."""
+    errors, routes, seen = [], [], 0
+    for li, listener in enumerate(get(get(doc, "static_resources") or {}, "listeners") or []):
+        for ci, chain in enumerate(get(listener, "filter_chains") or []):
+            for fi, nf in enumerate(get(chain, "filters") or []):
+                tc = get(nf, "typed_config") or {}
+                if tc.get("@type") != HCM_URL or not any(
+                        (get(f, "typed_config") or {}).get("@type") == WASM_URL for f in get(tc, "http_filters") or []):
+                    continue
+                seen += 1
+                base = f"{where}: listeners[{li}].filter_chains[{ci}].filters[{fi}].route_config"
+                rc = get(tc, "route_config")
+                if rc is None:
+                    errors.append(f"{base}: the ingress mirrors an inline route_config (RDS is not mirrored)")
+                    continue
+                vhosts = get(rc, "virtual_hosts") or []
+                if len(vhosts) != 1:
+                    errors.append(f"{base}: one virtual host expected (the ingress mirrors it), found {len(vhosts)}")
+                    continue
+                for ri, r in enumerate(get(vhosts[0], "routes") or []):
+                    at = f"{base}.virtual_hosts[0].routes[{ri}]"
+                    match, action = get(r, "match") or {}, get(r, "route")
+                    kinds = [k for k in ("path", "prefix") if k in match]
+                    if set(match) - {"path", "prefix"} or len(kinds) != 1 or not isinstance(action, Mapping):
+                        errors.append(f"{at}: only a `path` or `prefix` match with a `route` action is mirrored "
+                                      "into the ingress VirtualService (extend gen_routing)")
+                        continue
+                    extra = set(action) - {"cluster", "timeout"}
+                    if extra or not isinstance(action.get("cluster"), str):
+                        errors.append(f"{at}.route: only `cluster` and `timeout` are mirrored into the ingress "
+                                      f"VirtualService, not {sorted(extra) or 'a route without cluster'}")
+                        continue
+                    timeout = action.get("timeout", ENVOY_ROUTE_TIMEOUT)
+                    secs = duration_s(timeout)
+                    if secs is None or secs < 0:
+                        errors.append(f"{at}.route.timeout: {timeout!r} is not a duration")
+                        continue
+                    routes.append({"match": (kinds[0], match[kinds[0]]), "cluster": action["cluster"],
+                                   "timeout": None if secs == 0 else timeout})
+    if seen != 1:
+        errors.append(f"{where}: one HTTP connection manager with the wasm filters expected "
+                      f"(the ingress mirrors its routes), found {seen}")
+    return routes, errors
+
+
 def envoy_binary(path):
     exe = shutil.which("envoy")
     if not exe:
@@ -349,10 +430,28 @@ def envoy_binary(path):
 # What the k8s files must say, from envoy.yaml and k8s/deploy.json
 
 
+def merge_patch(target, patch):
+    """RFC 7396 JSON merge patch: objects merged key by key, null removes."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
+    return out
+
+
+INGRESS_KEYS = {"namespace", "gateway_labels", "hosts", "tls_credential_name", "with_sidecar_attachment"}
+BOTH_KEYS = {"gateway_filters", "workload_filters", "gateway_overrides"}
+
+
 class Expected:
-    def __init__(self, filters, deploy):
+    def __init__(self, filters, deploy, routes=()):
         self.filters = filters  # envoy.yaml order
         self.deploy = deploy
+        self.routes = list(routes)  # envoy.yaml's, envoy_routes()
         self.errors = []
         self.names = [f["name"] for f in filters]
         self.k8s_json = {}
@@ -393,6 +492,108 @@ class Expected:
                 self.errors.append(
                     f"k8s/deploy.json: images.digests.{n} is {d!r}, not a sha256 hex digest "
                     "(scripts/package-oci.sh --pin, then scripts/check-deploy.sh --sync)")
+
+        self.ingress = self._ingress(deploy.get("ingress"))
+
+    def _ingress(self, ing):
+        """k8s/deploy.json `ingress`, checked; None (and errors) when unusable."""
+        errs = []
+        where = "k8s/deploy.json ingress"
+        if not isinstance(ing, dict):
+            self.errors.append(f"{where}: missing (the ingress overlays are made from it)")
+            return None
+        for k in sorted(set(ing) ^ INGRESS_KEYS):
+            errs.append(f"{where}.{k}: " + ("unknown field" if k in ing else "missing"))
+        ns = ing.get("namespace")
+        if not (isinstance(ns, str) and DNS1123_LABEL.fullmatch(ns) and len(ns) <= 63):
+            errs.append(f"{where}.namespace: {ns!r} is not a namespace name (where the gateway's pods run)")
+        gl = ing.get("gateway_labels")
+        if not (isinstance(gl, dict) and gl and all(isinstance(v, str) for v in gl.values())):
+            errs.append(f"{where}.gateway_labels: must be the non-empty labels of the gateway's pods")
+        hosts = ing.get("hosts")
+        if not (isinstance(hosts, list) and hosts and all(isinstance(h, str) and h for h in hosts)):
+            errs.append(f"{where}.hosts: must be a non-empty list of host names")
+        if not isinstance(ing.get("tls_credential_name"), str):
+            errs.append(f"{where}.tls_credential_name: a Secret name in the gateway's namespace, "
+                        "or \"\" for plain HTTP")
+        both = ing.get("with_sidecar_attachment")
+        if not isinstance(both, dict):
+            errs.append(f"{where}.with_sidecar_attachment: must be an object")
+            both = {}
+        for k in sorted(set(both) ^ BOTH_KEYS) if both else []:
+            errs.append(f"{where}.with_sidecar_attachment.{k}: " + ("unknown field" if k in both else "missing"))
+        for key in ("gateway_filters", "workload_filters"):
+            got = both.get(key)
+            if not isinstance(got, list) or got != [n for n in self.names if n in got] or len(set(got)) != len(got):
+                errs.append(f"{where}.with_sidecar_attachment.{key}: {got!r} must be envoy.yaml's filters "
+                            f"{self.names} or some of them, in that order")
+            elif "auth" in self.names and "auth" not in got:
+                errs.append(f"{where}.with_sidecar_attachment.{key}: must run auth (it removes clients' "
+                            "x-auth-* headers; without it they reach the sidecar or the applications)")
+        ov = both.get("gateway_overrides")
+        if not isinstance(ov, dict) or not all(k in (both.get("gateway_filters") or []) and isinstance(v, dict)
+                                               for k, v in ov.items()):
+            errs.append(f"{where}.with_sidecar_attachment.gateway_overrides: {{filter: JSON merge patch}} "
+                        "for filters of gateway_filters")
+        if errs:
+            self.errors += errs
+            return None
+        gw, wl = both["gateway_filters"], both["workload_filters"]
+        gw_json = {n: merge_patch(self.k8s_json[n], ov[n]) if n in ov else self.k8s_json[n] for n in gw}
+        for n, cfg in gw_json.items():
+            if not isinstance(cfg, dict):
+                self.errors.append(f"{where}.with_sidecar_attachment.gateway_overrides.{n}: leaves no configuration")
+                return None
+        w = f"{where}.with_sidecar_attachment"
+        if "usage" in gw and "usage" in wl:
+            errs.append(f"{w}: usage in gateway_filters and workload_filters meters every request that "
+                        "passes both twice (two records, different batch ids: not deduplicated)")
+        if "ratelimit" in gw and "ratelimit" in wl and "global" in gw_json["ratelimit"] \
+                and "global" in self.k8s_json["ratelimit"]:
+            errs.append(f"{w}: ratelimit in global mode at the gateway and the workloads counts every "
+                        "request twice in the same Rate Limit Service buckets")
+        if "auth" in wl and "auth" in gw and \
+                not ((gw_json["auth"].get("output") or {}).get("forward_token") is True):
+            errs.append(f"{w}.gateway_overrides.auth: output.forward_token must be true: the gateway's auth "
+                        "removes the token, so the workloads' auth would answer 401 to every request")
+        for r in self.routes:
+            if r["cluster"] not in self.deploy["clusters"]:
+                errs.append(f"envoy.yaml route to cluster {r['cluster']!r}: no in-cluster Service in "
+                            "k8s/deploy.json clusters (the ingress VirtualService routes to it)")
+        if errs:
+            self.errors += errs
+            return None
+        out = dict(ing)
+        out["alone"] = {"gateway": (list(self.names), self.k8s_json), "workloads": None}
+        out["both"] = {"gateway": (gw, gw_json), "workloads": (wl, self.k8s_json)}
+        return out
+
+    def attachments(self, workloads, gateway):
+        """{"workloads": (names, configs) or None, "gateway": ...} for a
+        kustomization of KUSTOMIZATIONS."""
+        if gateway is None:
+            return {"workloads": (list(self.names), self.k8s_json), "gateway": None}
+        return self.ingress[gateway]
+
+    def gateway_ref(self):
+        return f"{self.ingress['namespace']}/{GATEWAY_NAME}"
+
+    def vs_http(self):
+        """The VirtualService's HTTP routes: envoy.yaml's, each cluster its
+        Service (deploy.json), timeouts as envoy.yaml's (Envoy's default 15 s
+        where it sets none); no timeout where envoy.yaml has 0s (the CRD
+        refuses 0s; Istio's default is none)."""
+        out = []
+        for r in self.routes:
+            c = self.deploy["clusters"][r["cluster"]]
+            kind, value = r["match"]
+            entry = {"name": value.strip("/").replace("/", "-") or "root",
+                     "match": [{"uri": {"exact" if kind == "path" else "prefix": value}}],
+                     "route": [{"destination": {"host": c["host"], "port": {"number": c["port"]}}}]}
+            if r["timeout"] is not None:
+                entry["timeout"] = r["timeout"]
+            out.append(entry)
+        return out
 
     def in_cluster(self, cfg, where):
         """cfg with each envoy.yaml cluster replaced by Istio's outbound
@@ -490,10 +691,13 @@ def gen_policy_configmap(exp):
                         "reaching those clusters through --cluster / SIDECAR_CLUSTERS."])
 
 
-def gen_envoyfilter(exp):
+def gen_envoyfilter(exp, names=None, name=ENVOYFILTER_NAME, namespace=None, intro=()):
+    names = exp.names if names is None else names
     ext, http = [], []
     for f in exp.filters:
         n = f["name"]
+        if n not in names:
+            continue
         cfg = copy.deepcopy(f["config"])
         vm = cfg.setdefault("vm_config", {})
         vm["code"] = {"remote": {
@@ -518,27 +722,30 @@ def gen_envoyfilter(exp):
                                              "config_source": {"ads": {}, "initial_fetch_timeout": "0s",
                                                                "resource_api_version": "V3"},
                                              "type_urls": [WASM_URL]}}}})
+    meta = {"name": name, "labels": labels()}
+    if namespace:
+        meta = {"name": name, "namespace": namespace, "labels": labels()}
     obj = {"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
-           "metadata": {"name": ENVOYFILTER_NAME, "labels": labels()},
+           "metadata": meta,
            "spec": {"workloadSelector": {"labels": dict(exp.deploy["workload_labels"])},
                     "configPatches": ext + http}}
-    return dump([obj], [
+    return dump([obj], list(intro) + [
         "The wasm filters of envoy.yaml in the inbound HTTP chain of the selected",
         "workloads' Istio proxies, each INSERT_BEFORE the router in envoy.yaml's",
-        f"order ({', '.join(exp.names)}), delivered by ECDS: Istio's agent pulls the",
+        f"order ({', '.join(names)}), delivered by ECDS: Istio's agent pulls the",
         "oci:// image, checks its digest (remote.sha256 = the image manifest digest)",
         "and gives Envoy a local file; initial_fetch_timeout 0s keeps the listener",
         "from serving before the module is there. Plugin configurations are",
         "envoy.yaml's with the clusters mapped to Istio's outbound clusters."])
 
 
-def _wasm_spec(exp, f):
+def _wasm_spec(exp, f, configs=None):
     n = f["name"]
     fail_open = bool(get(f["config"], "fail_open"))
     return {"url": exp.url(n), "sha256": exp.digest(n), "imagePullPolicy": "IfNotPresent",
             "pluginName": get(f["config"], "root_id") or n, "type": "HTTP",
             "failStrategy": "FAIL_OPEN" if fail_open else "FAIL_CLOSE",
-            "pluginConfig": exp.k8s_json[n]}
+            "pluginConfig": (configs or exp.k8s_json)[n]}
 
 
 def gen_wasmplugins(exp):
@@ -574,13 +781,100 @@ def gen_trafficextensions(exp):
         "the WasmPlugins."])
 
 
+def gen_gateway_wasmplugins(exp, mode):
+    """The filters on the ingress gateway's pods: WasmPlugins in the
+    gateway's namespace (a selector reaches only pods of its own namespace;
+    the root namespace's reach every namespace), match mode CLIENT (Istio
+    classes a gateway's listeners as CLIENT: SERVER would never attach)."""
+    ing = exp.ingress
+    names, configs = ing[mode]["gateway"]
+    objs = []
+    for f in exp.filters:
+        n = f["name"]
+        if n not in names:
+            continue
+        spec = {"selector": {"matchLabels": dict(ing["gateway_labels"])},
+                "match": [{"mode": "CLIENT"}],
+                "phase": PHASES.get(n, "UNSPECIFIED_PHASE"), "priority": exp.priority.get(n, 0)}
+        spec.update(_wasm_spec(exp, f, configs))
+        objs.append({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
+                     "metadata": {"name": INGRESS_PREFIX + n, "namespace": ing["namespace"], "labels": labels()},
+                     "spec": spec})
+    intro = [
+        "The wasm filters on the ingress gateway's pods (k8s/deploy.json ingress:",
+        f"namespace {ing['namespace']}, labels "
+        + ", ".join(f"{k}: {v}" for k, v in ing["gateway_labels"].items()) + ") as WasmPlugins in",
+        "the gateway's namespace, match mode CLIENT (how Istio classes a gateway's",
+        "listeners; SERVER would never attach), in envoy.yaml's order by phase",
+        f"then descending priority: {', '.join(names)}."]
+    if mode == "both":
+        intro += ["Beside the workloads' attachment: the filters and configuration overrides",
+                  "of k8s/deploy.json ingress.with_sidecar_attachment (k8s/README.md)."]
+    else:
+        intro += ["Plugin configurations are envoy.yaml's with the clusters mapped."]
+    return dump(objs, intro)
+
+
+def routing_objects(exp):
+    """Gateway (the gateway's namespace), VirtualService (envoy.yaml's
+    routes) and the NetworkPolicy that lets the gateway's pods reach the
+    sidecar (the sidecar's namespace)."""
+    ing, ns = exp.ingress, exp.deploy["namespace"]
+    hosts = list(ing["hosts"])
+    if ing["tls_credential_name"]:
+        servers = [{"name": "https", "port": {"number": 443, "name": "https", "protocol": "HTTPS"},
+                    "hosts": list(hosts), "tls": {"mode": "SIMPLE", "credentialName": ing["tls_credential_name"]}},
+                   {"name": "http", "port": {"number": 80, "name": "http", "protocol": "HTTP"},
+                    "hosts": list(hosts), "tls": {"httpsRedirect": True}}]
+    else:
+        servers = [{"name": "http", "port": {"number": 80, "name": "http", "protocol": "HTTP"}, "hosts": list(hosts)}]
+    gw = {"apiVersion": "networking.istio.io/v1", "kind": "Gateway",
+          "metadata": {"name": GATEWAY_NAME, "namespace": ing["namespace"], "labels": labels()},
+          "spec": {"selector": dict(ing["gateway_labels"]), "servers": servers}}
+    vs = {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+          "metadata": {"name": VIRTUALSERVICE_NAME, "namespace": ns, "labels": labels()},
+          "spec": {"hosts": hosts, "gateways": [exp.gateway_ref()], "http": exp.vs_http()}}
+    ports = sorted({exp.deploy["clusters"][c]["port"] for c in ("sidecar", "ratelimit")
+                    if c in exp.deploy["clusters"]})
+    np = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+          "metadata": {"name": INGRESS_NETPOL, "namespace": ns,
+                       "labels": labels({"app.kubernetes.io/name": SIDECAR_NAME})},
+          "spec": {"podSelector": {"matchLabels": {"app.kubernetes.io/name": SIDECAR_NAME}},
+                   "policyTypes": ["Ingress"],
+                   "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {
+                                              "kubernetes.io/metadata.name": ing["namespace"]}},
+                                          "podSelector": {"matchLabels": dict(ing["gateway_labels"])}}],
+                                "ports": [{"port": p, "protocol": "TCP"} for p in ports]}]}}
+    return [gw, vs, np]
+
+
+def gen_routing(exp):
+    return dump(routing_objects(exp), [
+        "The ingress: a Gateway on the gateway's pods (k8s/deploy.json ingress), a",
+        "VirtualService with envoy.yaml's routes (each cluster its Service; /ws",
+        "without a timeout: Istio upgrades WebSockets on every HTTP route and sets",
+        "no route timeout unless told; nothing else is routed, /internal/ never),",
+        "and a NetworkPolicy beside the base's that lets the gateway's pods reach",
+        "the sidecar (its filters post usage, poll grants, call the RLS; /ws and",
+        "/admin/ are proxied there)."])
+
+
 def generated(exp):
-    return {
+    out = {
         "k8s/base/policy-configmap.yaml": gen_policy_configmap(exp),
         "k8s/base/envoyfilter.yaml": gen_envoyfilter(exp),
         "k8s/overlays/wasmplugin/wasmplugins.yaml": gen_wasmplugins(exp),
         "k8s/overlays/trafficextension/trafficextensions.yaml": gen_trafficextensions(exp),
     }
+    if exp.ingress is not None:  # else k8s/deploy.json's errors say why
+        out["k8s/overlays/ingress/routing/routing.yaml"] = gen_routing(exp)
+        out["k8s/overlays/ingress/wasmplugins.yaml"] = gen_gateway_wasmplugins(exp, "alone")
+        out["k8s/overlays/ingress-and-sidecar/wasmplugins.yaml"] = gen_gateway_wasmplugins(exp, "both")
+        out["k8s/overlays/ingress-and-sidecar/envoyfilter.yaml"] = gen_envoyfilter(
+            exp, exp.ingress["both"]["workloads"][0], BOTH_ENVOYFILTER_NAME, exp.deploy["namespace"],
+            ["With the ingress gateway (k8s/overlays/ingress-and-sidecar): the filters of",
+             "k8s/deploy.json ingress.with_sidecar_attachment.workload_filters only."])
+    return out
 
 
 CHECKSUM_RE = re.compile(r'(checksum/policy:\s*)"?([0-9a-f]*)"?')
@@ -600,11 +894,12 @@ def sync(exp, pin):
         with open(DEPLOY_JSON, "w") as f:
             json.dump(deploy, f, indent=2)
             f.write("\n")
-        exp = Expected(exp.filters, deploy)
+        exp = Expected(exp.filters, deploy, exp.routes)
     for path, text in generated(exp).items():
         full = os.path.join(ROOT, path)
         old = open(full).read() if os.path.exists(full) else None
         if old != text:
+            os.makedirs(os.path.dirname(full), exist_ok=True)
             with open(full, "w") as f:
                 f.write(text)
             print(f"   wrote {path}")
@@ -770,6 +1065,8 @@ def selectors(o):
         yield "spec.workloadSelector.labels", (spec.get("workloadSelector") or {}).get("labels")
     if k in ("WasmPlugin", "TrafficExtension"):
         yield "spec.selector.matchLabels", (spec.get("selector") or {}).get("matchLabels")
+    if k == "Gateway":
+        yield "spec.selector", spec.get("selector")
 
 
 def check_pod_template(o):
@@ -881,6 +1178,24 @@ CEL_EXACT = {
 }
 
 
+GO_DURATION_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def go_duration(text):
+    """Seconds of a Go duration string (CEL's duration(): "15s", "1m30s",
+    "0.5ms", "0"); None when it is not one (CEL would fail the rule)."""
+    if not isinstance(text, str):
+        return None
+    if text in ("0", "+0", "-0"):
+        return 0.0
+    m = re.fullmatch(r"([-+]?)((?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+)", text)
+    if not m:
+        return None
+    total = sum(float(n) * GO_DURATION_UNIT[u]
+                for n, u in re.findall(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)", m.group(2)))
+    return -total if m.group(1) == "-" else total
+
+
 def eval_cel(rule, value):
     """The CEL rules these CRDs use, in Python. None: not implemented
     (reported as an error, so a new rule is never skipped silently)."""
@@ -889,6 +1204,10 @@ def eval_cel(rule, value):
         return CEL_EXACT[r](value)
     if re.fullmatch(r"\(has\(self\.\w+\) \? 1 : 0\)( \+ \(has\(self\.\w+\) \? 1 : 0\))* <= 1", r):
         return sum(f in value for f in re.findall(r"has\(self\.(\w+)\)", r)) <= 1
+    m = re.fullmatch(r"duration\(self\) >= duration\('(\w+)'\)", r)
+    if m:
+        got, least = go_duration(value), go_duration(m.group(1))
+        return got is not None and least is not None and got >= least
     m = re.fullmatch(r"has\(self\.(\w+)\) != has\(self\.(\w+)\)", r)
     if m:
         return (m.group(1) in value) != (m.group(2) in value)
@@ -1010,12 +1329,27 @@ def by_kind(objs, kind):
     return [o for _, o in objs if o.get("kind") == kind]
 
 
-def check_filters_resources(objs, exp):
+FILTER_KINDS = ("EnvoyFilter", "WasmPlugin", "TrafficExtension")
+
+
+def is_ingress_filter(o):
+    return o.get("kind") in FILTER_KINDS and (o.get("metadata") or {}).get("name", "").startswith(INGRESS_PREFIX)
+
+
+def check_filters_resources(objs, exp, want_kind, names, configs, where="workloads"):
+    """The resources that attach `names` (in that order, configurations
+    `configs`) to the workloads (want_kind, deploy.json workload_labels,
+    inbound) or to the ingress gateway (WasmPlugins, ingress.gateway_labels,
+    mode CLIENT). objs: that attachment's resources only."""
     errs = []
-    kinds = [k for k in ("EnvoyFilter", "WasmPlugin", "TrafficExtension") if by_kind(objs, k)]
-    if len(kinds) != 1:
-        return [f"exactly one of EnvoyFilter, WasmPlugin, TrafficExtension must install the filters, found {kinds}"]
-    want_labels = exp.deploy["workload_labels"]
+    kinds = [k for k in FILTER_KINDS if by_kind(objs, k)]
+    if want_kind is None:
+        return [f"no filters expected on the {where}, found {kinds}"] if kinds else []
+    if kinds != [want_kind]:
+        return [f"{want_kind} must install the filters on the {where}, found {kinds}"]
+    gateway = where == "ingress gateway"
+    want_labels = exp.ingress["gateway_labels"] if gateway else exp.deploy["workload_labels"]
+    want_mode = "CLIENT" if gateway else "SERVER"
     if kinds == ["EnvoyFilter"]:
         efs = by_kind(objs, "EnvoyFilter")
         if len(efs) != 1:
@@ -1053,10 +1387,12 @@ def check_filters_resources(objs, exp):
             else:
                 plugin_of[n] = get(ecds[n], "name")
         got = [plugin_of.get(n) for n in order]
-        if got != exp.names:
-            errs.append(f"EnvoyFilter: filter order {got} differs from envoy.yaml's {exp.names}")
+        if got != names:
+            errs.append(f"EnvoyFilter: filter order {got} differs from {names} (envoy.yaml's order, k8s/deploy.json)")
         for f in exp.filters:
             n = f["name"]
+            if n not in names:
+                continue
             cfg = next((c for c in ecds.values() if get(c, "name") == n), None)
             if cfg is None:
                 errs.append(f"EnvoyFilter: no EXTENSION_CONFIG for envoy.yaml's filter {n}")
@@ -1072,7 +1408,7 @@ def check_filters_resources(objs, exp):
             except (TypeError, ValueError) as e:
                 errs.append(f"{at}: configuration.value is not JSON: {e}")
                 continue
-            if got_json != exp.k8s_json[n]:
+            if got_json != configs[n]:
                 errs.append(f"{at}: plugin configuration differs from envoy.yaml's (clusters mapped)")
             remote = get(get(get(cfg, "vm_config") or {}, "code") or {}, "remote") or {}
             if get(get(remote, "http_uri") or {}, "uri") != exp.url(n):
@@ -1092,28 +1428,37 @@ def check_filters_resources(objs, exp):
                 errs.append(f"{at}: pluginName {w.get('pluginName')!r} is no root_id of envoy.yaml's filters")
                 continue
             n = match[0]["name"]
+            if n not in names:
+                errs.append(f"{at}: {n} is not one of the filters of the {where} here {names} (k8s/deploy.json)")
+                continue
             if n in seen:
                 errs.append(f"{at}: a second resource for filter {n}")
             seen[n] = (PHASE_RANK.get(spec.get("phase"), 3), -(spec.get("priority") or 0))
             if (spec.get("selector") or {}).get("matchLabels") != want_labels:
                 errs.append(f"{at}: selector.matchLabels must be {want_labels}")
-            if spec.get("match") != [{"mode": "SERVER"}]:
-                errs.append(f"{at}: match must be [{{mode: SERVER}}] (inbound, like SIDECAR_INBOUND)")
-            if w.get("pluginConfig") != exp.k8s_json[n]:
-                errs.append(f"{at}: pluginConfig differs from envoy.yaml's {n} configuration (clusters mapped)")
+            if spec.get("match") != [{"mode": want_mode}]:
+                errs.append(f"{at}: match must be [{{mode: {want_mode}}}] " + (
+                    "(Istio classes a gateway's listeners as CLIENT: SERVER would never attach)" if gateway
+                    else "(inbound, like SIDECAR_INBOUND)"))
+            if gateway and o["metadata"].get("namespace") != exp.ingress["namespace"]:
+                errs.append(f"{at}: must be in the gateway's namespace {exp.ingress['namespace']} "
+                            "(a selector reaches only pods of its own namespace)")
+            if w.get("pluginConfig") != configs[n]:
+                errs.append(f"{at}: pluginConfig differs from envoy.yaml's {n} configuration (clusters mapped"
+                            + (", k8s/deploy.json's overrides)" if configs is not exp.k8s_json else ")"))
             if w.get("url") != exp.url(n):
                 errs.append(f"{at}: url must be {exp.url(n)}")
             if w.get("sha256") != exp.digest(n):
                 errs.append(f"{at}: sha256 must be the pinned image digest {exp.digest(n)!r}")
-        missing = [n for n in exp.names if n not in seen]
+        missing = [n for n in names if n not in seen]
         if missing:
             errs.append(f"{kind}: no resource for {missing}")
         ranks = list(seen.values())
         if len(set(ranks)) != len(ranks):
             errs.append(f"{kind}: two filters share phase and priority (order left to creation time)")
         got = sorted(seen, key=lambda n: seen[n])
-        if got != [n for n in exp.names if n in seen]:
-            errs.append(f"{kind}: phase/priority order {got} differs from envoy.yaml's {exp.names}")
+        if got != [n for n in names if n in seen]:
+            errs.append(f"{kind}: phase/priority order {got} differs from envoy.yaml's {names}")
     return errs
 
 
@@ -1258,8 +1603,93 @@ def check_sidecar(objs, exp):
     return errs
 
 
-def check_build(label, objs, exp):
-    """Every check of one kustomize build; returns errors."""
+def reaches_internal(m):
+    """Whether an HTTPMatchRequest of a VirtualService can match a path
+    under /internal/ (compared without case, which only errs on the safe
+    side); a match without `uri` matches every path."""
+    uri = m.get("uri")
+    if not uri:
+        return True
+    probe = "/internal/v1/grants"
+    if "exact" in uri:
+        return uri["exact"].lower().startswith("/internal")
+    if "prefix" in uri:
+        p = uri["prefix"].lower()
+        return probe.startswith(p) or p.startswith("/internal")
+    if "regex" in uri:
+        try:
+            return re.fullmatch(uri["regex"], probe, re.I) is not None
+        except re.error:
+            return True  # RE2 syntax Python does not read: assume the worst
+    return True
+
+
+def check_ingress(objs, exp):
+    """The Gateway, the VirtualService (envoy.yaml's routes; /ws without a
+    timeout; nothing reaching /internal/) and the sidecar's NetworkPolicy for
+    the gateway's pods."""
+    errs = []
+    ing, ns = exp.ingress, exp.deploy["namespace"]
+    gws = [o for o in by_kind(objs, "Gateway") if o["metadata"].get("name") == GATEWAY_NAME]
+    vss = [o for o in by_kind(objs, "VirtualService") if o["metadata"].get("name") == VIRTUALSERVICE_NAME]
+    if len(gws) != 1 or len(vss) != 1:
+        return [f"want one Gateway {GATEWAY_NAME} and one VirtualService {VIRTUALSERVICE_NAME}"]
+    gw, vs = gws[0], vss[0]
+    gspec, vspec = gw.get("spec") or {}, vs.get("spec") or {}
+    if gw["metadata"].get("namespace") != ing["namespace"]:
+        errs.append(f"Gateway: must be in the gateway's namespace {ing['namespace']} (k8s/deploy.json ingress; "
+                    "its TLS Secret is read there)")
+    if gspec.get("selector") != ing["gateway_labels"]:
+        errs.append(f"Gateway: selector must be {ing['gateway_labels']} (k8s/deploy.json ingress.gateway_labels)")
+    want_servers = routing_objects(exp)[0]["spec"]["servers"]
+    if gspec.get("servers") != want_servers:
+        errs.append("Gateway: servers differ from k8s/deploy.json ingress (hosts, tls_credential_name: "
+                    "HTTPS on 443 with the Secret, HTTP 80 redirecting; or HTTP 80 alone)")
+    # VirtualService
+    if vspec.get("gateways") != [exp.gateway_ref()]:
+        errs.append(f"VirtualService: gateways must be [{exp.gateway_ref()}]")
+    if vspec.get("hosts") != ing["hosts"]:
+        errs.append(f"VirtualService: hosts must be the Gateway's {ing['hosts']}")
+    for key in sorted(set(vspec) - {"gateways", "hosts", "http"}):
+        errs.append(f"VirtualService: spec.{key} is not generated from envoy.yaml (tcp/tls routes reach past the filters)")
+    http = vspec.get("http") or []
+    no_timeout = {json.dumps(r["match"], sort_keys=True) for r in exp.vs_http() if "timeout" not in r}
+    for i, r in enumerate(http):
+        at = f"VirtualService http[{i}] ({r.get('name')})"
+        matches = r.get("match") or [{}]
+        if any(reaches_internal(m) for m in matches):
+            errs.append(f"{at}: its match {r.get('match')} can reach /internal/ (the sidecar's grants feed "
+                        "and policy are for the filters only; no gateway routes them)")
+        if json.dumps(r.get("match"), sort_keys=True) in no_timeout and "timeout" in r:
+            errs.append(f"{at}: the WebSocket route must have no timeout (envoy.yaml's 0s): a route timeout "
+                        f"ends every stream at {r['timeout']}")
+    if http != exp.vs_http():
+        errs.append("VirtualService: http routes differ from envoy.yaml's routes (match, destination = the "
+                    "cluster's Service in k8s/deploy.json, timeout)")
+    # the gateway's pods reach the sidecar
+    dep = next((o for o in by_kind(objs, "Deployment") if o["metadata"].get("name") == SIDECAR_NAME), None)
+    plabels = ((((dep or {}).get("spec") or {}).get("template") or {}).get("metadata") or {}).get("labels") or {}
+    sidecar_port = exp.deploy["clusters"].get("sidecar", {}).get("port")
+    want_from = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ing["namespace"]}},
+                 "podSelector": {"matchLabels": ing["gateway_labels"]}}
+    ok = False
+    for np in by_kind(objs, "NetworkPolicy"):
+        sel = ((np.get("spec") or {}).get("podSelector") or {}).get("matchLabels") or {}
+        if np["metadata"].get("namespace") != ns or not sel or any(plabels.get(k) != v for k, v in sel.items()):
+            continue
+        for rule in np["spec"].get("ingress", []):
+            ports = {p.get("port") for p in rule.get("ports", [])}
+            if want_from in rule.get("from", []) and sidecar_port in ports:
+                ok = True
+    if not ok:
+        errs.append(f"NetworkPolicy: none admits the gateway's pods ({ing['namespace']}, {ing['gateway_labels']}) "
+                    f"to the sidecar's port {sidecar_port} (/ws, /admin/, usage, grants)")
+    return errs
+
+
+def check_build(label, objs, exp, profile):
+    """Every check of one kustomize build (profile: its KUSTOMIZATIONS
+    entry); returns errors."""
     errs = []
     ids = [obj_id(o) for _, o in objs]
     for dup in sorted({i for i in ids if ids.count(i) > 1}):
@@ -1273,10 +1703,31 @@ def check_build(label, objs, exp):
             errs += [f"{at}: {e}" for e in check_core(o)]
     if errs:
         return errs  # the wiring checks below assume well-formed objects
-    nss = {o["metadata"].get("namespace") for _, o in objs if o.get("kind") not in CLUSTER_SCOPED}
-    if nss != {exp.deploy["namespace"]}:
-        errs.append(f"{label}: namespaces {sorted(map(str, nss))}, want {exp.deploy['namespace']} (k8s/deploy.json)")
-    errs += [f"{label}: {e}" for e in check_filters_resources(objs, exp)]
+    workloads, gateway = profile
+    if gateway is not None and exp.ingress is None:
+        return errs + [f"{label}: k8s/deploy.json ingress is unusable (see its errors)"]
+
+    def want_ns(o):
+        if gateway is not None and (is_ingress_filter(o) or o.get("kind") == "Gateway"):
+            return exp.ingress["namespace"]
+        return exp.deploy["namespace"]
+    wrong = [f"{obj_id(o)} (want {want_ns(o)})" for _, o in objs
+             if o.get("kind") not in CLUSTER_SCOPED and o["metadata"].get("namespace") != want_ns(o)]
+    if wrong:
+        errs.append(f"{label}: wrong namespaces, k8s/deploy.json: {', '.join(wrong)}")
+    att = exp.attachments(workloads, gateway)
+    wl = [x for x in objs if not is_ingress_filter(x[1])]
+    gw = [x for x in objs if is_ingress_filter(x[1])]
+    names, configs = att["workloads"] or ([], {})
+    errs += [f"{label}: {e}" for e in check_filters_resources(wl, exp, workloads, names, configs)]
+    if gateway is not None:
+        errs += [f"{label}: {e}" for e in check_filters_resources(gw, exp, "WasmPlugin", *att["gateway"],
+                                                                  where="ingress gateway")]
+        errs += [f"{label}: {e}" for e in check_ingress(objs, exp)]
+    else:
+        extra = [obj_id(o) for _, o in gw] + [obj_id(o) for _, o in objs if o.get("kind") in ("Gateway", "VirtualService")]
+        if extra:
+            errs.append(f"{label}: ingress resources in a kustomization without the ingress: {extra}")
     errs += [f"{label}: {e}" for e in check_sidecar(objs, exp)]
     return errs
 
@@ -1345,7 +1796,7 @@ def self_test(envoy_doc, builds, exp):
         def run():
             objs = copy.deepcopy(builds[build])
             mutate(objs)
-            return check_build(f"broken {build}", objs, exp)
+            return check_build(f"broken {build}", objs, exp, KUSTOMIZATIONS[build])
         return run
 
     def set_(d, k, v):
@@ -1415,6 +1866,92 @@ def self_test(envoy_doc, builds, exp):
          k8s_case("k8s/overlays/trafficextension", lambda o: set_(
              find(o, "TrafficExtension")["spec"]["wasm"], "sha", "x"))),
     ]
+
+    # the ingress overlays
+    ING, BOTH = "k8s/overlays/ingress", "k8s/overlays/ingress-and-sidecar"
+    vs_http = lambda o: find(o, "VirtualService")["spec"]["http"]
+    ws_route = lambda o: next(r for r in vs_http(o) if r["match"] == [{"uri": {"exact": "/ws"}}])
+    gw_plugin = lambda o, n: find(o, "WasmPlugin", INGRESS_PREFIX + n)
+    sidecar_host = exp.deploy["clusters"]["sidecar"]["host"]
+
+    def deploy_case(mutate):
+        def run():
+            d = copy.deepcopy(exp.deploy)
+            mutate(d["ingress"]["with_sidecar_attachment"])
+            return Expected(exp.filters, d, exp.routes).errors
+        return run
+
+    def routes_case(mutate):
+        def run():
+            d = copy.deepcopy(envoy_doc)
+            mutate(hcm(d)["route_config"]["virtual_hosts"][0]["routes"])
+            return envoy_routes(d, "broken envoy.yaml")[1]
+        return run
+
+    def drop(objs, kind, name):
+        objs[:] = [x for x in objs if not (x[1]["kind"] == kind and x[1]["metadata"]["name"] == name)]
+
+    def with_base_patches(o):
+        find(o, "EnvoyFilter")["spec"]["configPatches"] = copy.deepcopy(
+            find(builds["k8s/base"], "EnvoyFilter")["spec"]["configPatches"])
+
+    cases += [
+        ("VirtualService: /ws with a timeout (every WebSocket ended at it)",
+         k8s_case(ING, lambda o: set_(ws_route(o), "timeout", "3600s"))),
+        ("VirtualService: /ws with timeout 0s (the CRD's CEL rule wants >= 1ms)",
+         k8s_case(ING, lambda o: set_(ws_route(o), "timeout", "0s"))),
+        ("VirtualService: a route to /internal/ (the grants feed)",
+         k8s_case(ING, lambda o: vs_http(o).append({
+             "name": "internal", "match": [{"uri": {"prefix": "/internal/"}}],
+             "route": [{"destination": {"host": sidecar_host, "port": {"number": 8081}}}]}))),
+        ("VirtualService: a catch-all route to the sidecar (reaches /internal/)",
+         k8s_case(ING, lambda o: vs_http(o).append({
+             "name": "rest", "route": [{"destination": {"host": sidecar_host}}]}))),
+        ("VirtualService: /api/ routed to the sidecar instead of the applications",
+         k8s_case(ING, lambda o: set_(vs_http(o)[-1]["route"][0]["destination"], "host", sidecar_host))),
+        ("VirtualService: an unknown field (CRD schema)",
+         k8s_case(ING, lambda o: set_(ws_route(o), "websocketUpgrade", True))),
+        ("gateway WasmPlugin: priorities that reorder the filters",
+         k8s_case(ING, lambda o: set_(gw_plugin(o, exp.names[0])["spec"], "priority", 1))),
+        ("gateway WasmPlugin: match mode SERVER (never attaches to a gateway's listeners)",
+         k8s_case(ING, lambda o: set_(gw_plugin(o, "auth")["spec"], "match", [{"mode": "SERVER"}]))),
+        ("gateway WasmPlugin: outside the gateway's namespace (its selector misses the gateway)",
+         k8s_case(ING, lambda o: set_(gw_plugin(o, "auth")["metadata"], "namespace", "elsewhere"))),
+        ("gateway WasmPlugin: selecting the application pods",
+         k8s_case(ING, lambda o: set_(gw_plugin(o, "auth")["spec"]["selector"], "matchLabels",
+                                      dict(exp.deploy["workload_labels"])))),
+        ("gateway WasmPlugin: a plugin configuration drifted from envoy.yaml",
+         k8s_case(ING, lambda o: set_(gw_plugin(o, "ratelimit")["spec"], "pluginConfig",
+                                      {**exp.k8s_json["ratelimit"], "on_error": "deny"}))),
+        ("gateway WasmPlugin: one filter missing",
+         k8s_case(ING, lambda o: drop(o, "WasmPlugin", INGRESS_PREFIX + "entitlements"))),
+        ("Gateway: an unknown field (CRD schema)",
+         k8s_case(ING, lambda o: set_(find(o, "Gateway")["spec"]["servers"][0], "tlsMode", "SIMPLE"))),
+        ("Gateway: a selector other than the gateway's pods",
+         k8s_case(ING, lambda o: set_(find(o, "Gateway")["spec"], "selector", {"istio": "egressgateway"}))),
+        ("NetworkPolicy: the gateway's pods not admitted to the sidecar",
+         k8s_case(ING, lambda o: drop(o, "NetworkPolicy", INGRESS_NETPOL))),
+        ("ingress: the base's EnvoyFilter kept (filters on the workloads too, unplanned)",
+         k8s_case(ING, lambda o: o.append(next(x for x in builds["k8s/base"] if x[1]["kind"] == "EnvoyFilter")))),
+        ("ingress-and-sidecar: the gateway's auth not forwarding the token (401 at the workloads)",
+         k8s_case(BOTH, lambda o: gw_plugin(o, "auth")["spec"]["pluginConfig"]["output"].pop("forward_token"))),
+        ("ingress-and-sidecar: usage in the workloads' EnvoyFilter too (metered twice)",
+         k8s_case(BOTH, with_base_patches)),
+        ("deploy.json: usage at the gateway and at the workloads",
+         deploy_case(lambda b: b.update(workload_filters=list(exp.names), gateway_filters=list(exp.names)))),
+        ("deploy.json: the workloads' auth while the gateway's removes the token",
+         deploy_case(lambda b: set_(b, "gateway_overrides", {}))),
+        ("deploy.json: a gateway without auth (clients' x-auth-* reach the sidecar)",
+         deploy_case(lambda b: set_(b, "gateway_filters", [n for n in exp.names if n != "auth"]))),
+        ("deploy.json: filters out of envoy.yaml's order",
+         deploy_case(lambda b: set_(b, "workload_filters", list(reversed(b["workload_filters"]))))),
+        ("envoy.yaml: a route the VirtualService cannot mirror (regex match)",
+         routes_case(lambda r: r.append({"match": {"safe_regex": {"regex": "/v2/.*"}},
+                                         "route": {"cluster": "sidecar"}}))),
+        ("envoy.yaml: a route whose cluster has no in-cluster Service",
+         lambda: Expected(exp.filters, exp.deploy, exp.routes + [
+             {"match": ("prefix", "/x/"), "cluster": "nowhere", "timeout": None}]).errors),
+    ]
     failures = 0
     for name, run in cases:
         try:
@@ -1457,7 +1994,9 @@ def main():
     if errs:  # nothing below is meaningful without a sound envoy.yaml
         return finish(errors, t0)
 
-    exp = Expected(filters, load_yaml(DEPLOY_JSON))
+    routes, errs = envoy_routes(envoy_doc, rel(args.envoy))
+    errors += errs
+    exp = Expected(filters, load_yaml(DEPLOY_JSON), routes)
     if args.sync:
         step("sync: generated k8s files")
         exp = sync(exp, args.pin)
@@ -1470,7 +2009,7 @@ def main():
         print("   OK: " + ", ".join(generated(exp)))
 
     builds = {}
-    for kdir in KUSTOMIZATIONS:
+    for kdir, profile in KUSTOMIZATIONS.items():
         step(f"k8s: {kdir}")
         kerrs = []
         objs = kustomize(os.path.join(ROOT, kdir), kerrs)
@@ -1489,7 +2028,7 @@ def main():
                 errors.append(f"{kdir}: {how} differs from the built-in resolver on {diff}")
             else:
                 print(f"   `{how}` = the built-in resolver ({len(ref)} objects)")
-        errs = check_build(kdir, objs, exp)
+        errs = check_build(kdir, objs, exp, profile)
         errors += errs
         builds[kdir] = objs
         if not errs:
