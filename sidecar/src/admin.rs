@@ -140,7 +140,7 @@ async fn with_store<T>(
         match GrantStore::connect(&admin.conninfo).await {
             Ok(s) => *guard = Some(s),
             Err(e) => {
-                log::warn!("admin: {e}");
+                tracing::warn!("admin: {e}");
                 return Err(unavailable("the grants store is unavailable"));
             }
         }
@@ -151,7 +151,7 @@ async fn with_store<T>(
     match f(store).await {
         Ok(v) => Ok(v),
         Err(e) => {
-            log::warn!("admin: {e}");
+            tracing::warn!("admin: {e}");
             *guard = None;
             Err(unavailable("the grants store is unavailable"))
         }

@@ -35,6 +35,15 @@ pub struct Config {
     /// need `--bus nats` to share publishes.
     #[arg(long, env = "SIDECAR_REUSE_PORT")]
     pub reuse_port: bool,
+    /// What is logged: an env-filter directive (`RUST_LOG` syntax, e.g.
+    /// `info` or `sidecar=debug,async_nats=warn`). Unset: `RUST_LOG`, else
+    /// `info`.
+    #[arg(long, env = "SIDECAR_LOG")]
+    pub log: Option<String>,
+    /// How log lines are written: `text` (human-readable) or `json` (one
+    /// object per line: timestamp, level, target, message, fields).
+    #[arg(long, env = "SIDECAR_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: crate::logging::LogFormat,
     /// The entitlements policy (JSON, the entitlements filter's format); its
     /// channel rules decide subscriptions and publishes.
     #[arg(long, env = "SIDECAR_POLICY")]
@@ -253,6 +262,30 @@ pub struct Config {
 }
 
 impl Config {
+    /// This configuration with its secrets replaced by `<redacted>`: the
+    /// usage secret, the feed token, the admin secret, and the passwords
+    /// (and URL user info) of the PostgreSQL, Redis, NATS and policy
+    /// addresses. What startup logs.
+    pub fn redacted(&self) -> Config {
+        let secret = |s: &Option<String>| s.as_ref().map(|_| REDACTED.to_string());
+        let mut c = self.clone();
+        c.usage_secret = secret(&self.usage_secret);
+        c.grants_feed_token = secret(&self.grants_feed_token);
+        c.admin_secret = secret(&self.admin_secret);
+        c.usage_postgres = self
+            .usage_postgres
+            .as_deref()
+            .map(crate::pg::redact_conninfo);
+        c.grants_postgres = self
+            .grants_postgres
+            .as_deref()
+            .map(crate::pg::redact_conninfo);
+        c.redis = redact_url(&self.redis);
+        c.nats_url = redact_url(&self.nats_url);
+        c.policy_url = self.policy_url.as_deref().map(redact_url);
+        c
+    }
+
     pub fn hub(&self) -> HubConfig {
         HubConfig {
             max_channels: self.max_channels,
@@ -345,5 +378,62 @@ fn parse_cluster(s: &str) -> Result<(String, String), String> {
             Ok((name.to_string(), addr.to_string()))
         }
         _ => Err(format!("{s:?}: expected name=host:port")),
+    }
+}
+
+pub(crate) const REDACTED: &str = "<redacted>";
+
+/// A URL with the user info of its authority (`user:password@`) replaced;
+/// anything that is not `scheme://…` stays.
+pub(crate) fn redact_url(s: &str) -> String {
+    let Some(start) = s.find("://").map(|i| i + 3) else {
+        return s.to_string();
+    };
+    let end = s[start..]
+        .find(['/', '?', '#'])
+        .map_or(s.len(), |i| start + i);
+    match s[start..end].rfind('@') {
+        Some(at) => format!("{}{REDACTED}{}", &s[..start], &s[start + at..]),
+        None => s.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn url_user_info_is_redacted() {
+        assert_eq!(
+            redact_url("nats://u:p@nats:4222"),
+            "nats://<redacted>@nats:4222"
+        );
+        assert_eq!(redact_url("nats://nats:4222"), "nats://nats:4222");
+        assert_eq!(redact_url("127.0.0.1:6379"), "127.0.0.1:6379");
+        assert_eq!(
+            redact_url("http://cfg/policy?next=a@b"),
+            "http://cfg/policy?next=a@b"
+        );
+    }
+
+    #[test]
+    fn the_redacted_configuration_holds_no_secret() {
+        let c = Config::parse_from([
+            "sidecar",
+            "--policy=p.json",
+            "--usage-secret=SECRET1",
+            "--grants-feed-token=SECRET2",
+            "--admin-secret=SECRET3",
+            "--usage-postgres=host=db password=SECRET4",
+            "--grants-postgres=postgresql://u:SECRET5@db/x",
+            "--nats-url=nats://u:SECRET6@nats:4222",
+            "--redis=redis://:SECRET7@redis:6379",
+            "--policy-url=http://u:SECRET8@cfg/policy",
+        ]);
+        let shown = format!("{:?}", c.redacted());
+        assert!(!shown.contains("SECRET"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+        assert!(shown.contains("p.json"), "{shown}");
     }
 }

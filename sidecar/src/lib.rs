@@ -15,7 +15,9 @@ pub mod fanout;
 pub mod fetch;
 pub mod grants;
 pub mod internal;
+pub mod logging;
 pub mod metrics;
+pub mod pg;
 pub mod protocol;
 pub mod reload;
 pub mod resp;
@@ -120,6 +122,9 @@ pub async fn app_with_bus(
     if let Some(v) = &verifier {
         v.start(shutdown.clone());
     }
+    if let Some(c) = &config.usage_postgres {
+        pg::check(c).map_err(|e| StartError::Usage(format!("--usage-postgres: {e}")))?;
+    }
     let usage = usage::Usage::start(config.usage(), shutdown)
         .await
         .map_err(StartError::Usage)?;
@@ -198,6 +203,10 @@ pub fn start_grants(
             reason: "--grants-file and --grants-postgres are exclusive".into(),
         }),
         (Some(conninfo), None) => {
+            pg::check(conninfo).map_err(|reason| StartError::Grants {
+                path: "--grants-postgres".into(),
+                reason,
+            })?;
             let cfg = grants::sync::PgSync::new(
                 conninfo,
                 Duration::from_secs(config.grants_resync.max(1)),
@@ -230,6 +239,11 @@ pub async fn run(
     config: config::Config,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = ?config.redacted(),
+        "sidecar: starting"
+    );
     let policy = load_policy(&config.policy)?;
     let seen = std::fs::read(&config.policy).ok();
     let app = app_with_bus(&config, policy, shutdown.clone()).await?;

@@ -5,13 +5,18 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> std::process::ExitCode {
     let config = sidecar::config::Config::parse();
+    let directive = sidecar::logging::directive(config.log.as_deref());
+    if let Err(e) = sidecar::logging::init("--log", &directive, config.log_format) {
+        eprintln!("sidecar: {e}");
+        return std::process::ExitCode::from(2);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("sidecar: cannot start the runtime: {e}");
+            tracing::error!(error = %e, "sidecar: cannot start the runtime");
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -19,11 +24,11 @@ fn main() -> std::process::ExitCode {
         let listener = match listen(config.listen, config.reuse_port) {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("sidecar: cannot listen on {}: {e}", config.listen);
+                tracing::error!(listen = %config.listen, error = %e, "sidecar: cannot listen");
                 return std::process::ExitCode::FAILURE;
             }
         };
-        eprintln!("sidecar: listening on {}", config.listen);
+        tracing::info!(listen = %config.listen, "sidecar: listening");
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         tokio::spawn(async move {
@@ -33,13 +38,13 @@ fn main() -> std::process::ExitCode {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
             }
-            eprintln!("sidecar: shutting down");
+            tracing::info!("sidecar: shutting down");
             stop.cancel();
         });
         match sidecar::run(listener, config, shutdown).await {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("sidecar: {e}");
+                tracing::error!(error = %e, "sidecar: stopped");
                 std::process::ExitCode::FAILURE
             }
         }

@@ -56,7 +56,7 @@ impl FileSource {
                 if self.seen.as_deref() != Some(&[]) {
                     self.seen = Some(Vec::new());
                     m.policy_reload("file", false);
-                    log::warn!("policy {why}; the last good policy stays");
+                    tracing::warn!("policy {why}; the last good policy stays");
                 }
                 return Outcome::Refused(why);
             }
@@ -68,12 +68,12 @@ impl FileSource {
             Ok(p) => {
                 ctx.set_policy_from(p, PolicyDocument::new(bytes.clone()));
                 m.policy_reload("file", true);
-                log::info!("policy {}: reloaded", self.path.display());
+                tracing::info!("policy {}: reloaded", self.path.display());
                 Outcome::Applied
             }
             Err(e) => {
                 m.policy_reload("file", false);
-                log::warn!(
+                tracing::warn!(
                     "policy {}: refused ({e}); the last good policy stays",
                     self.path.display()
                 );
@@ -97,7 +97,7 @@ pub async fn watch_file(
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
-            log::warn!("policy: SIGHUP cannot be handled ({e}); polling only");
+            tracing::warn!("policy: SIGHUP cannot be handled ({e}); polling only");
             None
         }
     };
@@ -110,7 +110,7 @@ pub async fn watch_file(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                log::info!("policy: SIGHUP");
+                tracing::info!("policy: SIGHUP");
             }
             _ = async { match every.as_mut() { Some(i) => { i.tick().await; } None => std::future::pending().await } } => {}
         }
@@ -201,7 +201,7 @@ pub async fn watch_remote(r: Remote, ctx: Arc<Context>, shutdown: CancellationTo
                 Ok(p) => {
                     ctx.set_policy_from(p, PolicyDocument::new(f.body.clone()));
                     m.policy_reload("remote", true);
-                    log::info!(
+                    tracing::info!(
                         "policy {}{}: in force (etag {:?})",
                         r.authority,
                         r.path,
@@ -224,7 +224,7 @@ pub async fn watch_remote(r: Remote, ctx: Arc<Context>, shutdown: CancellationTo
             }
             Some(why) => {
                 let delay = schedule.failed(now());
-                log::warn!(
+                tracing::warn!(
                     "policy {}{}: {why}; the last good policy stays, retry in {delay} ms",
                     r.authority,
                     r.path

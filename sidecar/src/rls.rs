@@ -151,6 +151,9 @@ impl Limiter {
     }
 }
 
+/// Redis failures: a line at most every 10 s.
+static REDIS_ERRORS_LOG: crate::logging::Throttle = crate::logging::Throttle::new(10);
+
 /// Serves the API on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
@@ -227,10 +230,17 @@ async fn handle(
             return Err((3, "gRPC message length mismatch".to_string()));
         }
         let request = Request::decode(&b).map_err(|e| (3, e))?;
-        limiter
-            .should_rate_limit(&request)
-            .await
-            .map_err(|e| (14, e.to_string()))
+        limiter.should_rate_limit(&request).await.map_err(|e| {
+            if let Some(more) = REDIS_ERRORS_LOG.allow() {
+                tracing::warn!(
+                    domain = request.domain.as_str(),
+                    error = %e,
+                    failed_since_last_line = more,
+                    "rls: redis failed; answered UNAVAILABLE"
+                );
+            }
+            (14, e.to_string())
+        })
     };
     match answer.await {
         Ok(resp) => {

@@ -33,6 +33,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 pub use filter_common::identity::IdentityHeaders;
 
@@ -200,18 +201,32 @@ fn access(h: &HeaderMap, app: &App) -> Result<Access, String> {
 /// Serves `app` on `listener` until `shutdown` is cancelled, then stops
 /// accepting, closes every WebSocket with 1001 and waits up to the drain
 /// timeout for connections to finish.
+/// Refusals at `--max-connections`: a line at most every 10 s.
+static MAX_CONNECTIONS_LOG: crate::logging::Throttle = crate::logging::Throttle::new(10);
+
 pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) {
     app.ctx.hub.start_writers(shutdown.clone());
     let tracker = TaskTracker::new();
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => {
-                let Ok((socket, peer)) = accepted else {
-                    // Out of descriptors, most likely: back off a little.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
+                let (socket, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors, most likely: back off a
+                        // little; logged when it starts and when it ends.
+                        if !std::mem::replace(&mut failing, true) {
+                            tracing::error!(error = %e, "http: accept failed; backing off");
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
                 };
+                if std::mem::take(&mut failing) {
+                    tracing::info!("http: accepting again");
+                }
                 let _ = socket.set_nodelay(true);
                 let app = app.clone();
                 let tracker2 = tracker.clone();
@@ -272,7 +287,7 @@ async fn route(
         }
         (&Method::POST, "/v1/usage") => ingest(req, peer, app).await,
         (&Method::GET, "/v1/usage/rollups") => rollups(&req, peer, &app),
-        (&Method::GET, "/ws") => upgrade(req, app, tracker),
+        (&Method::GET, "/ws") => upgrade(req, peer, app, tracker),
         (&Method::POST, p) if p.starts_with("/publish/") => publish(req, app).await,
         (_, p) if p.starts_with("/admin/") => crate::admin::route(req, &app).await,
         (_, p) if p.starts_with("/internal/") => crate::internal::route(req, &app),
@@ -325,7 +340,12 @@ fn header_has(h: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     })
 }
 
-fn upgrade(req: Request<Incoming>, app: Arc<App>, tracker: TaskTracker) -> Response<Body> {
+fn upgrade(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    app: Arc<App>,
+    tracker: TaskTracker,
+) -> Response<Body> {
     let h = req.headers();
     if !header_has(h, header::UPGRADE, "websocket") || !header_has(h, header::CONNECTION, "upgrade")
     {
@@ -366,55 +386,80 @@ fn upgrade(req: Request<Incoming>, app: Arc<App>, tracker: TaskTracker) -> Respo
     let accept = ws::accept_key(key);
     let who = match access(h, &app) {
         Ok(i) => i,
-        Err(e) => return error(StatusCode::FORBIDDEN, "invalid_identity", e),
+        Err(e) => {
+            tracing::warn!(peer = %peer, error = %e, "ws: identity headers refused");
+            return error(StatusCode::FORBIDDEN, "invalid_identity", e);
+        }
     };
+    // Every line of the connection carries who and from where.
+    let span = tracing::info_span!(
+        "ws",
+        peer = %peer,
+        subject = who.identity.subject.as_deref().unwrap_or(""),
+        tenant = who.identity.tenant.as_deref().unwrap_or(""),
+    );
     // With a verifier, a connection that arrived without identity (the
     // auth filter let it through without a token) authenticates in-band.
     let needs_auth = app.ctx.verifier.is_some() && !h.contains_key(&app.cfg.identity.subject);
     let shutdown = app.shutdown.clone();
-    tracker.spawn(async move {
-        let Ok(upgraded) = hyper::upgrade::on(req).await else {
-            return;
-        };
-        let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
-            return;
-        };
-        let stream = parts.io.into_inner();
-        // Copy what hyper read past the request: its buffer (8 KiB or more)
-        // must not stay pinned for the life of the connection.
-        let leftover = parts.read_buf.to_vec();
-        drop(parts.read_buf);
-        let m = &app.ctx.hub.metrics;
-        if app.connections.fetch_add(1, Ordering::AcqRel) >= app.cfg.max_connections {
+    tracker.spawn(
+        async move {
+            let upgraded = match hyper::upgrade::on(req).await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::debug!(error = %e, "ws: the upgrade did not complete");
+                    return;
+                }
+            };
+            let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+                tracing::error!("ws: the upgraded connection is not a TCP stream");
+                return;
+            };
+            let stream = parts.io.into_inner();
+            // Copy what hyper read past the request: its buffer (8 KiB or more)
+            // must not stay pinned for the life of the connection.
+            let leftover = parts.read_buf.to_vec();
+            drop(parts.read_buf);
+            let m = &app.ctx.hub.metrics;
+            if app.connections.fetch_add(1, Ordering::AcqRel) >= app.cfg.max_connections {
+                app.connections.fetch_sub(1, Ordering::AcqRel);
+                m.closes.max_connections.inc();
+                if let Some(more) = MAX_CONNECTIONS_LOG.allow() {
+                    tracing::warn!(
+                        max_connections = app.cfg.max_connections,
+                        refused_since_last_line = more,
+                        "ws: refused with 1013, --max-connections reached"
+                    );
+                }
+                refuse(stream).await;
+                return;
+            }
+            m.connections.inc();
+            m.connections_opened.inc();
+            let tenant = who
+                .identity
+                .tenant
+                .clone()
+                .unwrap_or_else(|| "anonymous".into());
+            let usage = app.usage.stream_usage(&tenant);
+            usage.connections.fetch_add(1, Ordering::Relaxed);
+            usage.opened.fetch_add(1, Ordering::Relaxed);
+            session::run(
+                stream,
+                leftover,
+                who,
+                needs_auth,
+                app.ctx.clone(),
+                shutdown,
+                Some(usage.clone()),
+            )
+            .await;
+            usage.connections.fetch_sub(1, Ordering::Relaxed);
+            m.connections.dec();
             app.connections.fetch_sub(1, Ordering::AcqRel);
-            m.closes.max_connections.inc();
-            refuse(stream).await;
-            return;
         }
-        m.connections.inc();
-        m.connections_opened.inc();
-        let tenant = who
-            .identity
-            .tenant
-            .clone()
-            .unwrap_or_else(|| "anonymous".into());
-        let usage = app.usage.stream_usage(&tenant);
-        usage.connections.fetch_add(1, Ordering::Relaxed);
-        usage.opened.fetch_add(1, Ordering::Relaxed);
-        session::run(
-            stream,
-            leftover,
-            who,
-            needs_auth,
-            app.ctx.clone(),
-            shutdown,
-            Some(usage.clone()),
-        )
-        .await;
-        usage.connections.fetch_sub(1, Ordering::Relaxed);
-        m.connections.dec();
-        app.connections.fetch_sub(1, Ordering::AcqRel);
-    });
+        .instrument(span),
+    );
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let hs = r.headers_mut();
@@ -566,6 +611,7 @@ async fn ingest(req: Request<Incoming>, peer: SocketAddr, app: Arc<App>) -> Resp
         .get(USAGE_SECRET_HEADER)
         .map(|v| v.as_bytes().to_vec());
     if !u.authorized(Some(peer), secret.as_deref()) {
+        tracing::warn!(peer = %peer, "usage: batch refused, not loopback and no valid x-usage-secret");
         return usage_forbidden();
     }
     let body = match read_body(req, u.max_batch_bytes(), "a batch").await {
@@ -585,7 +631,10 @@ async fn ingest(req: Request<Incoming>, peer: SocketAddr, app: Arc<App>) -> Resp
                 "duplicate": a.duplicate,
             }),
         ),
-        Err(IngestError::Bad(e)) => error(StatusCode::BAD_REQUEST, "invalid_batch", e),
+        Err(IngestError::Bad(e)) => {
+            tracing::warn!(peer = %peer, error = %e, "usage: batch refused");
+            error(StatusCode::BAD_REQUEST, "invalid_batch", e)
+        }
         Err(IngestError::Unavailable(e)) => {
             let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", e);
             r.headers_mut()

@@ -898,7 +898,7 @@ impl Session<'_> {
             Ok(v) => v,
             Err(e) => {
                 count(e.code());
-                log::info!("ws: {} refused: {e}", kind.name());
+                tracing::info!("ws: {} refused: {e}", kind.name());
                 self.unsubscribe_all();
                 self.client.abort(refused(&e), self.metrics);
                 return;

@@ -303,7 +303,7 @@ impl Verifier {
             match result {
                 Ok((set, max_age_s)) => {
                     if !set.skipped.is_empty() {
-                        log::info!(
+                        tracing::info!(
                             "verifier: keys skipped for {issuer}: {}",
                             set.skipped.join("; ")
                         );
@@ -315,7 +315,7 @@ impl Verifier {
                 Err(why) => {
                     let delay = lock(&k.schedule).failed(now);
                     self.metrics.fetch(&name, false);
-                    log::warn!(
+                    tracing::warn!(
                         "verifier: keys of provider {name} not fetched ({why}); retry in {delay} ms"
                     );
                 }

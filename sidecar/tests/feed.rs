@@ -13,13 +13,13 @@
 
 mod common;
 
-use common::pg::{Schema, PG};
+use common::pg::{Schema, PG, PG_ADDR};
+use common::proxy::TcpProxy;
 use entitlements_core::grants::{Grant, Holder};
 use serde_json::{json, Value};
 use sidecar::grants::GrantStore;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -623,58 +623,14 @@ fn two_replicas_converge_within_a_second_of_a_write() {
     });
 }
 
-/// A TCP proxy to PostgreSQL on a port of its own, stopped and started
-/// again by the test (stopping closes every connection through it).
-struct Proxy {
-    port: u16,
-    stop: CancellationToken,
-}
-
-impl Proxy {
-    async fn start(port: u16) -> Proxy {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_reuseaddr(true).unwrap();
-        socket
-            .bind(SocketAddr::from(([127, 0, 0, 1], port)))
-            .unwrap();
-        let listener: TcpListener = socket.listen(64).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let stop = CancellationToken::new();
-        let halt = stop.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut client, _) = tokio::select! {
-                    _ = halt.cancelled() => return,
-                    a = listener.accept() => a.unwrap(),
-                };
-                let halt = halt.clone();
-                tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect("127.0.0.1:5432").await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = halt.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                    }
-                });
-            }
-        });
-        Proxy { port, stop }
-    }
-
-    fn stop(&self) {
-        self.stop.cancel();
-    }
-}
-
 #[test]
 fn postgresql_away_keeps_the_last_good_grants_and_catches_up_when_back() {
     let db = Schema::new("feed_away");
     let schema = db.name.clone();
     let direct = db.conninfo();
     block_on(async {
-        let proxy = Proxy::start(0).await;
-        let port = proxy.port;
+        let proxy = TcpProxy::start(PG_ADDR).await;
+        let port = proxy.addr.port();
         let via = format!(
             "host=127.0.0.1 port={port} user=postgres dbname=test connect_timeout=2 \
              options='-c search_path={schema}'"
@@ -687,7 +643,7 @@ fn postgresql_away_keeps_the_last_good_grants_and_catches_up_when_back() {
             .unwrap()
             .to_string();
 
-        proxy.stop();
+        proxy.cut();
         common::eventually_async("the sidecar to see PostgreSQL away", || async {
             has_line(&metrics(a).await, "sidecar_grants_source_up 0")
         })
@@ -715,7 +671,7 @@ fn postgresql_away_keeps_the_last_good_grants_and_catches_up_when_back() {
             .await
             .unwrap();
 
-        let _back = Proxy::start(port).await;
+        let _back = TcpProxy::start_at(proxy.addr, PG_ADDR).await;
         let s = until_version(a, 3).await;
         assert_eq!(s["epoch"], json!(epoch));
         assert_eq!(names(&s), ["tenant:beta"]);

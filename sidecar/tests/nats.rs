@@ -4,14 +4,14 @@
 
 mod common;
 
+use common::proxy::TcpProxy;
 use common::*;
 use serde_json::json;
 use sidecar::server::App;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const NATS: &str = "127.0.0.1:4222";
@@ -120,48 +120,10 @@ async fn replicas_share_publishes_through_nats() {
     assert_eq!(app_b.ctx.hub.metrics.bus_errors.get(), 1);
 }
 
-/// A TCP proxy to NATS that the test can cut (every connection and the
-/// listener gone) and restore on the same port.
-struct Proxy {
-    addr: SocketAddr,
-    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
-}
-
-impl Proxy {
-    async fn start(addr: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind(addr).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let tasks: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let t = tasks.clone();
-        let accept = tokio::spawn(async move {
-            loop {
-                let Ok((mut client, _)) = listener.accept().await else {
-                    return;
-                };
-                let h = tokio::spawn(async move {
-                    let Ok(mut server) = tokio::net::TcpStream::connect(NATS).await else {
-                        return;
-                    };
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                });
-                t.lock().unwrap().push(h);
-            }
-        });
-        tasks.lock().unwrap().push(accept);
-        Proxy { addr, tasks }
-    }
-
-    fn cut(&self) {
-        for t in self.tasks.lock().unwrap().drain(..) {
-            t.abort();
-        }
-    }
-}
-
 #[tokio::test]
 async fn nats_going_away_and_coming_back() {
     let p = prefix();
-    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap()).await;
+    let proxy = TcpProxy::start(NATS).await;
     let (addr, app, _s) = replica(&format!("nats://{}", proxy.addr), &p).await;
     let m = app.ctx.hub.metrics.clone();
     let mut ws = connect(addr, &[]).await;
@@ -186,7 +148,7 @@ async fn nats_going_away_and_coming_back() {
     send(&mut ws, json!({"type": "ping"})).await;
     assert_eq!(recv(&mut ws).await, json!({"type": "pong"}));
 
-    let _back = Proxy::start(proxy.addr).await;
+    let _back = TcpProxy::start_at(proxy.addr, NATS).await;
     eventually("the reconnect", || m.bus_connected.get() == 1).await;
     assert!(m.bus_reconnects.get() >= 1);
     assert_eq!(http(addr, "GET", "/readyz", &[], b"").await.0, 200);

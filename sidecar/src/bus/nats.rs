@@ -38,6 +38,7 @@ impl NatsBus {
     ) -> Result<Arc<NatsBus>, BusError> {
         let connected = Arc::new(AtomicBool::new(false));
         let (flag, metrics) = (connected.clone(), hub.metrics.clone());
+        let shown = Arc::new(crate::config::redact_url(url));
         let seen_first = Arc::new(AtomicBool::new(false));
         let options = async_nats::ConnectOptions::new()
             .name("254carbon-sidecar")
@@ -47,8 +48,12 @@ impl NatsBus {
                 Duration::from_millis((100 * attempt as u64).clamp(100, 2000))
             })
             .event_callback(move |event| {
-                let (flag, metrics, seen_first) =
-                    (flag.clone(), metrics.clone(), seen_first.clone());
+                let (flag, metrics, seen_first, url) = (
+                    flag.clone(),
+                    metrics.clone(),
+                    seen_first.clone(),
+                    shown.clone(),
+                );
                 async move {
                     match event {
                         async_nats::Event::Connected => {
@@ -57,16 +62,16 @@ impl NatsBus {
                             if seen_first.swap(true, Ordering::Relaxed) {
                                 metrics.bus_reconnects.inc();
                             }
-                            log::info!("nats: connected");
+                            tracing::info!(url = %url, "nats: connected");
                         }
                         async_nats::Event::Disconnected => {
                             flag.store(false, Ordering::Relaxed);
                             metrics.bus_connected.set(0);
-                            log::warn!("nats: disconnected, reconnecting");
+                            tracing::warn!(url = %url, "nats: disconnected, reconnecting");
                         }
                         other => {
                             metrics.bus_errors.inc();
-                            log::warn!("nats: {other}");
+                            tracing::warn!(url = %url, event = %other, "nats: {other}");
                         }
                     }
                 }
@@ -103,17 +108,36 @@ impl NatsBus {
                 let name = msg.subject.as_str().strip_prefix(&strip).unwrap_or("");
                 let Ok(channel) = Subject::parse(name) else {
                     hub.metrics.bus_errors.inc();
-                    log::warn!("nats: subject {:?} is not a channel", msg.subject.as_str());
+                    if let Some(more) = DROPS_LOG.allow() {
+                        tracing::warn!(
+                            subject = msg.subject.as_str(),
+                            dropped_since_last_line = more,
+                            "nats: the subject is not a channel; dropped"
+                        );
+                    }
                     continue;
                 };
                 // Other producers may share the subjects: only JSON values pass.
                 if serde_json::from_slice::<&serde_json::value::RawValue>(&msg.payload).is_err() {
                     hub.metrics.bus_errors.inc();
-                    log::warn!("nats: message on {name} is not JSON; dropped");
+                    if let Some(more) = DROPS_LOG.allow() {
+                        tracing::warn!(
+                            channel = name,
+                            dropped_since_last_line = more,
+                            "nats: the message is not JSON; dropped"
+                        );
+                    }
                     continue;
                 }
                 if let Err(e) = hub.publish(&channel, msg.payload) {
-                    log::warn!("nats: {name}: {e}");
+                    if let Some(more) = DROPS_LOG.allow() {
+                        tracing::warn!(
+                            channel = name,
+                            error = %e,
+                            dropped_since_last_line = more,
+                            "nats: a message not delivered"
+                        );
+                    }
                 }
             }
             let _ = sub.unsubscribe().await;
@@ -122,6 +146,8 @@ impl NatsBus {
     }
 }
 
+/// Dropped messages from the bus: a line at most every 10 s.
+static DROPS_LOG: crate::logging::Throttle = crate::logging::Throttle::new(10);
 /// Waits until the server has processed every subscription sent so far.
 ///
 /// `flush` only puts `SUB` on the wire: the server reads each connection on

@@ -112,7 +112,7 @@ impl FileGrants {
             .map_err(|e| e.to_string())?;
         live.source_ok();
         live.metrics.reload(Reload::Ok);
-        log::info!("grants {}: version 1, {n} grants", path.display());
+        tracing::info!("grants {}: version 1, {n} grants", path.display());
         Ok(FileGrants {
             path: path.to_path_buf(),
             seen: Some(bytes),
@@ -165,7 +165,7 @@ impl FileGrants {
             Ok(()) => {
                 live.source_ok();
                 live.metrics.reload(Reload::Ok);
-                log::info!(
+                tracing::info!(
                     "grants {name}: version {version}, {} grants; changed: {}",
                     set.len(),
                     holders.join(", ")
@@ -197,7 +197,7 @@ pub async fn watch(
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
-            log::warn!("grants: SIGHUP cannot be handled ({e}); polling only");
+            tracing::warn!("grants: SIGHUP cannot be handled ({e}); polling only");
             None
         }
     };
@@ -210,7 +210,7 @@ pub async fn watch(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                log::info!("grants: SIGHUP");
+                tracing::info!("grants: SIGHUP");
             }
             _ = async { match every.as_mut() { Some(i) => { i.tick().await; } None => std::future::pending().await } } => {}
         }

@@ -472,7 +472,7 @@ impl Live {
     pub fn source_ok(&self) {
         let mut h = lock(&self.health);
         if let Some((since, why)) = h.failing.take() {
-            log::info!(
+            tracing::info!(
                 "grants: {} is back after {} s ({why})",
                 self.source.name(),
                 since.elapsed().as_secs()
@@ -489,11 +489,11 @@ impl Live {
         match &mut h.failing {
             Some((_, w)) if w == why => {}
             Some((_, w)) => {
-                log::warn!("grants: {why}; the last good grants stay");
+                tracing::warn!("grants: {why}; the last good grants stay");
                 *w = why.to_string();
             }
             None => {
-                log::warn!("grants: {why}; the last good grants stay");
+                tracing::warn!("grants: {why}; the last good grants stay");
                 h.failing = Some((Instant::now(), why.to_string()));
             }
         }

@@ -171,9 +171,8 @@ impl GrantStore {
     pub async fn connect_listening(
         conninfo: &str,
     ) -> Result<(GrantStore, tokio::sync::mpsc::UnboundedReceiver<i64>), ReadError> {
-        let (client, mut conn) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls)
-            .await
-            .map_err(unavailable)?;
+        let target = crate::pg::Target::parse(conninfo).map_err(ReadError::Invalid)?;
+        let (client, mut conn) = target.connect().await.map_err(ReadError::Unavailable)?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let schema = std::sync::Arc::new(std::sync::OnceLock::<String>::new());
         let seen = schema.clone();
@@ -191,7 +190,10 @@ impl GrantStore {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        log::warn!("grants: postgres listening connection: {e}");
+                        tracing::warn!(
+                            error = %crate::pg::error_chain(&e),
+                            "grants: the postgres listening connection failed"
+                        );
                         return;
                     }
                 }

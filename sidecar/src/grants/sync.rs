@@ -134,7 +134,7 @@ async fn sync(cfg: &PgSync, store: &mut GrantStore, live: &Live) -> Result<(), S
                 .collect();
             live.apply(v, holders, log)
                 .map(|()| {
-                    log::info!(
+                    tracing::info!(
                         "grants postgres: version {v}; changed: {}{}",
                         names.join(", "),
                         if more > 0 {
@@ -189,7 +189,7 @@ async fn full(cfg: &PgSync, store: &mut GrantStore, live: &Live) -> Result<Optio
     let n = f.set.len();
     live.install(&f.epoch, version, f.set, log, floor)
         .map_err(|e| ReadError::Invalid(e.to_string()))?;
-    log::info!(
+    tracing::info!(
         "grants postgres: epoch {}, version {version}, {n} grants (full load; deltas after {floor})",
         f.epoch
     );

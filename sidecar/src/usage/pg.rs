@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 /// The migrations, in order.
@@ -85,17 +85,7 @@ fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-pub async fn connect(conninfo: &str) -> Result<Client, String> {
-    let (client, conn) = tokio_postgres::connect(conninfo, NoTls)
-        .await
-        .map_err(|e| format!("postgres: {e}"))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            log::warn!("postgres connection: {e}");
-        }
-    });
-    Ok(client)
-}
+pub use crate::pg::connect;
 
 /// Applies the usage migrations not applied yet.
 pub async fn migrate(c: &mut Client) -> Result<(), String> {
@@ -111,7 +101,8 @@ pub async fn apply_migrations(
     lock: i64,
     migrations: &[(i32, &str)],
 ) -> Result<(), String> {
-    let e = |e: tokio_postgres::Error| format!("postgres migration: {e}");
+    let e =
+        |e: tokio_postgres::Error| format!("postgres migration: {}", crate::pg::error_chain(&e));
     let tx = c.transaction().await.map_err(e)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock])
         .await
@@ -145,7 +136,7 @@ pub async fn apply_migrations(
         )
         .await
         .map_err(e)?;
-        log::info!("{track}: applied migration {v}");
+        tracing::info!("{track}: applied migration {v}");
     }
     tx.commit().await.map_err(e)
 }
@@ -219,18 +210,24 @@ async fn writer(
                 last_attempt = Some(Instant::now());
                 match connect(&cfg.conninfo).await {
                     Ok(c) => {
-                        log::info!("usage: reconnected to postgres");
+                        tracing::info!("usage: reconnected to postgres");
                         stats.connected.store(true, Ordering::Relaxed);
                         client = Some(c);
                     }
-                    Err(e) => log::warn!("usage: {e}"),
+                    Err(e) => tracing::warn!(error = %e, "usage: postgres is unreachable"),
                 }
             }
         }
         let result = match client.as_mut() {
             None => Err("postgres is unreachable; retry".to_string()),
             Some(c) => write_group(c, &group).await.map_err(|e| {
-                log::warn!("usage: postgres write failed: {e}");
+                let e = crate::pg::error_chain(&e);
+                let ids: Vec<&str> = group.iter().map(|j| j.id.as_str()).collect();
+                tracing::warn!(
+                    batches = ids.join(",").as_str(),
+                    error = %e,
+                    "usage: postgres write failed; the batches are answered 503 and resent"
+                );
                 format!("postgres write failed: {e}")
             }),
         };

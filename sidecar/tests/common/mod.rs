@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod pg;
+pub mod pg_tls;
+pub mod proxy;
 
 use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};

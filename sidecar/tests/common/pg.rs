@@ -5,6 +5,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub const PG: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
+/// Its address, for a [`super::proxy::TcpProxy`] in front of it.
+pub const PG_ADDR: &str = "127.0.0.1:5432";
 
 /// A fresh schema for one test, dropped at the end.
 pub struct Schema {

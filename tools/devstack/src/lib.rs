@@ -133,7 +133,7 @@ pub async fn start(cfg: &StackConfig, shutdown: CancellationToken) -> Result<Add
     let stop = shutdown.clone();
     tokio::spawn(async move {
         if let Err(e) = sidecar::run(l, sc, stop).await {
-            eprintln!("sidecar: {e}");
+            tracing::error!(error = %e, "sidecar: stopped");
         }
     });
 

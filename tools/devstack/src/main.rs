@@ -26,6 +26,13 @@ struct Args {
     /// Filter log lines shown: trace, debug, info, warn, error.
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// What else is logged (the sidecar, the proxy, the publisher): an
+    /// env-filter directive, `RUST_LOG` syntax. Unset: `RUST_LOG`, else `info`.
+    #[arg(long, env = "DEVSTACK_LOG")]
+    log: Option<String>,
+    /// `text` or `json` lines.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: sidecar::logging::LogFormat,
     /// Print the entitlements policy of the gateway file and exit.
     #[arg(long)]
     print_policy: bool,
@@ -56,6 +63,8 @@ fn main() {
         eprintln!("devstack: {e}");
         std::process::exit(1)
     };
+    let directive = sidecar::logging::directive(a.log.as_deref());
+    sidecar::logging::init("--log", &directive, a.log_format).unwrap_or_else(|e| fail(e));
     let gateway = if a.gateway.is_absolute() {
         a.gateway.clone()
     } else {
@@ -85,7 +94,7 @@ fn main() {
         let addrs = devstack::start(&cfg, shutdown.clone())
             .await
             .unwrap_or_else(|e| fail(e));
-        eprintln!(
+        tracing::info!(
             "devstack: identity provider http://{}, demo upstream http://{}, sidecar http://{}{}{}",
             addrs.idp,
             addrs.upstream,
@@ -101,7 +110,7 @@ fn main() {
             }
         );
         let _ = tokio::signal::ctrl_c().await;
-        eprintln!("devstack: stopping");
+        tracing::info!("devstack: stopping");
         shutdown.cancel();
         tokio::time::sleep(Duration::from_millis(300)).await;
     });

@@ -186,9 +186,34 @@ fn driver(host: Host, chain: wasm_host::Chain, rx: mpsc::Receiver<Cmd>, min_leve
         if !logs.is_empty() {
             host.clear_logs();
             for l in logs.iter().filter(|l| l.level >= min_level) {
-                eprintln!("{l}");
+                filter_log(l);
             }
         }
+    }
+}
+
+/// A filter's log line as a tracing event (target `wasm`), with Envoy's
+/// fields: the plugin, its root id and VM id.
+fn filter_log(l: &wasm_host::LogRecord) {
+    use wasm_host::LogLevel::*;
+    macro_rules! line {
+        ($level:ident) => {
+            tracing::$level!(
+                target: "wasm",
+                plugin = l.plugin.as_str(),
+                root_id = l.root_id.as_str(),
+                vm_id = l.vm_id.as_str(),
+                "{}",
+                l.message
+            )
+        };
+    }
+    match l.level {
+        Trace => line!(trace),
+        Debug => line!(debug),
+        Info => line!(info),
+        Warn => line!(warn),
+        Error | Critical => line!(error),
     }
 }
 
@@ -385,7 +410,7 @@ async fn handle(
     let (headers, body, splice) = match answer {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("devproxy: upstream {path}: {e}");
+            tracing::warn!(path = %path, error = %e, "devproxy: upstream failed; 503");
             (
                 status_pairs(503, "text/plain"),
                 b"upstream connect error or disconnect/reset before headers\n".to_vec(),

@@ -53,11 +53,15 @@ pub async fn run(sidecar: SocketAddr, every: Duration, shutdown: CancellationTok
             match post(sidecar, ch, &body).await {
                 Ok(202) => warned = false,
                 Ok(code) if !warned => {
-                    eprintln!("publisher: {ch}: sidecar answered {code}");
+                    tracing::warn!(
+                        channel = ch,
+                        status = code,
+                        "publisher: the sidecar refused a publish"
+                    );
                     warned = true;
                 }
                 Err(e) if !warned => {
-                    eprintln!("publisher: {ch}: {e}");
+                    tracing::warn!(channel = ch, error = %e, "publisher: cannot publish");
                     warned = true;
                 }
                 _ => {}
