@@ -93,11 +93,26 @@ pub async fn watch_file(
     poll: Duration,
     shutdown: CancellationToken,
 ) {
+    on_hup_or_every("policy", poll, shutdown, || {
+        source.check(&ctx);
+    })
+    .await;
+}
+
+/// Calls `check` on every SIGHUP and every `poll` (zero: only on SIGHUP)
+/// until `shutdown`; `what` names the file in the lines it logs. What the
+/// policy file and the grants file are watched with.
+pub async fn on_hup_or_every(
+    what: &'static str,
+    poll: Duration,
+    shutdown: CancellationToken,
+    mut check: impl FnMut(),
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
-            tracing::warn!("policy: SIGHUP cannot be handled ({e}); polling only");
+            tracing::warn!(error = %e, "{what}: SIGHUP cannot be handled; polling only");
             None
         }
     };
@@ -110,11 +125,11 @@ pub async fn watch_file(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                tracing::info!("policy: SIGHUP");
+                tracing::info!("{what}: SIGHUP");
             }
             _ = async { match every.as_mut() { Some(i) => { i.tick().await; } None => std::future::pending().await } } => {}
         }
-        source.check(&ctx);
+        check();
     }
 }
 

@@ -13,6 +13,8 @@
 
 mod common;
 
+use common::block_on;
+
 use common::pg::{Schema, PG, PG_ADDR};
 use common::proxy::TcpProxy;
 use entitlements_core::grants::{Grant, Holder};
@@ -21,15 +23,6 @@ use sidecar::grants::GrantStore;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
 
 fn secret() -> Vec<(String, String)> {
     vec![("x-admin-secret".to_string(), "s3cret".to_string())]

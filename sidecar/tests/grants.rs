@@ -10,20 +10,14 @@
 
 mod common;
 
+use common::block_on;
+
 use common::pg::Schema;
 use entitlements_core::grants::{Caller, Grant, Grants, Holder};
 use futures_util::{stream, StreamExt};
 use serde_json::json;
 use sidecar::grants::{notice_version, GrantStore, CHANNEL};
 use std::time::Duration;
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
 
 fn tenant(t: &str, r: &str, a: &str) -> Grant {
     Grant::new(Holder::Tenant(t.into()), r, a).unwrap()

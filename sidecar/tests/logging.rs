@@ -93,12 +93,7 @@ fn has(v: &Value, field: &str, part: &str) -> bool {
 #[test]
 fn a_nats_disconnect_and_a_postgres_write_failure_are_logged_without_secrets() {
     let db = Schema::new("logging");
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(logged(&db));
+    common::block_on(logged(&db));
 }
 
 async fn logged(db: &Schema) {

@@ -5,19 +5,12 @@
 
 mod common;
 
+use common::block_on;
+
 use common::pg_tls::TlsPostgres;
 use serde_json::json;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
 
 /// Whether the connection of `c` is encrypted, as the server sees it.
 async fn encrypted(c: &tokio_postgres::Client) -> bool {

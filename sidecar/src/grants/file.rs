@@ -193,29 +193,10 @@ pub async fn watch(
     poll: Duration,
     shutdown: CancellationToken,
 ) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!("grants: SIGHUP cannot be handled ({e}); polling only");
-            None
-        }
-    };
-    let mut every = (!poll.is_zero()).then(|| {
-        let mut i = tokio::time::interval(poll);
-        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        i
-    });
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                tracing::info!("grants: SIGHUP");
-            }
-            _ = async { match every.as_mut() { Some(i) => { i.tick().await; } None => std::future::pending().await } } => {}
-        }
+    crate::reload::on_hup_or_every("grants", poll, shutdown, || {
         source.check(&live);
-    }
+    })
+    .await;
 }
 
 #[cfg(test)]

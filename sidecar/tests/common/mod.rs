@@ -32,6 +32,17 @@ pub const POLICY: &str = r#"{
   ]
 }"#;
 
+/// Runs `f` on a runtime of its own (2 workers), for a `#[test]` that
+/// also calls blocking helpers (the PostgreSQL schema's).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
 pub fn config(args: &[&str]) -> Config {
     use clap::Parser;
     let mut all = vec!["sidecar", "--policy", "unused.json"];
