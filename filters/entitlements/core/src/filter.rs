@@ -266,6 +266,13 @@ impl Entitlements {
         }
     }
 
+    /// 503 with `Retry-After: 1`, counted: what the filter needs is not in yet.
+    fn unavailable<H: Host>(&self, h: &H, body: &str) -> Flow {
+        h.increment(self.metrics.unavailable, 1);
+        h.reply_json(503, &[("retry-after", "1")], body);
+        Flow::Pause
+    }
+
     fn invalid_path<H: Host>(&self, h: &H, why: &str) -> Flow {
         h.increment(self.metrics.invalid_path, 1);
         h.log(Level::Debug, &format!("entitlements: invalid path: {why}"));
@@ -476,26 +483,20 @@ impl Filter for Entitlements {
 
     fn on_request_headers<H: Host>(&mut self, h: &H, _stream: &mut (), _id: u32) -> Flow {
         let Some(policy) = self.policy.clone() else {
-            h.increment(self.metrics.unavailable, 1);
-            h.reply_json(
-                503,
-                &[("retry-after", "1")],
+            return self.unavailable(
+                h,
                 r#"{"error":"unavailable","message":"entitlements policy not loaded yet"}"#,
             );
-            return Flow::Pause;
         };
         if policy.uses_grants() && self.feed.as_ref().is_some_and(|f| !f.ready()) {
             // Until the first version of the grants is in, the workers
             // look at every request (the fetcher's answer may be in).
             self.sync_grants(h);
             if self.feed.as_ref().is_some_and(|f| !f.ready()) {
-                h.increment(self.metrics.unavailable, 1);
-                h.reply_json(
-                    503,
-                    &[("retry-after", "1")],
+                return self.unavailable(
+                    h,
                     r#"{"error":"unavailable","message":"entitlements grants not loaded yet"}"#,
                 );
-                return Flow::Pause;
             }
         }
 
