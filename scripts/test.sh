@@ -70,3 +70,9 @@ step "core crates on wasm32-wasip1 (libtest under wasmtime)"
 # (wasi-libc's memcmp, memchr, malloc), under PyPI's wasmtime in a venv of
 # its own under the target directory.
 scripts/wasip1-tests.sh --locked
+
+step "fuzzing (smoke)"
+# Every fuzz target (fuzz/README.md) for a few seconds, on the stable
+# toolchain; a crash fails the run and prints its reproducer.
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+scripts/fuzz.sh --smoke 4
