@@ -29,13 +29,20 @@
                      VirtualService against envoy.yaml's routes (/ws without
                      a timeout, nothing reaching /internal/) and the
                      NetworkPolicy for the gateway's pods; generated files
-                     byte for byte against a fresh generation.
+                     byte for byte against a fresh generation; the sidecar's
+                     image pinned by digest (deploy.json) and run as its user.
+  target/oci/        the filters' layouts (scripts/package-oci.sh) and the
+                     sidecar's (scripts/package-sidecar.sh: a static binary,
+                     a non-root user, the entrypoint, sidecar/migrations/)
+                     verified; whether they are the pinned digests is reported.
   self-test          broken copies (in memory) of each kind must be refused.
 
   --sync             rewrite the generated files (and the policy checksum
                      annotation) from envoy/envoy.yaml and k8s/deploy.json.
   --pin              with --sync: first take the image digests in
-                     k8s/deploy.json from target/oci (scripts/package-oci.sh).
+                     k8s/deploy.json from target/oci (scripts/package-oci.sh,
+                     scripts/package-sidecar.sh): each image with a layout
+                     there; the others keep theirs, and are named.
   --envoy FILE       check FILE instead of envoy/envoy.yaml.
 """
 
@@ -50,6 +57,7 @@ import os
 import pkgutil
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -81,6 +89,8 @@ def _crds():
 CRDS = _crds()
 DEPLOY_JSON = os.path.join(ROOT, "k8s", "deploy.json")
 SIDECAR_CONFIG_RS = os.path.join(ROOT, "sidecar", "src", "config.rs")
+SIDECAR_MIGRATIONS = os.path.join(ROOT, "sidecar", "migrations")
+SIDECAR_IMAGE = "sidecar"  # its name under images.repository and in images.digests, and target/oci/sidecar
 # Each kustomization and what it attaches the filters to: the application
 # workloads (the kind that does it, or None) and the ingress gateway (None,
 # "alone", or "both": beside the workloads' attachment, deploy.json's
@@ -486,12 +496,13 @@ class Expected:
             for i, n in enumerate(in_phase):
                 self.priority[n] = 10 * (len(in_phase) - i)
         imgs = deploy["images"]
-        for n in self.names:
+        for n in self.names + [SIDECAR_IMAGE]:
             d = imgs["digests"].get(n, "")
             if not re.fullmatch(r"[0-9a-f]{64}", d):
+                how = "scripts/package-sidecar.sh" if n == SIDECAR_IMAGE else "scripts/package-oci.sh"
                 self.errors.append(
                     f"k8s/deploy.json: images.digests.{n} is {d!r}, not a sha256 hex digest "
-                    "(scripts/package-oci.sh --pin, then scripts/check-deploy.sh --sync)")
+                    f"({how}, then scripts/check-deploy.sh --sync --pin)")
 
         self.ingress = self._ingress(deploy.get("ingress"))
 
@@ -627,6 +638,11 @@ class Expected:
 
     def digest(self, name):
         return self.deploy["images"]["digests"].get(name, "")
+
+    def sidecar_image(self):
+        """The sidecar Deployment's image: by digest (the tag for people)."""
+        i = self.deploy["images"]
+        return f"{i['repository']}/{SIDECAR_IMAGE}:{i['tag']}@sha256:{self.digest(SIDECAR_IMAGE)}"
 
 
 # --------------------------------------------------------------------------
@@ -879,18 +895,40 @@ def generated(exp):
 
 CHECKSUM_RE = re.compile(r'(checksum/policy:\s*)"?([0-9a-f]*)"?')
 AUTH_CHECKSUM_RE = re.compile(r'(checksum/auth:\s*)"?([0-9a-f]*)"?')
+# The sidecar container's image line in base/sidecar.yaml (any registry, tag, digest).
+SIDECAR_IMAGE_RE = re.compile(r'^(\s*image:\s*)"?[^\s"]*/' + SIDECAR_IMAGE + r'(?:[:@][^\s"]*)?"?[ \t]*$', re.M)
 
 
 def sync(exp, pin):
     if pin:
+        # Each image whose layout is in target/oci is pinned (a broken one
+        # stops everything); one without a layout keeps its digest and is
+        # named, so the sidecar (minutes of musl build) or the filters can
+        # be rebuilt and pinned alone.
         deploy = load_yaml(DEPLOY_JSON)
-        for n in exp.names:
+        kept = []
+        for n in exp.names + [SIDECAR_IMAGE]:
+            layout = os.path.join(TARGET, "oci", n)
+            how = "scripts/package-sidecar.sh" if n == SIDECAR_IMAGE else "scripts/package-oci.sh"
+            if not os.path.isdir(layout):
+                kept.append(n)
+                continue
             try:
-                got = oci_layout.verify(os.path.join(TARGET, "oci", n))
+                if n == SIDECAR_IMAGE:
+                    errs, got = sidecar_layout_errors(oci_layout.Layout(layout))
+                    if errs:
+                        raise ValueError(errs[0])
+                else:
+                    got = oci_layout.verify(layout)
             except (OSError, ValueError, KeyError) as e:
-                sys.exit(f"--pin: target/oci/{n}: {e} (run scripts/package-oci.sh first)")
+                sys.exit(f"--pin: target/oci/{n}: {e} ({how})")
             deploy["images"]["digests"][n] = got["digest"]
             print(f"   pinned {n}: sha256:{got['digest']}")
+        if len(kept) == len(exp.names) + 1:
+            sys.exit(f"--pin: no layouts in {os.path.join(TARGET, 'oci')} "
+                     "(scripts/package-oci.sh, scripts/package-sidecar.sh)")
+        for n in kept:
+            note(f"--pin: no target/oci/{n}: its digest in k8s/deploy.json is kept")
         with open(DEPLOY_JSON, "w") as f:
             json.dump(deploy, f, indent=2)
             f.write("\n")
@@ -908,10 +946,11 @@ def sync(exp, pin):
     new = CHECKSUM_RE.sub(lambda m: f'{m.group(1)}"{sha256_text(exp.policy_text)}"', text)
     if exp.auth_text is not None:
         new = AUTH_CHECKSUM_RE.sub(lambda m: f'{m.group(1)}"{sha256_text(exp.auth_text)}"', new)
+    new = SIDECAR_IMAGE_RE.sub(lambda m: m.group(1) + exp.sidecar_image(), new)
     if new != text:
         with open(side, "w") as f:
             f.write(new)
-        print("   wrote k8s/base/sidecar.yaml (checksum/policy, checksum/auth)")
+        print("   wrote k8s/base/sidecar.yaml (checksum/policy, checksum/auth, image)")
     return exp
 
 
@@ -1508,6 +1547,9 @@ def check_sidecar(objs, exp):
                 settings[env_to_flag[name]] = val
     if c.get("command"):
         errs.append("Deployment: use the image's entrypoint (the sidecar binary), not command")
+    if c.get("image") != exp.sidecar_image():
+        errs.append(f"Deployment: image {c.get('image')!r} is not k8s/deploy.json's sidecar image by digest "
+                    f"{exp.sidecar_image()!r} (scripts/check-deploy.sh --sync)")
     # --policy is the ConfigMap's key where it is mounted
     pol = settings.get("--policy")
     mounts = {m["name"]: m["mountPath"].rstrip("/") for m in c.get("volumeMounts", [])}
@@ -1569,6 +1611,12 @@ def check_sidecar(objs, exp):
     if not (sc.get("readOnlyRootFilesystem") and sc.get("allowPrivilegeEscalation") is False
             and (sc.get("runAsNonRoot") or psc.get("runAsNonRoot"))):
         errs.append("Deployment: the container must run non-root, read-only, without privilege escalation")
+    # the image's own user (scripts/oci_layout.py): the Deployment and the image agree
+    for key, want in (("runAsUser", oci_layout.SIDECAR_UID), ("runAsGroup", oci_layout.SIDECAR_GID)):
+        got = sc.get(key, psc.get(key))
+        if got != want:
+            errs.append(f"Deployment: {key} is {got!r}, not the image's user {want} "
+                        f"({oci_layout.SIDECAR_USER}, scripts/oci_layout.py)")
     res = c.get("resources") or {}
     if not (res.get("requests") and (res.get("limits") or {}).get("memory")):
         errs.append("Deployment: resources need requests and a memory limit")
@@ -1745,10 +1793,33 @@ def check_generated(exp):
     return errs
 
 
+def sidecar_layout_errors(layout):
+    """The sidecar's image (an oci_layout.Layout) against what the Deployment
+    expects: oci_layout.verify_sidecar (static x86-64 entrypoint, non-root
+    user in /etc/passwd, migrations, ports), that user and entrypoint, and
+    sidecar/migrations/ as it is. Returns (errors, verify_sidecar's result)."""
+    try:
+        got = oci_layout.verify_sidecar(layout)
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        return [str(e)], None
+    errs = []
+    user = f"{oci_layout.SIDECAR_UID}:{oci_layout.SIDECAR_GID}"
+    if got["user"] != user:
+        errs.append(f"{layout.name}: config User {got['user']!r}, but the Deployment runs as {user}")
+    if got["entrypoint"] != oci_layout.SIDECAR_BIN:
+        errs.append(f"{layout.name}: Entrypoint {got['entrypoint']!r}, not {oci_layout.SIDECAR_BIN}")
+    want = {n: hashlib.sha256(d).hexdigest() for n, d in oci_layout.read_migrations(SIDECAR_MIGRATIONS).items()}
+    if got["migrations"] != want:
+        diff = sorted(n for n in set(want) | set(got["migrations"]) if want.get(n) != got["migrations"].get(n))
+        errs.append(f"{layout.name}: migrations under {oci_layout.SIDECAR_MIGRATIONS} differ from "
+                    f"sidecar/migrations/ ({', '.join(diff)}; scripts/package-sidecar.sh)")
+    return errs, got
+
+
 def check_oci(exp):
-    """Layouts in target/oci (scripts/package-oci.sh) must be sound; whether
-    the pins are this build's is only reported (a release pins digests, a
-    build of other sources differs)."""
+    """Layouts in target/oci (scripts/package-oci.sh, scripts/package-sidecar.sh)
+    must be sound; whether the pins are this build's is only reported (a
+    release pins digests, a build of other sources differs)."""
     errs = []
     for n in exp.names:
         layout = os.path.join(TARGET, "oci", n)
@@ -1770,6 +1841,24 @@ def check_oci(exp):
                 _, _, d = oci_layout.build(f.read(), n, exp.deploy["images"]["tag"])
             if d != exp.digest(n):
                 note(f"{n}: an image of the built {n}.wasm would be sha256:{d[:16]}…, not the pinned one")
+    layout = os.path.join(TARGET, "oci", SIDECAR_IMAGE)
+    binary = os.path.join(TARGET, "x86_64-unknown-linux-musl", "release", "sidecar")
+    if os.path.isdir(layout):
+        try:
+            lerrs, got = sidecar_layout_errors(oci_layout.Layout(layout))
+        except (OSError, ValueError, KeyError) as e:
+            lerrs, got = [f"{layout}: {e}"], None
+        errs += [f"target/oci/{SIDECAR_IMAGE}: {e}" for e in lerrs]
+        if got is not None and not lerrs:
+            if os.path.exists(binary):
+                with open(binary, "rb") as f:
+                    if got["binary_sha256"] != hashlib.sha256(f.read()).hexdigest():
+                        note(f"target/oci/{SIDECAR_IMAGE} holds an older build of the sidecar (scripts/package-sidecar.sh)")
+            state = "= the pin" if got["digest"] == exp.digest(SIDECAR_IMAGE) else "!= the pin in k8s/deploy.json"
+            print(f"   target/oci/{SIDECAR_IMAGE}: OK, static {got['entrypoint']}, user {got['user']}, "
+                  f"{len(got['migrations'])} migrations, image sha256:{got['digest'][:16]}… {state}")
+    else:
+        note(f"no target/oci/{SIDECAR_IMAGE}: the sidecar's image is not verified (scripts/package-sidecar.sh)")
     return errs
 
 
@@ -1952,6 +2041,81 @@ def self_test(envoy_doc, builds, exp):
          lambda: Expected(exp.filters, exp.deploy, exp.routes + [
              {"match": ("prefix", "/x/"), "cluster": "nowhere", "timeout": None}]).errors),
     ]
+    # the sidecar's image: broken copies of a sound one, in memory, around a
+    # made-up x86-64 ELF (no build needed)
+    def fake_elf(interp=None, needed=()):
+        phnum = 2 + (interp is not None)
+        base = 64 + 56 * phnum
+        strtab = b"\0" + b"".join(n.encode() + b"\0" for n in needed)
+        offs, i = [], 1
+        for n in needed:
+            offs.append(i)
+            i += len(n) + 1
+        interp_b = (interp.encode() + b"\0") if interp else b""
+        dyn_off = base + len(interp_b) + len(strtab)
+        dyn_off += -dyn_off % 8
+        dyn = b"".join(struct.pack("<qQ", 1, o) for o in offs)  # DT_NEEDED
+        dyn += struct.pack("<qQ", 5, base + len(interp_b)) + struct.pack("<qQ", 0, 0)  # DT_STRTAB, DT_NULL
+        size = dyn_off + len(dyn)
+        ph = struct.pack("<IIQQQQQQ", 1, 5, 0, 0, 0, size, size, 0x1000)  # PT_LOAD, all of it
+        if interp:
+            ph += struct.pack("<IIQQQQQQ", 3, 4, base, base, base, len(interp_b), len(interp_b), 1)
+        ph += struct.pack("<IIQQQQQQ", 2, 6, dyn_off, dyn_off, dyn_off, len(dyn), len(dyn), 8)
+        head = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+        head += struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, 64, 0, 0, 64, 56, phnum, 64, 0, 0)
+        body = head + ph + interp_b + strtab
+        return body + bytes(dyn_off - len(body)) + dyn
+
+    migrations = oci_layout.read_migrations(SIDECAR_MIGRATIONS)
+
+    def image_case(mutate=lambda entries, config: None, binary=None, tamper=False):
+        def run():
+            entries, config, labels = oci_layout.sidecar_parts(
+                fake_elf() if binary is None else binary, migrations, "0.0.0", "")
+            mutate(entries, config["config"])
+            blobs, index, _ = oci_layout.image(oci_layout.layer_tar(entries), config, "t", labels)
+            if tamper:
+                layer = json.loads(blobs[index["manifests"][0]["digest"][7:]])["layers"][0]["digest"][7:]
+                blobs[layer] = blobs[layer][:-1] + bytes([blobs[layer][-1] ^ 1])
+            return sidecar_layout_errors(oci_layout.Layout(blobs=blobs, index=index, name="broken sidecar image"))[0]
+        return run
+
+    sound = image_case()()
+    if sound:
+        print(f"   SELF-TEST FAILED: a sound sidecar image was refused: {sound[0]}")
+    bin_path = oci_layout.SIDECAR_BIN.lstrip("/")
+    mig_dir = oci_layout.SIDECAR_MIGRATIONS.lstrip("/")
+    container = lambda o: find(o, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    cases += [
+        ("sidecar image: a dynamically linked binary (PT_INTERP, libc.so)",
+         image_case(binary=fake_elf("/lib/ld-musl-x86_64.so.1", ["libc.so"]))),
+        ("sidecar image: a static-pie binary that still needs a library (DT_NEEDED)",
+         image_case(binary=fake_elf(needed=["libgcc_s.so.1"]))),
+        ("sidecar image: User root",
+         image_case(lambda e, c: set_(c, "User", "0:0"))),
+        ("sidecar image: User by name (runAsNonRoot cannot check a name)",
+         image_case(lambda e, c: set_(c, "User", oci_layout.SIDECAR_USER))),
+        ("sidecar image: a UID that /etc/passwd does not name",
+         image_case(lambda e, c: set_(c, "User", "1000:1000"))),
+        ("sidecar image: the Entrypoint is not the sidecar",
+         image_case(lambda e, c: set_(c, "Entrypoint", ["/bin/sh"]))),
+        ("sidecar image: the binary not executable",
+         image_case(lambda e, c: set_(e, bin_path, (0o644, e[bin_path][1])))),
+        ("sidecar image: the migrations left out",
+         image_case(lambda e, c: [e.pop(k) for k in list(e) if k.startswith(mig_dir + "/")])),
+        ("sidecar image: a migration that differs from sidecar/migrations/",
+         image_case(lambda e, c: set_(e, f"{mig_dir}/{min(migrations)}", (0o644, b"-- changed\n")))),
+        ("sidecar image: the layer blob tampered with",
+         image_case(tamper=True)),
+        ("Deployment: the sidecar's image by tag, not digest",
+         k8s_case("k8s/base", lambda o: set_(container(o), "image", exp.sidecar_image().partition("@")[0]))),
+        ("Deployment: the sidecar's image at a digest other than k8s/deploy.json's",
+         k8s_case("k8s/base", lambda o: set_(container(o), "image",
+                                             exp.sidecar_image().partition("@")[0] + "@sha256:" + "0" * 64))),
+        ("Deployment: runAsUser other than the image's user",
+         k8s_case("k8s/base", lambda o: set_(find(o, "Deployment")["spec"]["template"]["spec"]["securityContext"],
+                                             "runAsUser", 1000))),
+    ]
     failures = 0
     for name, run in cases:
         try:
@@ -1965,7 +2129,7 @@ def self_test(envoy_doc, builds, exp):
         else:
             failures += 1
             print(f"   SELF-TEST FAILED: accepted {name}" + (f" (crashed: {crash!r})" if crash else ""))
-    return failures, len(cases)
+    return failures + bool(sound), len(cases)
 
 
 # --------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 # Makes sure what the scripts need is there, on a fresh Debian machine with
 # Rust installed; does nothing when it already is.
 #
-#   scripts/ensure-deps.sh tools      python3 (and Node.js with --node)
+#   scripts/ensure-deps.sh tools      python3, curl (and Node.js with --node;
+#                                     musl-gcc, for C code in the sidecar's
+#                                     static build, with --musl; podman and
+#                                     runc, to run its image, with --podman)
 #   scripts/ensure-deps.sh services   Redis 127.0.0.1:6379, NATS 127.0.0.1:4222,
 #                                     PostgreSQL 127.0.0.1:5432 (trust, database `test`)
 #
@@ -32,8 +35,17 @@ wait_for() {
 tools() {
     local missing=()
     command -v python3 >/dev/null || missing+=(python3)
-    if [ "${1:-}" = --node ]; then command -v node >/dev/null || missing+=(nodejs); fi
     command -v curl >/dev/null || missing+=(curl)
+    for opt in "$@"; do
+        case "$opt" in
+            --node) command -v node >/dev/null || missing+=(nodejs) ;;
+            --musl) command -v musl-gcc >/dev/null || missing+=(musl-tools) ;;
+            --podman)
+                command -v podman >/dev/null || missing+=(podman)
+                command -v runc >/dev/null || missing+=(runc) ;;
+            *) echo "ensure-deps: tools: unknown option $opt" >&2; return 2 ;;
+        esac
+    done
     if [ ${#missing[@]} -gt 0 ]; then
         echo "ensure-deps: installing ${missing[*]}" >&2
         apt_install "${missing[@]}"
@@ -78,5 +90,5 @@ services() {
 case "${1:-}" in
     tools) shift; tools "$@" ;;
     services) services ;;
-    *) echo "usage: $0 tools [--node] | services" >&2; exit 2 ;;
+    *) echo "usage: $0 tools [--node] [--musl] [--podman] | services" >&2; exit 2 ;;
 esac
