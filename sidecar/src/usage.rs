@@ -394,3 +394,30 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
+
+#[cfg(test)]
+mod tests {
+    /// Found by the `usage_batch` fuzz target: serde_json's default float
+    /// parser is not correctly rounded, so a metric value a filter wrote
+    /// could be read here one unit in the last place off
+    /// (2.8888888888888888e150 came back as …884e150). With its
+    /// `float_roundtrip` feature (this crate's Cargo.toml) every value is
+    /// read as Rust reads it, and what is written reads back the same.
+    #[test]
+    fn metric_values_read_back_exactly() {
+        for text in [
+            "2.8888888888888888e150",
+            "0.30000000000000004",
+            "1.7976931348623157e308",
+            "5e-324",
+        ] {
+            let doc = format!(r#"{{"batch":"f-1","metrics":[{{"name":"m","value":{text}}}]}}"#);
+            let b = usage_core::wire::parse(doc.as_bytes()).unwrap();
+            let want: f64 = text.parse().unwrap();
+            assert_eq!(b.metrics[0].value.to_bits(), want.to_bits(), "{text}");
+            let again = serde_json::to_vec(&b).unwrap();
+            let b2 = usage_core::wire::parse(&again).unwrap();
+            assert_eq!(b2.metrics[0].value.to_bits(), want.to_bits(), "{text}");
+        }
+    }
+}
