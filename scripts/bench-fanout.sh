@@ -106,7 +106,7 @@ start_server() {
     case "$1" in
         sidecar)
             for _ in $(seq "$n"); do
-                "$sidecar" --listen "127.0.0.1:$sidecar_port" --reuse-port \
+                "$sidecar" --listen "127.0.0.1:$sidecar_port" --reuse-port --identity-proof none \
                     --policy scripts/bench/fanout-policy.json \
                     --max-connections "$fds" --client-rate 100 >>"$work/sidecar.log" 2>&1 &
                 server_pid="$server_pid $!"

@@ -35,7 +35,7 @@ done
 
 triple=x86_64-unknown-linux-musl
 target=$(scripts/target-dir.sh)
-bin=$target/$triple/release/sidecar
+bin=$target/$triple/release-sidecar/sidecar
 
 if [ -n "$build" ]; then
   scripts/ensure-deps.sh tools --musl
@@ -63,7 +63,7 @@ if [ -n "$build" ]; then
   export CC_x86_64_unknown_linux_musl=musl-gcc
   export CFLAGS_x86_64_unknown_linux_musl="-O2${cflags}"
   start=$(date +%s)
-  cargo build --release --locked --target "$triple" -p sidecar
+  cargo build --profile release-sidecar --locked --target "$triple" -p sidecar
   echo "package-sidecar: cargo build (musl) took $(( $(date +%s) - start )) s" >&2
 fi
 

@@ -66,6 +66,19 @@ pub struct Config {
     /// reloaded; SIGHUP reloads at once). 0: only on SIGHUP.
     #[arg(long, env = "SIDECAR_POLICY_POLL", default_value_t = 2)]
     pub policy_poll: u64,
+    /// What proves the `x-auth-*` headers of `/ws` and `/publish/`:
+    /// `token` (the bearer token they came from, which the auth filter
+    /// forwards on those routes, verified with `--auth-config` and compared
+    /// header by header; without `--auth-config` identity headers are
+    /// refused) or `none` (trusted as they come: only where nothing but
+    /// the gateway's proxies can reach the sidecar).
+    #[arg(
+        long,
+        env = "SIDECAR_IDENTITY_PROOF",
+        value_enum,
+        default_value = "token"
+    )]
+    pub identity_proof: crate::proof::IdentityProof,
     /// Fetch the policy from this `http://host[:port]/path` (the
     /// entitlements filter's remote policy endpoint) instead of watching
     /// the file, which serves until the first fetch.
@@ -360,6 +373,7 @@ impl Config {
             max_connections: self.max_connections,
             max_publish_bytes: self.max_publish_bytes,
             drain_timeout: Duration::from_secs(self.drain_timeout),
+            identity_proof: self.identity_proof,
             identity: IdentityHeaders {
                 subject: self.subject_header.to_ascii_lowercase(),
                 issuer: self.issuer_header.to_ascii_lowercase(),

@@ -18,6 +18,7 @@ pub mod internal;
 pub mod logging;
 pub mod metrics;
 pub mod pg;
+pub mod proof;
 pub mod protocol;
 pub mod reload;
 pub mod resp;
@@ -244,6 +245,12 @@ pub async fn run(
         config = ?config.redacted(),
         "sidecar: starting"
     );
+    if config.identity_proof == proof::IdentityProof::Token && config.auth_config.is_none() {
+        tracing::warn!(
+            "identity headers will be refused: --identity-proof token needs --auth-config to \
+             verify the tokens they come with (--identity-proof none trusts them as they come)"
+        );
+    }
     let policy = load_policy(&config.policy)?;
     let seen = std::fs::read(&config.policy).ok();
     let app = app_with_bus(&config, policy, shutdown.clone()).await?;

@@ -48,6 +48,8 @@ pub struct FrontConfig {
     /// How long shutdown waits for connections to close.
     pub drain_timeout: Duration,
     pub identity: IdentityHeaders,
+    /// What proves the identity headers of `/ws` and `/publish/`.
+    pub identity_proof: crate::proof::IdentityProof,
 }
 
 impl Default for FrontConfig {
@@ -57,6 +59,7 @@ impl Default for FrontConfig {
             max_publish_bytes: 64 * 1024,
             drain_timeout: Duration::from_secs(10),
             identity: IdentityHeaders::default(),
+            identity_proof: crate::proof::IdentityProof::default(),
         }
     }
 }
@@ -287,7 +290,7 @@ async fn route(
         }
         (&Method::POST, "/v1/usage") => ingest(req, peer, app).await,
         (&Method::GET, "/v1/usage/rollups") => rollups(&req, peer, &app),
-        (&Method::GET, "/ws") => upgrade(req, peer, app, tracker),
+        (&Method::GET, "/ws") => upgrade(req, peer, app, tracker).await,
         (&Method::POST, p) if p.starts_with("/publish/") => publish(req, app).await,
         (_, p) if p.starts_with("/admin/") => crate::admin::route(req, &app).await,
         (_, p) if p.starts_with("/internal/") => crate::internal::route(req, &app),
@@ -340,7 +343,7 @@ fn header_has(h: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     })
 }
 
-fn upgrade(
+async fn upgrade(
     req: Request<Incoming>,
     peer: SocketAddr,
     app: Arc<App>,
@@ -384,6 +387,14 @@ fn upgrade(
         );
     };
     let accept = ws::accept_key(key);
+    let proven = match crate::proof::check(&app, "ws", h, req.uri().query()).await {
+        Ok(p) => p,
+        Err(r) => {
+            tracing::info!(peer = %peer, result = r.result, "ws: identity refused: {}", r.message);
+            return unproven(r);
+        }
+    };
+    let h = proven.as_ref().unwrap_or(h);
     let who = match access(h, &app) {
         Ok(i) => i,
         Err(e) => {
@@ -494,7 +505,12 @@ async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
         Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string()),
     };
-    let who = match access(req.headers(), &app) {
+    let proven = match crate::proof::check(&app, "publish", req.headers(), req.uri().query()).await
+    {
+        Ok(p) => p,
+        Err(r) => return unproven(r),
+    };
+    let who = match access(proven.as_ref().unwrap_or(req.headers()), &app) {
         Ok(a) => a.identity,
         Err(e) => return error(StatusCode::FORBIDDEN, "invalid_identity", e),
     };
@@ -591,6 +607,16 @@ pub(crate) async fn read_body(
             "the body could not be read",
         )),
     }
+}
+
+/// 401 for identity without proof (`crate::proof`).
+fn unproven(r: crate::proof::Refused) -> Response<Body> {
+    let mut resp = error(StatusCode::UNAUTHORIZED, r.error, r.message);
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer realm=\"254carbon\""),
+    );
+    resp
 }
 
 const USAGE_SECRET_HEADER: &str = "x-usage-secret";

@@ -42,6 +42,8 @@ pub struct VerifierMetrics {
     pub outcomes: Family<Labels, Counter>,
     /// `sidecar_jwks_fetches_total{provider,result="ok|failed"}`
     pub fetches: Family<Labels, Counter>,
+    /// `sidecar_identity_proofs_total{endpoint="ws|publish",result}`
+    pub proofs: Family<Labels, Counter>,
 }
 
 impl VerifierMetrics {
@@ -57,6 +59,23 @@ impl VerifierMetrics {
             "Key set (and discovery) fetches of the sidecar's verifier, by provider and result",
             self.fetches.clone(),
         );
+        r.register(
+            "identity_proofs",
+            "Identity of /ws upgrades and publishes checked against its token (--identity-proof), \
+             by endpoint and result: verified, anonymous, trusted, missing, mismatch, no_verifier, \
+             or the token's refusal reason",
+            self.proofs.clone(),
+        );
+    }
+
+    /// Counts one identity proof at `endpoint` ending in `result`.
+    pub fn proof(&self, endpoint: &str, result: &str) {
+        self.proofs
+            .get_or_create(&vec![
+                ("endpoint".into(), endpoint.into()),
+                ("result".into(), result.into()),
+            ])
+            .inc();
     }
 
     /// Counts one `kind` (`auth`, `refresh`) ending in `result`.

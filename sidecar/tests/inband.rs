@@ -482,3 +482,196 @@ async fn a_provider_never_reached_refuses_after_the_wait() {
         started.elapsed()
     );
 }
+
+/// A stack whose identity headers need their token (`--identity-proof token`).
+async fn proving() -> Stack {
+    stack_with(
+        auth_config(json!({})),
+        json!({"keys": [keys::ec_jwk("ec-1")]}),
+        &["--identity-proof", "token"],
+    )
+    .await
+}
+
+/// The identity headers the gateway's auth filter sets for `token` (the
+/// same code: `auth_core::authenticate`), and the token it forwards.
+async fn gateway_headers(s: &Stack, token: &str) -> Vec<(String, String)> {
+    let v =
+        s.sc.app
+            .ctx
+            .verifier
+            .as_ref()
+            .unwrap()
+            .verify(token)
+            .await
+            .unwrap();
+    let mut h = v.headers.clone();
+    h.push(("authorization".into(), format!("Bearer {token}")));
+    h
+}
+
+async fn proofs(s: &Stack) -> String {
+    let (_, m) = http(s.sc.addr, "GET", "/metrics", &[], b"").await;
+    m.lines()
+        .filter(|l| l.starts_with("sidecar_identity_proofs_total{"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test]
+async fn identity_headers_need_the_token_they_came_from() {
+    let s = proving().await;
+    let n = now(&s);
+    // Made up, straight to the sidecar: refused.
+    let forged = identity("mallory", "trader", &["EU-ETS", "CAISO", "PJM"]);
+    let (status, body) = try_connect(s.sc.addr, &forged).await.err().unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"],
+        "identity_unproven"
+    );
+
+    // What the gateway sends: the headers and the token they came from.
+    let alice = es256("ec-1", &claims(n, "alice", &["EU-ETS"], 300));
+    let mut ws = try_connect(s.sc.addr, &gateway_headers(&s, &alice).await)
+        .await
+        .unwrap();
+    send(
+        &mut ws,
+        json!({"type": "subscribe", "id": 1, "channels": ["pricing.curves.EU-ETS.DEC26"]}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["type"], "subscribed");
+
+    // Alice's token with Bob's headers: refused.
+    let bob = es256("ec-1", &claims(n, "bob", &["EU-ETS", "PJM"], 300));
+    let mut mixed: Vec<(String, String)> = gateway_headers(&s, &bob)
+        .await
+        .into_iter()
+        .filter(|(k, _)| k != "authorization")
+        .collect();
+    mixed.push(("authorization".into(), format!("Bearer {alice}")));
+    let (status, body) = try_connect(s.sc.addr, &mixed).await.err().unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"],
+        "identity_mismatch"
+    );
+    // One header changed is enough.
+    let mut one = gateway_headers(&s, &alice).await;
+    for (k, v) in &mut one {
+        if k == "x-auth-tenant" {
+            *v = "beta".into();
+        }
+    }
+    assert_eq!(try_connect(s.sc.addr, &one).await.err().unwrap().0, 401);
+
+    // An expired token proves nothing.
+    let old = es256("ec-1", &claims(n - 1000, "alice", &["EU-ETS"], 300));
+    let mut stale = gateway_headers(&s, &alice).await;
+    stale.retain(|(k, _)| k != "authorization");
+    stale.push(("authorization".into(), format!("Bearer {old}")));
+    let (status, body) = try_connect(s.sc.addr, &stale).await.err().unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"],
+        "invalid_token"
+    );
+
+    // The token alone stands for the headers.
+    let only = [("authorization".to_string(), format!("Bearer {alice}"))];
+    let mut ws2 = try_connect(s.sc.addr, &only).await.unwrap();
+    send(
+        &mut ws2,
+        json!({"type": "subscribe", "id": 2, "channels": ["pricing.curves.PJM.>"]}),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut ws2).await["code"],
+        "forbidden",
+        "alice's markets, not PJM"
+    );
+
+    let m = proofs(&s).await;
+    for want in [
+        r#"sidecar_identity_proofs_total{endpoint="ws",result="missing"} 1"#,
+        r#"sidecar_identity_proofs_total{endpoint="ws",result="mismatch"} 2"#,
+        r#"sidecar_identity_proofs_total{endpoint="ws",result="expired"} 1"#,
+        r#"sidecar_identity_proofs_total{endpoint="ws",result="verified"} 2"#,
+    ] {
+        assert!(m.contains(want), "{want} not in\n{m}");
+    }
+    // Publishing is held to the same proof.
+    let (status, _) = http(
+        s.sc.addr,
+        "POST",
+        "/publish/open.a",
+        &identity("mallory", "publisher", &[]),
+        b"1",
+    )
+    .await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn rotated_keys_serve_new_connections_and_drop_none() {
+    let s = proving().await;
+    let n = now(&s);
+    let t1 = es256("ec-1", &claims(n, "alice", &["EU-ETS"], 300));
+    let mut old = try_connect(s.sc.addr, &gateway_headers(&s, &t1).await)
+        .await
+        .unwrap();
+    send(
+        &mut old,
+        json!({"type": "subscribe", "id": 1, "channels": ["pricing.curves.EU-ETS.DEC26"]}),
+    )
+    .await;
+    assert_eq!(recv(&mut old).await["type"], "subscribed");
+    // The identity provider rotates: a new key, the old one gone.
+    *s.jwks.doc.lock().unwrap() = json!({"keys": [keys::ec_jwk("ec-2")]});
+    let t2 = es256("ec-2", &claims(n, "bob", &["EU-ETS"], 300));
+    // The gateway would have fetched the new set: the token's own headers.
+    let mut h = keys_headers(&t2);
+    h.push(("authorization".into(), format!("Bearer {t2}")));
+    // An unknown kid refetches the set, at most once a second here
+    // (`unknown_kid_refetch_s`); the set fetched at start is that recent.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut new = loop {
+        match try_connect(s.sc.addr, &h).await {
+            Ok(ws) => break ws,
+            Err(e) => assert!(Instant::now() < deadline, "still refused after 5 s: {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    send(&mut new, json!({"type": "ping"})).await;
+    assert_eq!(recv(&mut new).await, json!({"type": "pong"}));
+    // The connection proven with the old key stays.
+    send(&mut old, json!({"type": "ping"})).await;
+    assert_eq!(recv(&mut old).await, json!({"type": "pong"}));
+    assert!(
+        s.jwks.hits.load(Ordering::SeqCst) >= 2,
+        "the new key set was fetched"
+    );
+}
+
+/// The identity headers the auth filter sets for an ES256 token of
+/// [`claims`], computed as it does (subject, issuer, tenant, roles, the
+/// payload as received, `exp`).
+fn keys_headers(token: &str) -> Vec<(String, String)> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).unwrap();
+    let c: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    vec![
+        ("x-auth-subject".into(), c["sub"].as_str().unwrap().into()),
+        ("x-auth-issuer".into(), c["iss"].as_str().unwrap().into()),
+        ("x-auth-tenant".into(), c["tenant"].as_str().unwrap().into()),
+        ("x-auth-roles".into(), "trader".into()),
+        ("x-auth-claims".into(), payload.into()),
+        ("x-auth-expires".into(), c["exp"].to_string()),
+    ]
+}

@@ -43,9 +43,14 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+/// A configuration of these flags; the identity headers of the tests are
+/// trusted (`--identity-proof none`) unless the flags say otherwise.
 pub fn config(args: &[&str]) -> Config {
     use clap::Parser;
     let mut all = vec!["sidecar", "--policy", "unused.json"];
+    if !args.iter().any(|a| a.starts_with("--identity-proof")) {
+        all.push("--identity-proof=none");
+    }
     all.extend_from_slice(args);
     Config::parse_from(all)
 }
@@ -116,6 +121,28 @@ pub fn identity(sub: &str, roles: &str, markets: &[&str]) -> Vec<(String, String
 }
 
 pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// A WebSocket, or the upgrade's refusal: its status and body.
+pub async fn try_connect(
+    addr: SocketAddr,
+    headers: &[(String, String)],
+) -> Result<Ws, (u16, String)> {
+    let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err((
+            resp.status().as_u16(),
+            String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).into_owned(),
+        )),
+        Err(e) => panic!("upgrade: {e}"),
+    }
+}
 
 pub async fn connect(addr: SocketAddr, headers: &[(String, String)]) -> Ws {
     let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();

@@ -72,10 +72,11 @@ pub async fn start(cfg: &StackConfig, shutdown: CancellationToken) -> Result<Add
     // Identity provider.
     let l = bind("identity provider", addrs.idp).await?;
     let idp = Arc::new(idp::Idp::new(&format!("http://{}", addrs.idp))?);
+    let served = idp.clone();
     tokio::spawn(web::serve(
         l,
         move |req| {
-            let idp = idp.clone();
+            let idp = served.clone();
             async move { idp.handle(&req) }
         },
         shutdown.clone(),
@@ -140,6 +141,7 @@ pub async fn start(cfg: &StackConfig, shutdown: CancellationToken) -> Result<Add
     // Demo publisher.
     tokio::spawn(publisher::run(
         addrs.sidecar,
+        idp.clone(),
         cfg.publish_every,
         shutdown.clone(),
     ));

@@ -1,9 +1,12 @@
 //! The demo publisher: every second, a curve update for a few channels,
 //! posted to the sidecar (`POST /publish/pricing.curves.<market>.<tenor>`)
-//! with a publisher identity (the sidecar is on loopback and trusts the
-//! identity headers, as behind Envoy).
+//! with a publisher identity: a token of the dev identity provider with
+//! the role `publisher`, which the sidecar verifies itself (its
+//! `--identity-proof token`), renewed well before it expires.
 
+use crate::idp::{Idp, TokenRequest};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -15,10 +18,13 @@ pub const CHANNELS: [&str; 4] = [
     "pricing.curves.PJM.DEC26",
 ];
 
-async fn post(sidecar: SocketAddr, channel: &str, body: &str) -> std::io::Result<u16> {
+/// The publisher's token lives an hour; a new one is minted after half.
+const TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+async fn post(sidecar: SocketAddr, token: &str, channel: &str, body: &str) -> std::io::Result<u16> {
     let mut s = tokio::net::TcpStream::connect(sidecar).await?;
     let req = format!(
-        "POST /publish/{channel} HTTP/1.1\r\nhost: sidecar\r\ncontent-type: application/json\r\nx-auth-subject: demo-publisher\r\nx-auth-roles: publisher\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "POST /publish/{channel} HTTP/1.1\r\nhost: sidecar\r\ncontent-type: application/json\r\nauthorization: Bearer {token}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).await?;
@@ -33,7 +39,17 @@ async fn post(sidecar: SocketAddr, channel: &str, body: &str) -> std::io::Result
 }
 
 /// Publishes every `every` until `shutdown`.
-pub async fn run(sidecar: SocketAddr, every: Duration, shutdown: CancellationToken) {
+pub async fn run(sidecar: SocketAddr, idp: Arc<Idp>, every: Duration, shutdown: CancellationToken) {
+    let mint = || {
+        idp.token(&TokenRequest {
+            sub: "demo-publisher".into(),
+            tenant: None,
+            roles: vec!["publisher".into()],
+            markets: Vec::new(),
+            ttl_s: TOKEN_TTL.as_secs(),
+        })
+    };
+    let (mut token, mut minted) = (mint(), tokio::time::Instant::now());
     let mut tick = tokio::time::interval(every);
     let mut n = 0u64;
     let mut warned = false;
@@ -43,6 +59,9 @@ pub async fn run(sidecar: SocketAddr, every: Duration, shutdown: CancellationTok
             _ = tick.tick() => {}
         }
         n += 1;
+        if minted.elapsed() > TOKEN_TTL / 2 {
+            (token, minted) = (mint(), tokio::time::Instant::now());
+        }
         let ts = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis())
@@ -50,7 +69,7 @@ pub async fn run(sidecar: SocketAddr, every: Duration, shutdown: CancellationTok
         for (i, ch) in CHANNELS.iter().enumerate() {
             let price = 50.0 + i as f64 * 7.0 + ((n as f64) * 0.37 + i as f64).sin() * 2.0;
             let body = format!(r#"{{"channel":"{ch}","price":{price:.2},"ts":{ts},"n":{n}}}"#);
-            match post(sidecar, ch, &body).await {
+            match post(sidecar, &token, ch, &body).await {
                 Ok(202) => warned = false,
                 Ok(code) if !warned => {
                     tracing::warn!(

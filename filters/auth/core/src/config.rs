@@ -212,6 +212,11 @@ pub struct RequirementConfig {
     /// Do not look for a token at all (health checks, CORS preflight).
     #[serde(default)]
     pub bypass: bool,
+    /// Keep the token's header upstream on this route (overrides
+    /// `output.forward_token`): the sidecar's `/ws` and `/publish/`, which
+    /// verify it themselves as the proof of the identity headers.
+    #[serde(default)]
+    pub forward_token: Option<bool>,
 }
 
 /// The identity headers.
@@ -297,6 +302,8 @@ pub struct Requirement {
     pub allow_missing: bool,
     pub allow_failed: bool,
     pub bypass: bool,
+    /// `Some`: this route's choice over `output.forward_token`.
+    pub forward_token: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -518,6 +525,7 @@ impl Settings {
                 allow_missing: r.allow_missing || r.allow_failed,
                 allow_failed: r.allow_failed,
                 bypass: r.bypass,
+                forward_token: r.forward_token,
             })
         };
         let mut routes = Vec::with_capacity(cfg.rules.len());

@@ -156,7 +156,10 @@ impl Auth {
                 for (name, value) in &v.headers {
                     h.set_header(Map::RequestHeaders, name, value);
                 }
-                if !self.settings.output.forward_token {
+                if !req
+                    .forward_token
+                    .unwrap_or(self.settings.output.forward_token)
+                {
                     if let Some(SourceConfig::Header { name, .. }) =
                         source.and_then(|i| self.settings.sources.get(i))
                     {

@@ -267,3 +267,37 @@ fn no_client_identity_header_survives_a_host_whose_removal_does_nothing() {
         "the rest kept"
     );
 }
+
+#[test]
+fn a_route_may_forward_the_token_that_others_strip() {
+    let h = FakeHost::at(AT);
+    let mut cfg = config(json!({"inline": {"keys": [ec_jwk("k1")]}}));
+    cfg["rules"] =
+        json!([{"match": {"path": {"exact": "/ws"}}, "requires": {"forward_token": true}}]);
+    let mut a = worker(&h, &cfg);
+    let t = es("k1");
+    assert_eq!(send(&h, &mut a, 2, "/ws", Some(&t)), Flow::Continue);
+    assert_eq!(
+        h.request_header("authorization"),
+        Some(format!("Bearer {t}")),
+        "kept on /ws, where the sidecar checks it"
+    );
+    assert_eq!(send(&h, &mut a, 3, "/api", Some(&t)), Flow::Continue);
+    assert_eq!(
+        h.request_header("authorization"),
+        None,
+        "stripped elsewhere"
+    );
+    // And the other way round: the default forwards, one route does not.
+    cfg["output"] = json!({"forward_token": true});
+    cfg["rules"] =
+        json!([{"match": {"path": {"prefix": "/api"}}, "requires": {"forward_token": false}}]);
+    let mut a = worker(&h, &cfg);
+    assert_eq!(send(&h, &mut a, 4, "/api", Some(&t)), Flow::Continue);
+    assert_eq!(h.request_header("authorization"), None);
+    assert_eq!(send(&h, &mut a, 5, "/ws", Some(&t)), Flow::Continue);
+    assert_eq!(
+        h.request_header("authorization"),
+        Some(format!("Bearer {t}"))
+    );
+}
