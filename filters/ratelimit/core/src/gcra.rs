@@ -64,6 +64,14 @@ impl Rate {
         }
     }
 
+    /// Seconds an empty bucket takes to be full again (`burst × T`, rounded
+    /// up, at least 1): what `RateLimit-Policy` announces as the window of
+    /// a quota of `burst`. A client that sends at most `burst` requests in
+    /// any such window, however bunched, is never refused.
+    pub fn refill_secs(&self) -> u64 {
+        ceil_secs(self.interval().saturating_mul(self.burst.max(1))).max(1)
+    }
+
     /// Whether a bucket in state `tat` is full at `now` (its slot can be
     /// given to another key without anyone noticing).
     pub fn idle(tat: u64, now: u64) -> bool {

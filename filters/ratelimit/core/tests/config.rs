@@ -98,7 +98,7 @@ fn response_fields_follow_the_draft_and_the_x_trio() {
     };
     let f = fields(&s.policies[0], &o);
     let get = |n: &str| f.iter().find(|(k, _)| *k == n).map(|(_, v)| v.as_str());
-    assert_eq!(get("ratelimit-policy"), Some("\"per-tenant\";q=100;w=60"));
+    assert_eq!(get("ratelimit-policy"), Some("\"per-tenant\";q=100;w=10")); // 100 refill at 600 a minute in 10 s
     assert_eq!(get("ratelimit"), Some("\"per-tenant\";r=0;t=36"));
     assert_eq!(
         (
