@@ -35,9 +35,11 @@ esac
 
 scripts/ensure-deps.sh tools
 rustup target add wasm32-wasip1 >/dev/null 2>&1 || true
-echo "== building the filters and the stack" >&2
+echo "== building the filters and the stack (on a fresh machine the first build" >&2
+echo "   takes several minutes: wasmtime and the filters; later runs, seconds)" >&2
 scripts/build-filters.sh >/dev/null
-cargo build -q -p devstack
+# cargo's own progress (a bar on a terminal, Compiling lines otherwise).
+cargo build -p devstack
 target=$(scripts/target-dir.sh)
 
 pids=()
