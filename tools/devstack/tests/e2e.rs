@@ -813,3 +813,213 @@ fn a_grant_through_the_admin_api_opens_a_market_and_its_revoke_ends_the_stream()
     let took = until_status(path, &t, 403);
     assert!(took <= Duration::from_secs(3), "{took:?}");
 }
+
+/// A client frame: FIN, RSV bits, opcode, masked (with a key that changes
+/// the bytes) unless `unmasked`, and the payload; `announce` puts another
+/// length in the header than the payload's.
+fn frame(
+    fin: bool,
+    rsv: u8,
+    op: u8,
+    payload: &[u8],
+    unmasked: bool,
+    announce: Option<u64>,
+) -> Vec<u8> {
+    let mut f = vec![(u8::from(fin) << 7) | (rsv << 4) | op];
+    let mask_bit = if unmasked { 0 } else { 0x80 };
+    let len = announce.unwrap_or(payload.len() as u64);
+    if len < 126 {
+        f.push(mask_bit | len as u8);
+    } else if len <= 0xffff {
+        f.push(mask_bit | 126);
+        f.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        f.push(mask_bit | 127);
+        f.extend_from_slice(&len.to_be_bytes());
+    }
+    if unmasked {
+        f.extend_from_slice(payload);
+    } else {
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    }
+    f
+}
+
+/// A raw WebSocket through the gateway, after its `101`.
+fn raw_ws(token: &str) -> TcpStream {
+    let mut s = TcpStream::connect(GATEWAY).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!("GET /ws?access_token={token} HTTP/1.1\r\nhost: {GATEWAY}\r\n");
+    for (k, v) in UPGRADE {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            s.read(&mut b).unwrap(),
+            1,
+            "closed in the upgrade: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s
+}
+
+/// Server frames until its close frame: (opcode, payload) of each; then
+/// the connection must end.
+fn frames_until_close(s: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+    let mut got = Vec::new();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        // Parse what is buffered (server frames are unmasked).
+        while buf.len() >= 2 {
+            let (op, len7) = (buf[0] & 0x0f, usize::from(buf[1] & 0x7f));
+            let (len, at) = match len7 {
+                126 if buf.len() >= 4 => (usize::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+                127 if buf.len() >= 10 => (
+                    u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                126 | 127 => break,
+                n => (n, 2),
+            };
+            if buf.len() < at + len {
+                break;
+            }
+            let payload = buf[at..at + len].to_vec();
+            buf.drain(..at + len);
+            got.push((op, payload));
+            if op == 8 {
+                // After its close frame the server closes the connection.
+                let n = s.read(&mut chunk).unwrap_or(0);
+                assert_eq!(n, 0, "bytes after the close frame");
+                return got;
+            }
+        }
+        let n = s.read(&mut chunk).expect("a close frame within 10 s");
+        assert!(n > 0, "closed without a close frame after {got:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn close_code(frames: &[(u8, Vec<u8>)]) -> u16 {
+    let (_, p) = frames.last().unwrap();
+    u16::from_be_bytes([p[0], p[1]])
+}
+
+#[test]
+fn the_websocket_server_keeps_rfc_6455_s_failure_rules_through_the_gateway() {
+    stack();
+    let t = token(&unique("rfc"), "EU-ETS");
+    let text = |s: &str| frame(true, 0, 1, s.as_bytes(), false, None);
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        (
+            "an unmasked client frame",
+            frame(true, 0, 1, b"{}", true, None),
+            1002,
+        ),
+        (
+            "a reserved bit",
+            frame(true, 0b100, 1, b"{}", false, None),
+            1002,
+        ),
+        (
+            "a reserved opcode",
+            frame(true, 0, 3, b"", false, None),
+            1002,
+        ),
+        (
+            "a control frame over 125 bytes",
+            frame(true, 0, 9, &[b'p'; 126], false, None),
+            1002,
+        ),
+        (
+            "a fragmented control frame",
+            frame(false, 0, 9, b"p", false, None),
+            1002,
+        ),
+        (
+            "a continuation without a start",
+            frame(true, 0, 0, b"x", false, None),
+            1002,
+        ),
+        (
+            "a close code that may not be sent",
+            frame(true, 0, 8, &1005u16.to_be_bytes(), false, None),
+            1002,
+        ),
+        (
+            "a close reason that is not UTF-8",
+            frame(true, 0, 8, &[0x03, 0xe8, 0xff, 0xfe], false, None),
+            1007,
+        ),
+        (
+            "text that is not UTF-8",
+            frame(true, 0, 1, &[b'"', 0xc3, 0x28, b'"'], false, None),
+            1007,
+        ),
+        (
+            "UTF-8 split across fragments, invalid when joined",
+            [
+                frame(false, 0, 1, &[b'"', 0xe2, 0x82], false, None),
+                frame(true, 0, 0, &[0x28, b'"'], false, None),
+            ]
+            .concat(),
+            1007,
+        ),
+        (
+            "a length far beyond the limit",
+            frame(true, 0, 1, b"", false, Some(1 << 40)),
+            1009,
+        ),
+    ];
+    for (what, bytes, want) in cases {
+        let mut s = raw_ws(&t);
+        s.write_all(&bytes).unwrap();
+        let got = frames_until_close(&mut s);
+        assert_eq!(close_code(&got), want, "{what}: {got:?}");
+    }
+    // A ping between the fragments of a message is answered, and the
+    // message still arrives whole (as a protocol reply).
+    let mut s = raw_ws(&t);
+    let msg = br#"{"type":"ping","id":"frag"}"#;
+    let (a, b) = msg.split_at(10);
+    s.write_all(
+        &[
+            frame(false, 0, 1, a, false, None),
+            frame(true, 0, 9, b"hi", false, None),
+            frame(true, 0, 0, b, false, None),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    s.write_all(&frame(true, 0, 8, &1000u16.to_be_bytes(), false, None))
+        .unwrap();
+    let got = frames_until_close(&mut s);
+    assert_eq!(got[0], (10, b"hi".to_vec()), "the pong first: {got:?}");
+    let reply: Value = serde_json::from_slice(&got[1].1).unwrap();
+    assert_eq!(reply, json!({"type": "pong", "id": "frag"}));
+    assert_eq!(close_code(&got), 1000);
+    // And it keeps serving.
+    let mut s = raw_ws(&t);
+    s.write_all(&text(r#"{"type":"ping","id":1}"#)).unwrap();
+    s.write_all(&frame(true, 0, 8, &1000u16.to_be_bytes(), false, None))
+        .unwrap();
+    let got = frames_until_close(&mut s);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&got[0].1).unwrap()["type"],
+        "pong"
+    );
+}
