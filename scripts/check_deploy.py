@@ -28,9 +28,15 @@
                      deploy.json's overrides), the Gateway, the
                      VirtualService against envoy.yaml's routes (/ws without
                      a timeout, nothing reaching /internal/) and the
-                     NetworkPolicy for the gateway's pods; generated files
-                     byte for byte against a fresh generation; the sidecar's
-                     image pinned by digest (deploy.json) and run as its user.
+                     NetworkPolicy for the gateway's pods; the mesh policy
+                     of each build (check_mesh: STRICT mTLS, every endpoint
+                     of the sidecar admitted by the ALLOW AuthorizationPolicy
+                     exactly from deploy.json's principals and never without
+                     one, NetworkPolicies by namespace name); the usage
+                     secret from one Secret for the sidecar and the usage
+                     filter's VM; generated files byte for byte against a
+                     fresh generation; the sidecar's image pinned by digest
+                     (deploy.json) and run as its user.
   target/oci/        the filters' layouts (scripts/package-oci.sh) and the
                      sidecar's (scripts/package-sidecar.sh: a static binary,
                      a non-root user, the entrypoint, sidecar/migrations/)
@@ -133,6 +139,41 @@ POLICY_KEY = "policy.json"
 AUTH_KEY = "auth.json"
 SIDECAR_NAME = "access-sidecar"
 PART_OF = {"app.kubernetes.io/part-of": "access-layer"}
+SIDECAR_POD_LABEL = {"app.kubernetes.io/name": SIDECAR_NAME}
+
+# The mesh policy (issue 26): generated per kustomization from deploy.json
+# `mesh`. Each build gets one ALLOW AuthorizationPolicy on the sidecar
+# (MESH_AP); the ingress overlays delete the base's and bring their own.
+# NetworkPolicies: MESH_NETPOL (listed callers' namespaces, monitoring) in
+# every build, MESH_NETPOL_WORKLOADS (the filtered workloads) where the
+# filters run on them, INGRESS_NETPOL (routing/) for the gateway's pods.
+MESH_AP = {
+    "k8s/base": SIDECAR_NAME,
+    "k8s/overlays/wasmplugin": SIDECAR_NAME,
+    "k8s/overlays/trafficextension": SIDECAR_NAME,
+    "k8s/overlays/ingress": SIDECAR_NAME + "-ingress",
+    "k8s/overlays/ingress-and-sidecar": SIDECAR_NAME + "-ingress-and-sidecar",
+}
+MESH_NETPOL = SIDECAR_NAME
+MESH_NETPOL_WORKLOADS = SIDECAR_NAME + "-workloads"
+MESH_KEYS = {"trust_domain", "root_namespace", "filter_workloads", "ws_callers", "publishers", "prometheus"}
+USAGE_SECRET_KEYS = {"secret", "key", "proxy_env"}
+# The usage filter's configuration field that names the VM environment
+# variable holding the secret (Istio fills it from the istio-proxy
+# container's environment: vmConfig.env valueFrom HOST). The filter does not
+# read it yet (noted by the check until filters/usage/core knows the field).
+USAGE_SECRET_FIELD = "secret_env"
+USAGE_CONFIG_RS = os.path.join(ROOT, "filters", "usage", "core", "src", "config.rs")
+# Istio's agent serves the probes it rewrote and the merged metrics here
+# (plain HTTP, not through Envoy's inbound listener: no AuthorizationPolicy
+# sees it; only the NetworkPolicy does).
+ISTIO_AGENT_PORT = 15020
+RLS_PATH = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
+# The sidecar's endpoints as the mesh policy names them (Expected.endpoints
+# has their ports, paths and the requests the check tries), and the one
+# each filter calls (its callouts).
+SIDECAR_ENDPOINTS = ("ws", "publish", "usage", "rollups", "internal", "admin", "metrics", "health", "rls", "other")
+FILTER_CALLS = {"usage": "usage", "entitlements": "internal", "ratelimit": "rls"}
 
 # EnvoyFilter applyTo -> the Envoy message its patch value is.
 APPLY_TO_TYPE = {
@@ -453,7 +494,8 @@ def merge_patch(target, patch):
     return out
 
 
-INGRESS_KEYS = {"namespace", "gateway_labels", "hosts", "tls_credential_name", "with_sidecar_attachment"}
+INGRESS_KEYS = {"namespace", "gateway_labels", "service_account", "hosts", "tls_credential_name",
+                "with_sidecar_attachment"}
 BOTH_KEYS = {"gateway_filters", "workload_filters", "gateway_overrides"}
 
 
@@ -467,6 +509,16 @@ class Expected:
         self.k8s_json = {}
         for f in filters:
             self.k8s_json[f["name"]] = self.in_cluster(f["json"], f"envoy.yaml filter {f['name']}")
+        self.usage_secret = self._usage_secret(deploy.get("usage_secret"))
+        if self.usage_secret and isinstance(self.k8s_json.get("usage"), dict):
+            # In the cluster the usage filter sends the sidecar's
+            # --usage-secret, read from its VM's environment (the istio-proxy
+            # container's variable, from the Secret); never a literal in a
+            # resource anyone who can read WasmPlugins can read.
+            u = dict(self.k8s_json["usage"])
+            u.pop("secret", None)
+            u[USAGE_SECRET_FIELD] = self.usage_secret["proxy_env"]
+            self.k8s_json["usage"] = u
         ent = self.k8s_json.get("entitlements", {})
         self.policy = ent.get("policy") if isinstance(ent, dict) else None
         if self.policy is None:
@@ -505,6 +557,155 @@ class Expected:
                     f"({how}, then scripts/check-deploy.sh --sync --pin)")
 
         self.ingress = self._ingress(deploy.get("ingress"))
+        self.mesh = self._mesh(deploy.get("mesh"))
+
+    def _usage_secret(self, us):
+        """k8s/deploy.json `usage_secret`: the Secret (name, key) the
+        sidecar's --usage-secret and the proxies' variable proxy_env come
+        from; None (and errors) when unusable."""
+        where = "k8s/deploy.json usage_secret"
+        if not isinstance(us, dict):
+            self.errors.append(f"{where}: missing ({{secret, key, proxy_env}}: the sidecar's --usage-secret "
+                               "and the usage filter's secret come from that Secret)")
+            return None
+        errs = [f"{where}.{k}: " + ("unknown field" if k in us else "missing")
+                for k in sorted(set(us) ^ USAGE_SECRET_KEYS)]
+        if not (isinstance(us.get("secret"), str) and DNS1123_SUBDOMAIN.fullmatch(us["secret"])):
+            errs.append(f"{where}.secret: {us.get('secret')!r} is not a Secret name")
+        if not (isinstance(us.get("key"), str) and re.fullmatch(r"[-._a-zA-Z0-9]+", us["key"])):
+            errs.append(f"{where}.key: {us.get('key')!r} is not a Secret key")
+        if not (isinstance(us.get("proxy_env"), str) and re.fullmatch(r"[A-Z_][A-Z0-9_]*", us["proxy_env"])):
+            errs.append(f"{where}.proxy_env: {us.get('proxy_env')!r} is not an environment variable name")
+        self.errors += errs
+        return None if errs else dict(us)
+
+    def _mesh(self, m):
+        """k8s/deploy.json `mesh`: who may call the sidecar, by service
+        account (SPIFFE principals), and the mesh's trust domain and root
+        namespace; None (and errors) when unusable."""
+        where = "k8s/deploy.json mesh"
+        if not isinstance(m, dict):
+            self.errors.append(f"{where}: missing (the AuthorizationPolicy and NetworkPolicy are made from it)")
+            return None
+        errs = [f"{where}.{k}: " + ("unknown field" if k in m else "missing") for k in sorted(set(m) ^ MESH_KEYS)]
+        td = m.get("trust_domain")
+        if not (isinstance(td, str) and DNS1123_SUBDOMAIN.fullmatch(td)):
+            errs.append(f"{where}.trust_domain: {td!r} is not a trust domain (Istio's default: cluster.local)")
+        root = m.get("root_namespace")
+        if not (isinstance(root, str) and DNS1123_LABEL.fullmatch(root)):
+            errs.append(f"{where}.root_namespace: {root!r} is not a namespace (Istio's root: istio-system)")
+
+        def sa_name(v):
+            return isinstance(v, str) and DNS1123_SUBDOMAIN.fullmatch(v) and len(v) <= 253
+
+        def ns_sa(v):
+            ns, _, sa = v.partition("/") if isinstance(v, str) else ("", "", "")
+            return DNS1123_LABEL.fullmatch(ns) and sa_name(sa)
+        fw = m.get("filter_workloads")
+        if not (isinstance(fw, list) and fw and all(sa_name(v) for v in fw) and len(set(fw)) == len(fw)):
+            errs.append(f"{where}.filter_workloads: {fw!r} must be the service accounts (in "
+                        f"{self.deploy.get('namespace')}) of the pods the filters run on, at least one")
+        for key in ("ws_callers", "publishers"):
+            v = m.get(key)
+            if not (isinstance(v, list) and all(ns_sa(x) for x in v) and len(set(v)) == len(v)):
+                errs.append(f"{where}.{key}: {v!r} must be a list of \"namespace/serviceaccount\"")
+        if not ns_sa(m.get("prometheus")):
+            errs.append(f"{where}.prometheus: {m.get('prometheus')!r} must be \"namespace/serviceaccount\" "
+                        "of the Prometheus that scrapes the sidecar")
+        if errs:
+            self.errors += errs
+            return None
+        ns = self.deploy["namespace"]
+
+        def principal(ns_, sa):
+            return f"{td}/ns/{ns_}/sa/{sa}"
+        out = dict(m)
+        out["workloads"] = [principal(ns, sa) for sa in fw]
+        out["ws"] = [principal(*v.split("/", 1)) for v in m["ws_callers"]]
+        out["publish"] = [principal(*v.split("/", 1)) for v in m["publishers"]]
+        out["prometheus_ns"], prom_sa = m["prometheus"].split("/", 1)
+        out["metrics"] = [principal(out["prometheus_ns"], prom_sa)]
+        ing = self.ingress
+        out["gateway"] = [principal(ing["namespace"], ing["service_account"])] if ing else []
+        return out
+
+    def profile_filters(self, profile):
+        """(filters on the workloads, filters on the gateway) of a
+        kustomization's KUSTOMIZATIONS entry; [] where none run."""
+        att = self.attachments(*profile)
+        return ((att["workloads"] or ([], {}))[0], (att["gateway"] or ([], {}))[0])
+
+    def callers(self, profile):
+        """{endpoint: [principals]} who may call each endpoint of the
+        sidecar in a build: endpoints of SIDECAR_ENDPOINTS; [] means nobody
+        (deny). The filters' callouts come from where the filters run
+        (FILTER_CALLS); /ws and /admin/ from the gateway that routes them,
+        and from the callers deploy.json lists."""
+        m = self.mesh
+        wl, gw = self.profile_filters(profile)
+        out = {e: [] for e in SIDECAR_ENDPOINTS}
+        for names, who in ((wl, m["workloads"]), (gw, m["gateway"])):
+            for n in names:
+                if n in FILTER_CALLS:
+                    out[FILTER_CALLS[n]] = out[FILTER_CALLS[n]] + who
+        if gw:
+            out["ws"] = out["ws"] + m["gateway"]
+            out["admin"] = out["admin"] + m["gateway"]
+        out["ws"] = out["ws"] + m["ws"]
+        out["publish"] = out["publish"] + m["publish"]
+        out["metrics"] = out["metrics"] + m["metrics"]
+        return {e: sorted(set(v)) for e, v in out.items()}
+
+    def vm_env(self, name):
+        """The host environment variables filter `name`'s VM reads (the
+        usage filter's secret), [] for the others."""
+        if name == "usage" and self.usage_secret:
+            return [self.usage_secret["proxy_env"]]
+        return []
+
+    def usage_path(self):
+        u = self.k8s_json.get("usage")
+        return (u.get("path") if isinstance(u, dict) else None) or "/v1/usage"
+
+    def ports(self):
+        """(HTTP port, RLS port) of the sidecar's container: deploy.json's
+        clusters (check_sidecar keeps them the Service's and the container's)."""
+        c = self.deploy["clusters"]
+        return c.get("sidecar", {}).get("port", 8081), c.get("ratelimit", {}).get("port", 8082)
+
+    def endpoints(self):
+        """{endpoint: (operation of its ALLOW rule or None, [(port, path,
+        method)] the check asks about)}. Paths as Istio matches them (the
+        path without its query; `x*` a prefix); the sidecar's own router
+        (sidecar/src/server.rs) matches the same spellings, case and all."""
+        http, rls = self.ports()
+        usage = self.usage_path()
+
+        def op(port, paths, methods=None):
+            o = {"ports": [str(port)]}
+            if methods:
+                o["methods"] = methods
+            o["paths"] = paths
+            return o
+        return {
+            "ws": (op(http, ["/ws"], ["GET"]), [(http, "/ws", "GET")]),
+            "publish": (op(http, ["/publish/*"], ["POST"]), [(http, "/publish/pricing.curves.EU-ETS.DEC26", "POST")]),
+            "usage": (op(http, [usage], ["POST"]), [(http, usage, "POST")]),
+            # the sidecar's access rule is ingest's; nobody in the mesh
+            # (an operator: kubectl port-forward, with x-usage-secret)
+            "rollups": (None, [(http, usage + "/rollups", "GET")]),
+            "internal": (op(http, ["/internal/*"], ["GET"]),
+                         [(http, "/internal/v1/grants", "GET"), (http, "/internal/v1/policy", "GET")]),
+            "admin": (op(http, ["/admin/*"]), [(http, "/admin/v1/grants", "PUT"), (http, "/admin/v1/grants", "GET"),
+                                               (http, "/admin/v1/audit", "GET")]),
+            "metrics": (op(http, ["/metrics"], ["GET"]), [(http, "/metrics", "GET")]),
+            # the kubelet's probes go to Istio's agent (ISTIO_AGENT_PORT: the
+            # injector rewrites them); nothing in the mesh needs them here
+            "health": (None, [(http, "/healthz", "GET"), (http, "/readyz", "GET")]),
+            "rls": (op(rls, [RLS_PATH], ["POST"]), [(rls, RLS_PATH, "POST")]),
+            "other": (None, [(http, "/", "GET"), (http, "/nothing", "POST"), (http, RLS_PATH, "POST"),
+                             (rls, "/ws", "GET"), (rls, "/envoy.Other/Method", "POST")]),
+        }
 
     def _ingress(self, ing):
         """k8s/deploy.json `ingress`, checked; None (and errors) when unusable."""
@@ -521,6 +722,10 @@ class Expected:
         gl = ing.get("gateway_labels")
         if not (isinstance(gl, dict) and gl and all(isinstance(v, str) for v in gl.values())):
             errs.append(f"{where}.gateway_labels: must be the non-empty labels of the gateway's pods")
+        sa = ing.get("service_account")
+        if not (isinstance(sa, str) and DNS1123_SUBDOMAIN.fullmatch(sa)):
+            errs.append(f"{where}.service_account: {sa!r} is not the service account of the gateway's pods "
+                        "(its SPIFFE principal is what the sidecar admits)")
         hosts = ing.get("hosts")
         if not (isinstance(hosts, list) and hosts and all(isinstance(h, str) and h for h in hosts)):
             errs.append(f"{where}.hosts: must be a non-empty list of host names")
@@ -722,6 +927,9 @@ def gen_envoyfilter(exp, names=None, name=ENVOYFILTER_NAME, namespace=None, intr
             # still wants a cluster, which is then unused.
             "http_uri": {"uri": exp.url(n), "cluster": "istio-agent-fetch", "timeout": "60s"},
             "sha256": exp.digest(n)}}
+        if exp.vm_env(n):
+            # the istio-proxy container's variables, copied into the VM
+            vm["environment_variables"] = {"host_env_keys": exp.vm_env(n)}
         cfg["configuration"] = {"@type": STRING_VALUE_URL,
                                 "value": json.dumps(exp.k8s_json[n], indent=2) + "\n"}
         ext.append({"applyTo": "EXTENSION_CONFIG",
@@ -755,13 +963,23 @@ def gen_envoyfilter(exp, names=None, name=ENVOYFILTER_NAME, namespace=None, intr
         "envoy.yaml's with the clusters mapped to Istio's outbound clusters."])
 
 
+def vm_config(exp, name):
+    """A WasmPlugin's / TrafficExtension's vmConfig for filter `name`: the
+    istio-proxy container's variables it reads (valueFrom HOST), or None."""
+    env = exp.vm_env(name)
+    return {"env": [{"name": e, "valueFrom": "HOST"} for e in env]} if env else None
+
+
 def _wasm_spec(exp, f, configs=None):
     n = f["name"]
     fail_open = bool(get(f["config"], "fail_open"))
-    return {"url": exp.url(n), "sha256": exp.digest(n), "imagePullPolicy": "IfNotPresent",
-            "pluginName": get(f["config"], "root_id") or n, "type": "HTTP",
-            "failStrategy": "FAIL_OPEN" if fail_open else "FAIL_CLOSE",
-            "pluginConfig": (configs or exp.k8s_json)[n]}
+    out = {"url": exp.url(n), "sha256": exp.digest(n), "imagePullPolicy": "IfNotPresent",
+           "pluginName": get(f["config"], "root_id") or n, "type": "HTTP",
+           "failStrategy": "FAIL_OPEN" if fail_open else "FAIL_CLOSE"}
+    if vm_config(exp, n):
+        out["vmConfig"] = vm_config(exp, n)
+    out["pluginConfig"] = (configs or exp.k8s_json)[n]
+    return out
 
 
 def gen_wasmplugins(exp):
@@ -875,6 +1093,96 @@ def gen_routing(exp):
         "/admin/ are proxied there)."])
 
 
+def mesh_rules(exp, profile):
+    """The ALLOW rules of a build's AuthorizationPolicy: one per endpoint
+    of the sidecar that someone may call (Expected.callers), from those
+    principals only, to that endpoint's port, methods and paths."""
+    callers = exp.callers(profile)
+    rules = []
+    for e, (op, _) in exp.endpoints().items():
+        if op is not None and callers[e]:
+            rules.append({"from": [{"source": {"principals": callers[e]}}], "to": [{"operation": copy.deepcopy(op)}]})
+    return rules
+
+
+def authorization_policy(exp, build, namespace=None):
+    meta = {"name": MESH_AP[build]}
+    if namespace:
+        meta["namespace"] = namespace
+    meta["labels"] = labels(SIDECAR_POD_LABEL)
+    return {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy", "metadata": meta,
+            "spec": {"selector": {"matchLabels": dict(SIDECAR_POD_LABEL)}, "action": "ALLOW",
+                     "rules": mesh_rules(exp, KUSTOMIZATIONS[build])}}
+
+
+def ns_peer(name, pods=None):
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}}
+    if pods:
+        peer["podSelector"] = {"matchLabels": dict(pods)}
+    return peer
+
+
+def tcp(*ports):
+    return [{"port": p, "protocol": "TCP"} for p in ports]
+
+
+def gen_mesh_base(exp):
+    """The base's mesh policy: STRICT mTLS for the namespace and the
+    sidecar, the sidecar's AuthorizationPolicy for the filters on the
+    application pods, and the NetworkPolicies (by namespace name)."""
+    ns, m = exp.deploy["namespace"], exp.mesh
+    http, rls = exp.ports()
+    sel = {"matchLabels": dict(SIDECAR_POD_LABEL)}
+    pa_ns = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+             "metadata": {"name": "default", "labels": labels()},
+             "spec": {"mtls": {"mode": "STRICT"}}}
+    pa_sidecar = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+                  "metadata": {"name": SIDECAR_NAME, "labels": labels(SIDECAR_POD_LABEL)},
+                  "spec": {"selector": copy.deepcopy(sel), "mtls": {"mode": "STRICT"}}}
+    common = []
+    callers_ns = sorted({v.split("/", 1)[0] for v in m["ws_callers"] + m["publishers"]})
+    if callers_ns:
+        common.append({"from": [ns_peer(n) for n in callers_ns], "ports": tcp(http)})
+    common.append({"from": [ns_peer(m["prometheus_ns"])], "ports": tcp(ISTIO_AGENT_PORT, http)})
+    np_common = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                 "metadata": {"name": MESH_NETPOL, "labels": labels(SIDECAR_POD_LABEL)},
+                 "spec": {"podSelector": copy.deepcopy(sel), "policyTypes": ["Ingress"], "ingress": common}}
+    np_workloads = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                    "metadata": {"name": MESH_NETPOL_WORKLOADS, "labels": labels(SIDECAR_POD_LABEL)},
+                    "spec": {"podSelector": copy.deepcopy(sel), "policyTypes": ["Ingress"],
+                             "ingress": [{"from": [ns_peer(ns, exp.deploy["workload_labels"])],
+                                          "ports": tcp(http, rls)}]}}
+    objs = [pa_ns, pa_sidecar, authorization_policy(exp, "k8s/base"), np_common, np_workloads]
+    return dump(objs, [
+        "The mesh policy of the sidecar (k8s/README.md, \"Mesh policy\"): mutual TLS",
+        "STRICT for the namespace and the sidecar; one ALLOW AuthorizationPolicy on",
+        "the sidecar, so whatever no rule names is denied, each rule one endpoint",
+        "from the SPIFFE principals (service accounts, k8s/deploy.json mesh) that",
+        "call it: here the filters on the application pods (usage, grants feed,",
+        "RLS), the listed WebSocket callers and publishers, Prometheus. The",
+        "ingress overlays replace the AuthorizationPolicy. NetworkPolicies as a",
+        "second layer, by namespace name: the listed callers' namespaces and",
+        "monitoring (the agent's merged metrics on 15020, /metrics on 8081); the",
+        "filtered workloads (their label, in this namespace)."])
+
+
+def gen_mesh_overlay(exp, build):
+    mode = KUSTOMIZATIONS[build][1]
+    intro = ["The sidecar's ALLOW AuthorizationPolicy with the ingress gateway; it",
+             "replaces the base's (k8s/README.md, \"Mesh policy\"). The gateway's",
+             "principal (k8s/deploy.json ingress.service_account) for /ws and /admin/,",
+             "which it routes, and for the callouts of the filters it runs"]
+    if mode == "both":
+        intro += ["(ingress.with_sidecar_attachment.gateway_filters); the application pods'",
+                  "principals for those of workload_filters; the listed WebSocket callers",
+                  "and publishers; Prometheus. Nothing else reaches the sidecar."]
+    else:
+        intro += ["(all of them; the application pods run none, so they call nothing); the",
+                  "listed WebSocket callers and publishers; Prometheus. Nothing else",
+                  "reaches the sidecar."]
+    return dump([authorization_policy(exp, build, exp.deploy["namespace"])], intro)
+
+
 def generated(exp):
     out = {
         "k8s/base/policy-configmap.yaml": gen_policy_configmap(exp),
@@ -882,6 +1190,8 @@ def generated(exp):
         "k8s/overlays/wasmplugin/wasmplugins.yaml": gen_wasmplugins(exp),
         "k8s/overlays/trafficextension/trafficextensions.yaml": gen_trafficextensions(exp),
     }
+    if exp.mesh is not None:  # else k8s/deploy.json's errors say why
+        out["k8s/base/mesh-policy.yaml"] = gen_mesh_base(exp)
     if exp.ingress is not None:  # else k8s/deploy.json's errors say why
         out["k8s/overlays/ingress/routing/routing.yaml"] = gen_routing(exp)
         out["k8s/overlays/ingress/wasmplugins.yaml"] = gen_gateway_wasmplugins(exp, "alone")
@@ -890,6 +1200,9 @@ def generated(exp):
             exp, exp.ingress["both"]["workloads"][0], BOTH_ENVOYFILTER_NAME, exp.deploy["namespace"],
             ["With the ingress gateway (k8s/overlays/ingress-and-sidecar): the filters of",
              "k8s/deploy.json ingress.with_sidecar_attachment.workload_filters only."])
+        if exp.mesh is not None:
+            for build in ("k8s/overlays/ingress", "k8s/overlays/ingress-and-sidecar"):
+                out[f"{build}/mesh-policy.yaml"] = gen_mesh_overlay(exp, build)
     return out
 
 
@@ -1210,6 +1523,15 @@ CEL_EXACT = {
     _norm("0 < self && self <= 65535"): lambda s: 0 < s <= 65535,
     _norm('(has(self.valueFrom) ? self.valueFrom : "") != "HOST" || !has(self.value)'):
         lambda s: s.get("valueFrom", "") != "HOST" or "value" not in s,
+    _norm('(has(self.serviceAccounts) || has(self.notServiceAccounts)) ? (!has(self.principals) && '
+          '!has(self.notPrincipals) && !has(self.namespaces) && !has(self.notNamespaces)) : true'):
+        lambda s: not ("serviceAccounts" in s or "notServiceAccounts" in s)
+        or not any(k in s for k in ("principals", "notPrincipals", "namespaces", "notNamespaces")),
+    _norm('has(self.portLevelMtls) ? (((has(self.selector) && has(self.selector.matchLabels)) ? '
+          'self.selector.matchLabels : {}).size() > 0) : true'):
+        lambda s: "portLevelMtls" not in s or len((s.get("selector") or {}).get("matchLabels") or {}) > 0,
+    _norm("self.all(key, 0 < int(key) && int(key) <= 65535)"):
+        lambda s: all(re.fullmatch(r"[0-9]+", k) and 0 < int(k) <= 65535 for k in s),
     _norm('has(self.context) ? ((self.context == "WAYPOINT") ? has(self.waypoint) : '
           '!has(self.waypoint)) : !has(self.waypoint)'):
         lambda s: (("waypoint" in s) if s.get("context") == "WAYPOINT" else "waypoint" not in s)
@@ -1437,10 +1759,17 @@ def check_filters_resources(objs, exp, want_kind, names, configs, where="workloa
                 errs.append(f"EnvoyFilter: no EXTENSION_CONFIG for envoy.yaml's filter {n}")
                 continue
             at = f"EnvoyFilter {n}"
-            strip = lambda c: {k: (v if k != "vm_config" else {kk: vv for kk, vv in v.items() if kk != "code"})
+            local = ("code", "environment_variables")
+            strip = lambda c: {k: (v if k != "vm_config" else {kk: vv for kk, vv in v.items() if kk not in local})
                                for k, v in c.items() if k != "configuration"}
             if strip(cfg) != strip(f["config"]):
-                errs.append(f"{at}: the Wasm config (beside code and configuration) differs from envoy.yaml's")
+                errs.append(f"{at}: the Wasm config (beside code, environment_variables and configuration) "
+                            "differs from envoy.yaml's")
+            env = get(get(cfg, "vm_config") or {}, "environment_variables")
+            want_env = {"host_env_keys": exp.vm_env(n)} if exp.vm_env(n) else None
+            if env != want_env:
+                errs.append(f"{at}: vm_config.environment_variables must be {want_env} (the usage filter's "
+                            "secret from the istio-proxy container's environment, k8s/deploy.json usage_secret)")
             conf = get(cfg, "configuration") or {}
             try:
                 got_json = json.loads(conf.get("value", ""))
@@ -1485,6 +1814,9 @@ def check_filters_resources(objs, exp, want_kind, names, configs, where="workloa
             if w.get("pluginConfig") != configs[n]:
                 errs.append(f"{at}: pluginConfig differs from envoy.yaml's {n} configuration (clusters mapped"
                             + (", k8s/deploy.json's overrides)" if configs is not exp.k8s_json else ")"))
+            if w.get("vmConfig") != vm_config(exp, n):
+                errs.append(f"{at}: vmConfig must be {vm_config(exp, n)} (the usage filter's secret from the "
+                            "istio-proxy container's environment, k8s/deploy.json usage_secret)")
             if w.get("url") != exp.url(n):
                 errs.append(f"{at}: url must be {exp.url(n)}")
             if w.get("sha256") != exp.digest(n):
@@ -1642,12 +1974,258 @@ def check_sidecar(objs, exp):
         c2 = exp.deploy["clusters"].get(cname)
         if c2 and c2 != {"host": fqdn, "port": port}:
             errs.append(f"k8s/deploy.json clusters.{cname} must be {{host: {fqdn}, port: {port}}} (the Service)")
-    # the NetworkPolicy admits the filtered workloads
-    nps = [o for o in by_kind(objs, "NetworkPolicy") if o["metadata"].get("name") == SIDECAR_NAME]
-    admits = any(((f.get("podSelector") or {}).get("matchLabels") == exp.deploy["workload_labels"])
-                 for np in nps for rule in np["spec"].get("ingress", []) for f in rule.get("from", []))
-    if not admits:
-        errs.append("NetworkPolicy: must admit the workloads that run the filters (k8s/deploy.json workload_labels)")
+    # --usage-secret from the Secret the usage filter's proxies read too
+    us = exp.usage_secret
+    if us:
+        env = next((e for e in c.get("env", []) if e.get("name") == "SIDECAR_USAGE_SECRET"), None)
+        ref = ((env or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+        if env is None or "value" in env or ref.get("name") != us["secret"] or ref.get("key") != us["key"] \
+                or ref.get("optional"):
+            errs.append(f"Deployment: SIDECAR_USAGE_SECRET must come from secretKeyRef {us['secret']}/{us['key']} "
+                        "(k8s/deploy.json usage_secret, which the usage filter's proxies read as "
+                        f"{us['proxy_env']}), not optional; found {env}")
+        if settings.get("--usage-secret"):
+            errs.append("Deployment: --usage-secret as an argument puts the secret in the pod spec; "
+                        "use SIDECAR_USAGE_SECRET from the Secret")
+    # the mesh policy needs Istio's proxy in front of the sidecar, on every
+    # port, and the kubelet's probes rewritten to the agent
+    if ann.get("sidecar.istio.io/inject", "true") != "true":
+        errs.append("Deployment: sidecar.istio.io/inject must not be false: without Istio's proxy no "
+                    "PeerAuthentication or AuthorizationPolicy applies to the sidecar")
+    if ann.get("sidecar.istio.io/rewriteAppHTTPProbers", "true") != "true":
+        errs.append("Deployment: sidecar.istio.io/rewriteAppHTTPProbers must not be false: with STRICT mTLS "
+                    "the kubelet's plain HTTP probes would be refused (Istio rewrites them to its agent)")
+    http_port, rls_port = exp.ports()
+    for key in ("traffic.sidecar.istio.io/excludeInboundPorts", "traffic.sidecar.istio.io/includeInboundPorts"):
+        v = ann.get(key)
+        if v is None:
+            continue
+        listed = {p.strip() for p in str(v).split(",")}
+        if key.endswith("excludeInboundPorts") and listed & {str(http_port), str(rls_port)}:
+            errs.append(f"Deployment: {key} {v!r} lets traffic to the sidecar's ports past Istio's proxy "
+                        "(no mTLS, no AuthorizationPolicy)")
+        if key.endswith("includeInboundPorts") and "*" not in listed and \
+                not {str(http_port), str(rls_port)} <= listed:
+            errs.append(f"Deployment: {key} {v!r} leaves a sidecar port outside Istio's proxy")
+    if cports.get("http") != http_port or cports.get("grpc-rls") != rls_port:
+        errs.append(f"Deployment: container ports http/grpc-rls must be {http_port}/{rls_port} "
+                    "(k8s/deploy.json clusters; the AuthorizationPolicy's ports are these)")
+    return errs
+
+
+def selects(match_labels, pod_labels):
+    """Whether a selector's matchLabels (None or {}: every pod) selects pods
+    with these labels."""
+    return all(pod_labels.get(k) == v for k, v in (match_labels or {}).items())
+
+
+def istio_match(pattern, value):
+    """Istio's string match in AuthorizationPolicy fields: exact, `x*`
+    prefix, `*x` suffix, `*` anything. Path templates ({*}, {**}) are not
+    generated and not followed: refused."""
+    if "{" in pattern:
+        raise ValueError(f"path template {pattern!r} (not generated; the check does not follow templates)")
+    if pattern == "*":
+        return True
+    if pattern.startswith("*"):
+        return value.endswith(pattern[1:])
+    if pattern.endswith("*"):
+        return value.startswith(pattern[:-1])
+    return value == pattern
+
+
+def operation_matches(op, port, path, method):
+    """Whether an Istio Operation can match the request. Hosts are not
+    compared (they could only narrow it: the check errs on the side of
+    reach)."""
+    for field, value in (("ports", str(port)), ("paths", path), ("methods", method)):
+        inc, exc = op.get(field), op.get("not" + field[0].upper() + field[1:])
+        if inc and not any(istio_match(str(p), value) for p in inc):
+            return False
+        if exc and any(istio_match(str(p), value) for p in exc):
+            return False
+    return True
+
+
+def rule_matches(rule, port, path, method):
+    to = rule.get("to") or []
+    return not to or any(operation_matches(t.get("operation") or {}, port, path, method) for t in to)
+
+
+def rule_sources(rule, trust_domain):
+    """Who an ALLOW rule admits: [("principal", p) | ("namespace", ns) |
+    ("any", why)]. `when` conditions are ignored (they could only narrow
+    it); a source with principals is taken as those principals (its other
+    fields AND with them)."""
+    out = []
+    for f in rule.get("from") or [{}]:
+        src = f.get("source") or {}
+        prins = list(src.get("principals") or [])
+        prins += [f"{trust_domain}/ns/{v.partition('/')[0]}/sa/{v.partition('/')[2]}"
+                  for v in src.get("serviceAccounts") or []]
+        if prins:
+            out += [("any", f"principal {p!r} is a wildcard") if "*" in p else ("principal", p) for p in prins]
+        elif src.get("namespaces"):
+            out += [("any", f"namespace {n!r} is a wildcard") if "*" in n else ("namespace", n)
+                    for n in src["namespaces"]]
+        else:
+            out.append(("any", "a source without principals" if f else "no `from`: any caller"))
+    return out
+
+
+def check_mesh(objs, exp, profile):
+    """The mesh policy of one build, as Istio and Kubernetes would apply it
+    to the sidecar's pods: STRICT mTLS; every request of Expected.endpoints
+    admitted by the ALLOW AuthorizationPolicies exactly from the principals
+    k8s/deploy.json names for it (none: denied), never by a rule without
+    principals; NetworkPolicies admitting only namespaces deploy.json names,
+    by name, the filtered workloads where the filters run on them."""
+    errs = []
+    m, ns = exp.mesh, exp.deploy["namespace"]
+    root = m["root_namespace"]
+    dep = next((o for o in by_kind(objs, "Deployment") if o["metadata"].get("name") == SIDECAR_NAME), None)
+    pod = ((((dep or {}).get("spec") or {}).get("template") or {}).get("metadata") or {}).get("labels") or {}
+    if not pod:
+        return ["mesh policy: no sidecar Deployment to apply it to"]
+    nso = next((o for o in by_kind(objs, "Namespace") if o["metadata"].get("name") == ns), None)
+    nsl = ((nso or {}).get("metadata") or {}).get("labels") or {}
+    if nsl.get("istio-injection") != "enabled" and not nsl.get("istio.io/rev"):
+        errs.append(f"Namespace {ns}: needs istio-injection: enabled (or istio.io/rev): without Istio's proxy "
+                    "the sidecar has no mTLS and no AuthorizationPolicy")
+
+    # PeerAuthentication: the most specific one decides (workload > namespace > root)
+    def mode(pa):
+        return (((pa.get("spec") or {}).get("mtls") or {}).get("mode")) or "UNSET"
+
+    def sel_of(o):
+        return ((o.get("spec") or {}).get("selector") or {}).get("matchLabels")
+    pas = by_kind(objs, "PeerAuthentication")
+    ns_pa = [p for p in pas if p["metadata"].get("namespace") == ns and not sel_of(p)]
+    wl_pa = [p for p in pas if p["metadata"].get("namespace") == ns and sel_of(p) and selects(sel_of(p), pod)]
+    root_pa = [p for p in pas if p["metadata"].get("namespace") == root and not sel_of(p)]
+    if len(ns_pa) != 1 or mode(ns_pa[0]) != "STRICT":
+        errs.append(f"PeerAuthentication: the namespace {ns} needs one without a selector in mode STRICT, found "
+                    f"{[(p['metadata']['name'], mode(p)) for p in ns_pa]}")
+    if len(wl_pa) > 1:
+        errs.append(f"PeerAuthentication: {[p['metadata']['name'] for p in wl_pa]} all select the sidecar "
+                    "(Istio takes the oldest)")
+    chain = [mode(p) for p in wl_pa[:1] + ns_pa[:1] + root_pa[:1]]
+    eff = next((x for x in chain if x != "UNSET"), "PERMISSIVE")  # Istio's default is PERMISSIVE
+    if eff != "STRICT":
+        errs.append(f"PeerAuthentication: the sidecar's pods accept {eff} (not STRICT): plain-text callers "
+                    "reach it without a principal")
+    http_port, rls_port = exp.ports()
+    for p in wl_pa[:1]:
+        for port, v in ((p.get("spec") or {}).get("portLevelMtls") or {}).items():
+            if str(port) in (str(http_port), str(rls_port)) and \
+                    (v or {}).get("mode", "UNSET") not in ("STRICT", "UNSET"):
+                errs.append(f"PeerAuthentication {p['metadata']['name']}: portLevelMtls {port} is "
+                            f"{v.get('mode')}: that port of the sidecar accepts plain text")
+
+    # AuthorizationPolicy: what each request of the sidecar's endpoints reaches
+    allow = []
+    for ap in by_kind(objs, "AuthorizationPolicy"):
+        spec, name = ap.get("spec") or {}, ap["metadata"].get("name")
+        if ap["metadata"].get("namespace") not in (ns, root):
+            continue
+        if spec.get("targetRef") or spec.get("targetRefs"):
+            errs.append(f"AuthorizationPolicy {name}: targetRef(s) are not generated and not followed by the check")
+            continue
+        if not selects(sel_of(ap), pod):
+            continue
+        if spec.get("action", "ALLOW") != "ALLOW":
+            errs.append(f"AuthorizationPolicy {name}: action {spec.get('action')} on the sidecar is not "
+                        "generated; the check reasons about ALLOW policies only")
+            continue
+        allow.append(ap)
+    if not allow:
+        errs.append("AuthorizationPolicy: none applies to the sidecar: every mTLS peer reaches every port and path")
+        return errs
+    want_all = exp.callers(profile)
+    for e, (_, probes) in exp.endpoints().items():
+        want = set(want_all[e])
+        for port, path, method in probes:
+            got, anys = set(), []
+            req = f"{method} :{port}{path}"
+            for ap in allow:
+                for i, rule in enumerate((ap.get("spec") or {}).get("rules") or []):
+                    at = f"AuthorizationPolicy {ap['metadata']['name']} rules[{i}]"
+                    try:
+                        if not rule_matches(rule, port, path, method):
+                            continue
+                    except ValueError as ex:
+                        errs.append(f"{at}: {ex}")
+                        continue
+                    for kind, v in rule_sources(rule, m["trust_domain"]):
+                        if kind == "principal":
+                            got.add(v)
+                        elif kind == "namespace" and e == "metrics" and v == m["prometheus_ns"]:
+                            got |= set(m["metrics"])  # Prometheus by its namespace: accepted
+                        elif kind == "namespace":
+                            anys.append(f"{at} (namespace {v}, no principal)")
+                        else:
+                            anys.append(f"{at} ({v})")
+            if anys:
+                errs.append(f"AuthorizationPolicy: {req} ({e}) is reachable by an ALLOW rule without "
+                            f"principals: {anys[0]}")
+            if got - want:
+                errs.append(f"AuthorizationPolicy: {req} ({e}) admits {sorted(got - want)}, which k8s/deploy.json "
+                            f"does not name as its callers here ({sorted(want) or 'nobody'})")
+            if want - got:
+                errs.append(f"AuthorizationPolicy: {req} ({e}) must admit {sorted(want - got)}" +
+                            (": left out of every rule" if not got and not anys else ""))
+
+    # NetworkPolicy: a second layer, by namespace name
+    wl, gw = exp.profile_filters(profile)
+    allowed_ns = {ns, m["prometheus_ns"]} | {v.split("/", 1)[0] for v in m["ws_callers"] + m["publishers"]}
+    if gw:
+        allowed_ns.add(exp.ingress["namespace"])
+    reach = []  # (peer, ports) of every admitting rule
+    for np in by_kind(objs, "NetworkPolicy"):
+        spec, name = np.get("spec") or {}, np["metadata"].get("name")
+        psel = spec.get("podSelector") or {}
+        if np["metadata"].get("namespace") != ns or \
+                not (psel.get("matchExpressions") or selects(psel.get("matchLabels"), pod)):
+            continue
+        if "Ingress" not in (spec.get("policyTypes") or ["Ingress"]):
+            continue
+        for ri, rule in enumerate(spec.get("ingress") or []):
+            at = f"NetworkPolicy {name} ingress[{ri}]"
+            ports = {p.get("port") for p in rule.get("ports") or []}
+            if not rule.get("ports"):
+                errs.append(f"{at}: no `ports`: admits every port")
+            if not rule.get("from"):
+                errs.append(f"{at}: no `from`: admits every source, from any namespace")
+            for peer in rule.get("from") or []:
+                reach.append((peer, ports))
+                if "ipBlock" in peer:
+                    errs.append(f"{at}: ipBlock {peer['ipBlock']} admits by address, not by namespace")
+                    continue
+                nsel = peer.get("namespaceSelector")
+                if nsel is None:
+                    continue  # pods of the policy's own namespace
+                ml = nsel.get("matchLabels") or {}
+                if nsel.get("matchExpressions") or list(ml) != ["kubernetes.io/metadata.name"]:
+                    errs.append(f"{at}: namespaceSelector {nsel} admits namespaces by something other than their "
+                                "name (`{}`: every namespace); name those of k8s/deploy.json")
+                elif ml["kubernetes.io/metadata.name"] not in allowed_ns:
+                    errs.append(f"{at}: admits the namespace {ml['kubernetes.io/metadata.name']}, which "
+                                f"k8s/deploy.json does not name here ({sorted(allowed_ns)})")
+
+    def admitted(peer, port):
+        return any(p == peer and port in ports for p, ports in reach)
+    wpeer = ns_peer(ns, exp.deploy["workload_labels"])
+    wpeer_local = {"podSelector": {"matchLabels": dict(exp.deploy["workload_labels"])}}
+    need = sorted({rls_port if FILTER_CALLS[n] == "rls" else http_port for n in wl if n in FILTER_CALLS})
+    for port in need:
+        if not (admitted(wpeer, port) or admitted(wpeer_local, port)):
+            errs.append(f"NetworkPolicy: none admits the workloads that run the filters ({ns}, "
+                        f"{exp.deploy['workload_labels']}) to port {port} (their filters' callouts)")
+    if not wl and any(p in (wpeer, wpeer_local) for p, _ in reach):
+        errs.append(f"NetworkPolicy: admits the pods labelled {exp.deploy['workload_labels']}, but no filters run "
+                    "on them here (a label anyone can set on a pod)")
+    if not admitted(ns_peer(m["prometheus_ns"]), ISTIO_AGENT_PORT):
+        errs.append(f"NetworkPolicy: none admits {m['prometheus_ns']} to Istio's merged metrics ({ISTIO_AGENT_PORT})")
     return errs
 
 
@@ -1777,6 +2355,9 @@ def check_build(label, objs, exp, profile):
         if extra:
             errs.append(f"{label}: ingress resources in a kustomization without the ingress: {extra}")
     errs += [f"{label}: {e}" for e in check_sidecar(objs, exp)]
+    if exp.mesh is None:
+        return errs + [f"{label}: k8s/deploy.json mesh is unusable (see its errors)"]
+    errs += [f"{label}: {e}" for e in check_mesh(objs, exp, profile)]
     return errs
 
 
@@ -2116,19 +2697,136 @@ def self_test(envoy_doc, builds, exp):
          k8s_case("k8s/base", lambda o: set_(find(o, "Deployment")["spec"]["template"]["spec"]["securityContext"],
                                              "runAsUser", 1000))),
     ]
+    # the mesh policy (issue 26) and the usage secret; these name the error
+    # they must cause (a refusal for another reason does not count)
+    ns = exp.deploy["namespace"]
+    workload_p = exp.mesh["workloads"][0]
+    ap = lambda o, build="k8s/base": find(o, "AuthorizationPolicy", MESH_AP[build])
+    rule_for = lambda o, path, build="k8s/base": next(
+        r for r in ap(o, build)["spec"]["rules"] if path in r["to"][0]["operation"]["paths"])
+    pa = lambda o, name: find(o, "PeerAuthentication", name)
+    netpol = lambda o, name: find(o, "NetworkPolicy", name)
+    pod_ann = lambda o: find(o, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    usage_env = lambda o: next(e for e in container(o)["env"] if e["name"] == "SIDECAR_USAGE_SECRET")
+
+    def mesh_case(mutate):
+        def run():
+            d = copy.deepcopy(exp.deploy)
+            mutate(d["mesh"])
+            return Expected(exp.filters, d, exp.routes).errors
+        return run
+    cases += [
+        ("AuthorizationPolicy: a rule without principals (no `from`) for the usage endpoint",
+         k8s_case("k8s/base", lambda o: rule_for(o, exp.usage_path()).pop("from")),
+         "reachable by an ALLOW rule without principals"),
+        ("AuthorizationPolicy: the grants feed from a namespace, not a principal",
+         k8s_case("k8s/base", lambda o: set_(rule_for(o, "/internal/*"), "from", [{"source": {"namespaces": [ns]}}])),
+         "without principals"),
+        ("AuthorizationPolicy: a wildcard principal on the RLS",
+         k8s_case("k8s/base", lambda o: set_(rule_for(o, RLS_PATH)["from"][0]["source"], "principals", ["*"])),
+         "without principals"),
+        ("AuthorizationPolicy: the RLS port left out of every rule",
+         k8s_case("k8s/base", lambda o: ap(o)["spec"]["rules"].remove(rule_for(o, RLS_PATH))),
+         "left out of every rule"),
+        ("AuthorizationPolicy: /metrics left out of every rule",
+         k8s_case("k8s/base", lambda o: ap(o)["spec"]["rules"].remove(rule_for(o, "/metrics"))),
+         "left out of every rule"),
+        ("AuthorizationPolicy: ingress without the gateway's /ws rule",
+         k8s_case(ING, lambda o: ap(o, ING)["spec"]["rules"].remove(rule_for(o, "/ws", ING))),
+         "left out of every rule"),
+        ("AuthorizationPolicy: /admin/ from the application pods",
+         k8s_case("k8s/base", lambda o: ap(o)["spec"]["rules"].append(
+             {"from": [{"source": {"principals": [workload_p]}}],
+              "to": [{"operation": {"ports": ["8081"], "paths": ["/admin/*"]}}]})),
+         "which k8s/deploy.json does not name"),
+        ("AuthorizationPolicy: a rule without `to` (every port and path)",
+         k8s_case("k8s/base", lambda o: ap(o)["spec"]["rules"].append(
+             {"from": [{"source": {"principals": [workload_p]}}]})),
+         "which k8s/deploy.json does not name"),
+        ("AuthorizationPolicy: a namespace-wide allow-all beside the sidecar's",
+         k8s_case("k8s/base", lambda o: o.append(("broken", {
+             "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+             "metadata": {"name": "allow-all", "namespace": ns}, "spec": {"rules": [{}]}}))),
+         "no `from`"),
+        ("AuthorizationPolicy: the sidecar's deleted (no ALLOW policy: everything allowed)",
+         k8s_case("k8s/base", lambda o: drop(o, "AuthorizationPolicy", MESH_AP["k8s/base"])),
+         "none applies to the sidecar"),
+        ("PeerAuthentication: the sidecar's PERMISSIVE",
+         k8s_case("k8s/base", lambda o: set_(pa(o, SIDECAR_NAME)["spec"]["mtls"], "mode", "PERMISSIVE")),
+         "accept PERMISSIVE"),
+        ("PeerAuthentication: the namespace's PERMISSIVE",
+         k8s_case("k8s/base", lambda o: set_(pa(o, "default")["spec"]["mtls"], "mode", "PERMISSIVE")),
+         "needs one without a selector in mode STRICT"),
+        ("PeerAuthentication: the RLS port DISABLE on the sidecar (portLevelMtls)",
+         k8s_case("k8s/base", lambda o: set_(pa(o, SIDECAR_NAME)["spec"], "portLevelMtls",
+                                             {str(exp.ports()[1]): {"mode": "DISABLE"}})),
+         "accepts plain text"),
+        ("NetworkPolicy: the workloads admitted from any namespace (namespaceSelector {})",
+         k8s_case("k8s/base", lambda o: set_(netpol(o, MESH_NETPOL_WORKLOADS)["spec"]["ingress"][0]["from"][0],
+                                             "namespaceSelector", {})),
+         "every namespace"),
+        ("NetworkPolicy: a namespace k8s/deploy.json does not name",
+         k8s_case("k8s/base", lambda o: set_(netpol(o, MESH_NETPOL)["spec"]["ingress"][-1]["from"][0]
+                                             ["namespaceSelector"]["matchLabels"], "kubernetes.io/metadata.name",
+                                             "elsewhere")),
+         "does not name here"),
+        ("NetworkPolicy: a rule without `from`",
+         k8s_case("k8s/base", lambda o: netpol(o, MESH_NETPOL)["spec"]["ingress"][0].pop("from")),
+         "admits every source"),
+        ("NetworkPolicy: ingress admitting the labelled application pods (no filters run on them there)",
+         k8s_case(ING, lambda o: o.append(next(x for x in builds["k8s/base"] if x[1]["kind"] == "NetworkPolicy"
+                                               and x[1]["metadata"]["name"] == MESH_NETPOL_WORKLOADS))),
+         "no filters run"),
+        ("Deployment: SIDECAR_USAGE_SECRET from another Secret than the filters'",
+         k8s_case("k8s/base", lambda o: set_(usage_env(o)["valueFrom"]["secretKeyRef"], "name", "other")),
+         "SIDECAR_USAGE_SECRET must come from"),
+        ("Deployment: SIDECAR_USAGE_SECRET written in",
+         k8s_case("k8s/base", lambda o: [usage_env(o).pop("valueFrom"), usage_env(o).update(value="s3cret")]),
+         "SIDECAR_USAGE_SECRET must come from"),
+        ("WasmPlugin: the usage filter's VM without the secret's variable",
+         k8s_case("k8s/overlays/wasmplugin",
+                  lambda o: find(o, "WasmPlugin", "access-layer-usage")["spec"].pop("vmConfig")),
+         "vmConfig must be"),
+        ("EnvoyFilter: the usage filter's VM without the secret's variable",
+         k8s_case("k8s/base", lambda o: find(o, "EnvoyFilter")["spec"]["configPatches"][0]["patch"]["value"]
+                  ["typed_config"]["config"]["vm_config"].pop("environment_variables")),
+         "environment_variables must be"),
+        ("gateway WasmPlugin: the usage secret written into pluginConfig",
+         k8s_case(ING, lambda o: set_(gw_plugin(o, "usage")["spec"], "pluginConfig",
+                                      {**{k: v for k, v in exp.k8s_json["usage"].items() if k != USAGE_SECRET_FIELD},
+                                       "secret": "s3cret"})),
+         "pluginConfig differs"),
+        ("Deployment: sidecar.istio.io/inject false (no proxy, no mesh policy)",
+         k8s_case("k8s/base", lambda o: set_(pod_ann(o), "sidecar.istio.io/inject", "false")),
+         "sidecar.istio.io/inject"),
+        ("Deployment: probes not rewritten (refused by STRICT mTLS)",
+         k8s_case("k8s/base", lambda o: set_(pod_ann(o), "sidecar.istio.io/rewriteAppHTTPProbers", "false")),
+         "rewriteAppHTTPProbers"),
+        ("Deployment: the sidecar's port excluded from Istio's inbound capture",
+         k8s_case("k8s/base", lambda o: set_(pod_ann(o), "traffic.sidecar.istio.io/excludeInboundPorts",
+                                             str(exp.ports()[0]))),
+         "past Istio's proxy"),
+        ("deploy.json: mesh without the filtered workloads' service accounts",
+         mesh_case(lambda m: set_(m, "filter_workloads", [])), "filter_workloads"),
+        ("deploy.json: a publisher that is not namespace/serviceaccount",
+         mesh_case(lambda m: set_(m, "publishers", ["curve-publisher"])), "publishers"),
+    ]
     failures = 0
-    for name, run in cases:
+    for case in cases:
+        name, run, want = case if len(case) == 3 else (*case, None)
         try:
             errs = run()
         except Exception as e:  # a crash is not a refusal
             errs, crash = [], e
         else:
             crash = None
-        if errs:
-            print(f"   refused as it should: {name}\n      -> {errs[0].splitlines()[0][-240:]}")
+        hit = [e for e in errs if want is None or want in e]
+        if hit:
+            print(f"   refused as it should: {name}\n      -> {hit[0].splitlines()[0][-240:]}")
         else:
             failures += 1
-            print(f"   SELF-TEST FAILED: accepted {name}" + (f" (crashed: {crash!r})" if crash else ""))
+            print(f"   SELF-TEST FAILED: accepted {name}" + (f" (crashed: {crash!r})" if crash else "")
+                  + (f" (refused, but not for {want!r}: {errs[0][:200]})" if errs else ""))
     return failures + bool(sound), len(cases)
 
 
@@ -2161,6 +2859,10 @@ def main():
     routes, errs = envoy_routes(envoy_doc, rel(args.envoy))
     errors += errs
     exp = Expected(filters, load_yaml(DEPLOY_JSON), routes)
+    if exp.usage_secret and "usage" in exp.names and os.path.exists(USAGE_CONFIG_RS) and \
+            not re.search(r"\bpub " + USAGE_SECRET_FIELD + r"\b", open(USAGE_CONFIG_RS).read()):
+        note(f"the usage filter has no `{USAGE_SECRET_FIELD}` yet (filters/usage/core/src/config.rs): its k8s "
+             "configurations name the variable and would be refused until it reads it (k8s/README.md)")
     if args.sync:
         step("sync: generated k8s files")
         exp = sync(exp, args.pin)
