@@ -303,6 +303,50 @@ fn the_secret_and_authority_are_sent() {
 }
 
 #[test]
+fn the_secret_may_come_from_the_vms_environment() {
+    // As Istio's WasmPlugin vmConfig.env hands it a Kubernetes Secret.
+    let host = Host::builder().build();
+    let calls: Calls = Arc::default();
+    let seen = calls.clone();
+    host.add_cluster("sidecar", move |req| {
+        seen.lock().unwrap().push(req.clone());
+        Reply::ok(200, "{}")
+    });
+    let p = host
+        .load(
+            usage_config(&config(json!({"secret_env": "ACCESS_USAGE_SECRET"})))
+                .env("ACCESS_USAGE_SECRET", "from-env-1"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let chain = host.chain(&[&p]).with_upstream(upstream);
+    let s = host.stream(&chain);
+    s.request_headers(
+        &[
+            (":method", "GET"),
+            (":path", "/x"),
+            (":authority", "api"),
+            ("x-auth-tenant", "acme"),
+        ],
+        true,
+    );
+    host.advance(Duration::from_millis(1000));
+    let c = calls.lock().unwrap();
+    assert_eq!(c[0].header("x-usage-secret"), Some("from-env-1"));
+    // Unset: the configuration is refused with the field and the name.
+    let e = host
+        .load(usage_config(&config(
+            json!({"secret_env": "ACCESS_USAGE_SECRET_UNSET"}),
+        )))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("secret_env: ACCESS_USAGE_SECRET_UNSET is not set"),
+        "{e}"
+    );
+}
+
+#[test]
 fn configuration_errors_name_the_field() {
     let host = Host::builder().build();
     let err = |cfg: Value| match host.load(usage_config(&cfg)) {

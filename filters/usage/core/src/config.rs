@@ -20,6 +20,11 @@ pub struct UsageConfig {
     /// Shared secret sent in `secret_header` (when the sidecar is not on
     /// loopback). Default: none.
     pub secret: Option<String>,
+    /// The name of an environment variable of the VM holding that secret
+    /// (Envoy's `vm_config.environment_variables`, Istio's WasmPlugin
+    /// `vmConfig.env`, filled from a Kubernetes Secret), read at
+    /// configuration. Not with `secret`. Default: none.
+    pub secret_env: Option<String>,
     /// Default `x-usage-secret`.
     #[serde(default = "default_secret_header")]
     pub secret_header: String,
@@ -153,7 +158,47 @@ fn range(field: &str, v: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
 
 impl Settings {
     pub fn from_json(bytes: &[u8]) -> Result<Settings, ConfigError> {
-        let cfg: UsageConfig = serde_json::from_slice(bytes).map_err(|e| ConfigError::json(&e))?;
+        Settings::from_json_with_env(bytes, |name| std::env::var(name).ok())
+    }
+
+    /// [`Settings::from_json`] with `env` for the VM's environment (what
+    /// `secret_env` names is looked up there).
+    pub fn from_json_with_env(
+        bytes: &[u8],
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
+        let mut cfg: UsageConfig =
+            serde_json::from_slice(bytes).map_err(|e| ConfigError::json(&e))?;
+        if let Some(name) = cfg.secret_env.take() {
+            if cfg.secret.is_some() {
+                return Err(ConfigError::new(
+                    "secret_env",
+                    "not with secret: one of them",
+                ));
+            }
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(ConfigError::new(
+                    "secret_env",
+                    format!("{name:?} is not an environment variable name"),
+                ));
+            }
+            let value = env(&name).ok_or_else(|| {
+                ConfigError::new(
+                    "secret_env",
+                    format!(
+                        "{name} is not set in the VM's environment (Envoy vm_config.environment_variables, Istio vmConfig.env)"
+                    ),
+                )
+            })?;
+            // The value is never shown: only that it is wrong.
+            if value.is_empty() || value.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+                return Err(ConfigError::new(
+                    "secret_env",
+                    format!("the value of {name} must be non-empty visible ASCII"),
+                ));
+            }
+            cfg.secret = Some(value);
+        }
         Settings::compile(cfg)
     }
 
@@ -321,6 +366,56 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(want), "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_secret_may_come_from_the_vm_environment() {
+        let env = |name: &str| match name {
+            "ACCESS_USAGE_SECRET" => Some("s3cret-from-a-k8s-secret".to_string()),
+            "EMPTY" => Some(String::new()),
+            "SPACE" => Some("a b".to_string()),
+            _ => None,
+        };
+        let s = Settings::from_json_with_env(
+            br#"{"cluster":"c","secret_env":"ACCESS_USAGE_SECRET"}"#,
+            env,
+        )
+        .unwrap();
+        assert_eq!(
+            s.secret,
+            Some((
+                "x-usage-secret".to_string(),
+                "s3cret-from-a-k8s-secret".to_string()
+            ))
+        );
+        for (cfg, want) in [
+            (
+                r#"{"cluster":"c","secret_env":"UNSET"}"#,
+                "secret_env: UNSET is not set",
+            ),
+            (
+                r#"{"cluster":"c","secret_env":"EMPTY"}"#,
+                "secret_env: the value of EMPTY",
+            ),
+            (
+                r#"{"cluster":"c","secret_env":"SPACE"}"#,
+                "secret_env: the value of SPACE",
+            ),
+            (
+                r#"{"cluster":"c","secret_env":"A-B"}"#,
+                "secret_env: \"A-B\" is not",
+            ),
+            (
+                r#"{"cluster":"c","secret_env":"X","secret":"y"}"#,
+                "secret_env: not with secret",
+            ),
+        ] {
+            let e = Settings::from_json_with_env(cfg.as_bytes(), env)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{cfg}: {e}");
+            assert!(!e.contains("a b"), "the value is never shown: {e}");
         }
     }
 }
