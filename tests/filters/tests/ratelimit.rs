@@ -124,7 +124,8 @@ fn refusals_carry_the_body_and_every_field() {
     assert_eq!(r.header("retry-after").as_deref(), Some("6"));
     assert_eq!(
         r.header("ratelimit-policy").as_deref(),
-        Some("\"per-tenant\";q=1;w=60")
+        Some("\"per-tenant\";q=1;w=6"),
+        "a quota of the burst per its refill time (10 a minute: one per 6 s)"
     );
     assert_eq!(
         r.header("ratelimit").as_deref(),
