@@ -1,8 +1,10 @@
 //! The admin API for grants (issue 17), under `/admin/v1/`, reached through
 //! the gateway (the policy admits only callers with the role
 //! `access-admin`). The sidecar checks again: a caller needs the identity
-//! headers of the gateway's auth filter with that role, or the admin
-//! secret (`--admin-secret`, header `x-admin-secret`).
+//! headers of the gateway's auth filter with that role — proven by the
+//! token they came from, which the gateway forwards on `/admin/`
+//! (`--identity-proof`, `crate::proof`) — or the admin secret
+//! (`--admin-secret`, header `x-admin-secret`).
 //!
 //! - `PUT /admin/v1/grants` `{"tenant"|"subject": …, "resource": …,
 //!   "action": …}`: idempotent, 200 `{"grant": …, "changed": bool,
@@ -110,14 +112,15 @@ impl Admin {
         }
     }
 
-    /// The actor of an authorized call; `None`: refused.
-    fn actor(&self, req: &Request<Incoming>, app: &App) -> Option<String> {
-        let h = req.headers();
-        if let (Some(want), Some(got)) = (&self.secret, h.get(SECRET_HEADER)) {
-            if same(want.as_bytes(), got.as_bytes()) {
-                return Some("admin-secret".into());
-            }
-        }
+    /// Whether the call carries the admin secret.
+    fn has_secret(&self, req: &Request<Incoming>) -> bool {
+        matches!((&self.secret, req.headers().get(SECRET_HEADER)),
+            (Some(want), Some(got)) if same(want.as_bytes(), got.as_bytes()))
+    }
+
+    /// The actor of a call with these (proven) identity headers; `None`:
+    /// refused.
+    fn actor(h: &hyper::header::HeaderMap, app: &App) -> Option<String> {
         let names = &app.cfg.identity;
         let text = |n: &str| h.get(n).and_then(|v| v.to_str().ok());
         let admin =
@@ -163,7 +166,18 @@ pub async fn route(req: Request<Incoming>, app: &App) -> Response<Body> {
     let Some(admin) = app.admin.clone() else {
         return unavailable("no grants store is configured (--grants-postgres)");
     };
-    let Some(actor) = admin.actor(&req, app) else {
+    let actor = if admin.has_secret(&req) {
+        Some("admin-secret".to_string())
+    } else {
+        // The identity headers only with their token (`--identity-proof`).
+        match crate::proof::check(app, "admin", req.headers(), req.uri().query()).await {
+            Ok(proven) => Admin::actor(proven.as_ref().unwrap_or(req.headers()), app),
+            Err(r) => {
+                return error(StatusCode::UNAUTHORIZED, r.error, r.message);
+            }
+        }
+    };
+    let Some(actor) = actor else {
         return error(
             StatusCode::FORBIDDEN,
             "forbidden",

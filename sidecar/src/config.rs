@@ -66,7 +66,7 @@ pub struct Config {
     /// reloaded; SIGHUP reloads at once). 0: only on SIGHUP.
     #[arg(long, env = "SIDECAR_POLICY_POLL", default_value_t = 2)]
     pub policy_poll: u64,
-    /// What proves the `x-auth-*` headers of `/ws` and `/publish/`:
+    /// What proves the `x-auth-*` headers of `/ws`, `/publish/` and `/admin/`:
     /// `token` (the bearer token they came from, which the auth filter
     /// forwards on those routes, verified with `--auth-config` and compared
     /// header by header; without `--auth-config` identity headers are

@@ -1,4 +1,4 @@
-//! The proof of the identity headers on `/ws` and `/publish/`
+//! The proof of the identity headers on `/ws`, `/publish/` and `/admin/`
 //! (`--identity-proof`, issue 26).
 //!
 //! The `x-auth-*` headers are what the gateway's auth filter set after it
@@ -17,7 +17,6 @@
 use crate::server::App;
 use filter_common::identity::IdentityHeaders;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
-use std::sync::Arc;
 
 /// What proves the identity headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -53,12 +52,13 @@ pub fn claims_identity(h: &HeaderMap, names_of: &IdentityHeaders) -> bool {
         .any(|n| !n.is_empty() && h.contains_key(*n))
 }
 
-/// Checks the identity of a request to `endpoint` (`ws`, `publish`): `Ok`
+/// Checks the identity of a request to `endpoint` (`ws`, `publish`,
+/// `admin`): `Ok`
 /// with the headers to take it from (`None`: as they are, nothing to
 /// prove or proof off), or why not. Counted in
 /// `sidecar_identity_proofs_total{endpoint,result}`.
 pub async fn check(
-    app: &Arc<App>,
+    app: &App,
     endpoint: &str,
     headers: &HeaderMap,
     query: Option<&str>,
@@ -77,7 +77,7 @@ pub async fn check(
 }
 
 async fn prove(
-    app: &Arc<App>,
+    app: &App,
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Result<Option<HeaderMap>, Refused> {

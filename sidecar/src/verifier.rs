@@ -42,7 +42,7 @@ pub struct VerifierMetrics {
     pub outcomes: Family<Labels, Counter>,
     /// `sidecar_jwks_fetches_total{provider,result="ok|failed"}`
     pub fetches: Family<Labels, Counter>,
-    /// `sidecar_identity_proofs_total{endpoint="ws|publish",result}`
+    /// `sidecar_identity_proofs_total{endpoint="ws|publish|admin",result}`
     pub proofs: Family<Labels, Counter>,
 }
 
@@ -61,7 +61,7 @@ impl VerifierMetrics {
         );
         r.register(
             "identity_proofs",
-            "Identity of /ws upgrades and publishes checked against its token (--identity-proof), \
+            "Identity of /ws upgrades, publishes and admin calls checked against its token (--identity-proof), \
              by endpoint and result: verified, anonymous, trusted, missing, mismatch, no_verifier, \
              or the token's refusal reason",
             self.proofs.clone(),

@@ -675,3 +675,50 @@ fn keys_headers(token: &str) -> Vec<(String, String)> {
         ("x-auth-expires".into(), c["exp"].to_string()),
     ]
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_takes_an_admin_role_only_with_its_token() {
+    let db = tokio::task::spawn_blocking(|| common::pg::Schema::new("proof_admin"))
+        .await
+        .unwrap();
+    let conninfo = db.conninfo();
+    let s = stack_with(
+        auth_config(json!({})),
+        json!({"keys": [keys::ec_jwk("ec-1")]}),
+        &["--identity-proof", "token", "--grants-postgres", &conninfo],
+    )
+    .await;
+    let g = json!({"tenant": "acme", "resource": "curves:CAISO", "action": "read"}).to_string();
+    // Forged: the role in a header, no token.
+    let forged = identity("mallory", "access-admin", &[]);
+    let (status, body) = http(s.sc.addr, "PUT", "/admin/v1/grants", &forged, g.as_bytes()).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("identity_unproven"), "{body}");
+    // The gateway's headers with the token they came from.
+    let n = now(&s);
+    let mut c = claims(n, "sales-1", &[], 300);
+    c["realm_access"]["roles"] = json!(["access-admin"]);
+    let t = es256("ec-1", &c);
+    let (status, body) = http(
+        s.sc.addr,
+        "PUT",
+        "/admin/v1/grants",
+        &gateway_headers(&s, &t).await,
+        g.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    // A trader's token with the admin role written into its headers.
+    let trader = es256("ec-1", &claims(n, "tom", &[], 300));
+    let mut h = gateway_headers(&s, &trader).await;
+    for (k, v) in &mut h {
+        if k == "x-auth-roles" {
+            *v = "access-admin".into();
+        }
+    }
+    let (status, body) = http(s.sc.addr, "PUT", "/admin/v1/grants", &h, g.as_bytes()).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("identity_mismatch"), "{body}");
+    drop(s);
+    tokio::task::spawn_blocking(move || drop(db)).await.unwrap();
+}
