@@ -60,14 +60,19 @@ for t in "${targets[@]}"; do
   bin="$out/$host/release/$t"
   corpus="$out/corpus/$t"; artifacts="$out/artifacts/$t/"
   mkdir -p "$corpus" "$artifacts" "fuzz/corpus/$t"
-  log="$out/$t.log"
+  # A log per run ($$): two runs at once (a smoke run beside a long one)
+  # must not write into each other's.
+  mkdir -p "$out/logs"
+  log="$out/logs/$t-$$.log"
   set +e
   "$bin" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
     -print_final_stats=1 -artifact_prefix="$artifacts" "$corpus" "fuzz/corpus/$t" >"$log" 2>&1
   rc=$?
   set -e
-  execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
-  stats=$(grep -E '^#[0-9]+' "$log" | grep -E 'cov: ' | tail -1)
+  # The log may hold raw input bytes (a crash's): read it as text, and a
+  # line that is not there is not an error.
+  execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1 || true)
+  stats=$(grep -aE '^#[0-9]+.* cov: ' "$log" | tail -1 || true)
   cov=$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$stats")
   ft=$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$stats")
   n=$(find "$corpus" -type f | wc -l)
@@ -75,10 +80,10 @@ for t in "${targets[@]}"; do
     result=ok
   else
     failed=1
-    crash=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -1)
+    crash=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -1 || true)
     result="CRASH (exit $rc): reproduce with $bin ${crash:-<see $log>}"
   fi
   printf '%-14s %12s %8s %8s %8s  %s\n' "$t" "${execs:-?}" "${cov:-?}" "${ft:-?}" "$n" "$result"
-  if [ $rc -ne 0 ]; then grep -E 'panicked|assertion|ERROR' "$log" | head -5 | sed 's/^/    /'; fi
+  if [ $rc -ne 0 ]; then { grep -aE 'panicked|assertion|ERROR' "$log" || true; } | head -5 | sed 's/^/    /'; fi
 done
 exit $failed
