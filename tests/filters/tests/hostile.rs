@@ -249,8 +249,16 @@ fn the_driver_sees_both_decisions() {
         reset_after: None,
     };
     w.send(&r(1, "/api/v1/curves/EU-ETS/latest", true));
-    assert_eq!(w.upstream.lock().unwrap().len(), 1, "a valid token reaches the upstream");
+    assert_eq!(
+        w.upstream.lock().unwrap().len(),
+        1,
+        "a valid token reaches the upstream"
+    );
     w.send(&r(0, "/api/v1/curves/EU-ETS/latest", true));
     w.send(&r(2, "/api/v1/curves/EU-ETS/latest", false));
-    assert_eq!(w.upstream.lock().unwrap().len(), 1, "no token and a bad one are answered locally");
+    assert_eq!(
+        w.upstream.lock().unwrap().len(),
+        1,
+        "no token and a bad one are answered locally"
+    );
 }
