@@ -9,6 +9,9 @@
                      package's modules are imported so the message pool knows
                      every type). Each wasm filter's configuration must be a
                      google.protobuf.StringValue holding a JSON object.
+                     The compressor filters: after every wasm filter,
+                     before the router, responses only, with a minimum
+                     size and content types.
                      `envoy --mode validate` too when envoy is on PATH.
   k8s/               every kustomization (base, overlays) built (kubectl
                      kustomize when present, compared with a built-in
@@ -28,7 +31,10 @@
                      deploy.json's overrides), the Gateway, the
                      VirtualService against envoy.yaml's routes (/ws without
                      a timeout, nothing reaching /internal/) and the
-                     NetworkPolicy for the gateway's pods; the mesh policy
+                     NetworkPolicy for the gateway's pods; envoy.yaml's
+                     compressors in every build (in its EnvoyFilter after
+                     the wasm patches, or an EnvoyFilter of their own:
+                     SIDECAR_INBOUND, GATEWAY for the gateway); the mesh policy
                      of each build (check_mesh: STRICT mTLS, every endpoint
                      of the sidecar admitted by the ALLOW AuthorizationPolicy
                      exactly from deploy.json's principals and never without
@@ -115,6 +121,7 @@ STRING_VALUE_URL = "type.googleapis.com/google.protobuf.StringValue"
 HCM_URL = ("type.googleapis.com/envoy.extensions.filters.network."
            "http_connection_manager.v3.HttpConnectionManager")
 ROUTER = "envoy.filters.http.router"
+COMPRESSOR_URL = "type.googleapis.com/envoy.extensions.filters.http.compressor.v3.Compressor"
 HCM = "envoy.filters.network.http_connection_manager"
 
 # Where each filter goes in Istio's chain (WasmPlugin / TrafficExtension
@@ -133,6 +140,11 @@ GATEWAY_NAME = "access-layer"
 VIRTUALSERVICE_NAME = "access-layer"
 INGRESS_NETPOL = "access-sidecar-ingress"
 BOTH_ENVOYFILTER_NAME = "access-layer-filters-with-ingress"
+# envoy.yaml's compressor filters where no EnvoyFilter carries them (the
+# WasmPlugin / TrafficExtension overlays; the ingress gateway): an
+# EnvoyFilter with those patches alone.
+COMPRESSOR_ENVOYFILTER = "access-layer-compressor"
+INGRESS_COMPRESSOR = INGRESS_PREFIX + "compressor"
 ENVOY_ROUTE_TIMEOUT = "15s"  # Envoy's default route timeout, when a route sets none
 POLICY_CONFIGMAP = "access-sidecar-policy"
 POLICY_KEY = "policy.json"
@@ -394,6 +406,56 @@ def wasm_filters(doc, where):
     return found, errors
 
 
+def compressor_filters(doc, where):
+    """The compressor http filters (whole HttpFilter dicts) of the
+    bootstrap's listeners in chain order, and errors: each after every wasm
+    filter (those answer locally: their replies stay uncompressed) and
+    before the router, responses only, with a minimum size and content
+    types."""
+    errors, found = [], []
+    listeners = get(get(doc, "static_resources") or {}, "listeners") or []
+    for li, listener in enumerate(listeners):
+        for ci, chain in enumerate(get(listener, "filter_chains") or []):
+            for fi, nf in enumerate(get(chain, "filters") or []):
+                tc = get(nf, "typed_config") or {}
+                if tc.get("@type") != HCM_URL:
+                    continue
+                hf = get(tc, "http_filters") or []
+                base = f"{where}: listeners[{li}].filter_chains[{ci}].filters[{fi}].http_filters"
+                types = [(get(f, "typed_config") or {}).get("@type") for f in hf]
+                last_wasm = max((i for i, t in enumerate(types) if t == WASM_URL), default=-1)
+                for i, f in enumerate(hf):
+                    if types[i] != COMPRESSOR_URL:
+                        continue
+                    at = f"{base}[{i}] ({f.get('name')})"
+                    if i < last_wasm:
+                        errors.append(f"{at}: a compressor must come after every wasm filter (their local "
+                                      "replies, 401/403/429, are not to be compressed; and it must see "
+                                      "the upstream's response last)")
+                    if i == len(hf) - 1:
+                        errors.append(f"{at}: a compressor must come before the router")
+                    c = get(f, "typed_config")
+                    if get(c, "request_direction_config") is not None:
+                        errors.append(f"{at}: request_direction_config: requests are not compressed here")
+                    for old in ("content_length", "content_type", "disable_on_etag_header",
+                                "remove_accept_encoding_header", "runtime_enabled"):
+                        if get(c, old) is not None:
+                            errors.append(f"{at}: {old} is deprecated (and ignored beside "
+                                          "response_direction_config): use response_direction_config")
+                    common = get(get(c, "response_direction_config") or {}, "common_config") or {}
+                    if not get(common, "min_content_length"):
+                        errors.append(f"{at}: response_direction_config.common_config.min_content_length "
+                                      "must be set (small answers are not worth compressing)")
+                    if not get(common, "content_type"):
+                        errors.append(f"{at}: response_direction_config.common_config.content_type must "
+                                      "name the JSON content types")
+                    found.append(copy.deepcopy(f))
+    names = [f.get("name") for f in found]
+    if len(set(names)) != len(names):
+        errors.append(f"{where}: compressor filter names repeat: {names}")
+    return found, errors
+
+
 def check_envoy_doc(doc, where):
     errors = []
     try:
@@ -404,6 +466,7 @@ def check_envoy_doc(doc, where):
     errors += errs
     if not filters and not errs:
         errors.append(f"{where}: no wasm filters found")
+    errors += compressor_filters(doc, where)[1]
     return filters, errors
 
 
@@ -500,8 +563,9 @@ BOTH_KEYS = {"gateway_filters", "workload_filters", "gateway_overrides"}
 
 
 class Expected:
-    def __init__(self, filters, deploy, routes=()):
+    def __init__(self, filters, deploy, routes=(), compressors=()):
         self.filters = filters  # envoy.yaml order
+        self.compressors = list(compressors)  # envoy.yaml's compressor HttpFilters, in order
         self.deploy = deploy
         self.routes = list(routes)  # envoy.yaml's, envoy_routes()
         self.errors = []
@@ -912,6 +976,41 @@ def gen_policy_configmap(exp):
                         "reaching those clusters through --cluster / SIDECAR_CLUSTERS."])
 
 
+def compressor_patches(exp, context):
+    """envoy.yaml's compressor filters as HTTP_FILTER patches, each
+    INSERT_BEFORE the router in envoy.yaml's order (so after whatever the
+    wasm filters' patches or Istio's WasmPlugins put there)."""
+    return [{"applyTo": "HTTP_FILTER",
+             "match": {"context": context,
+                       "listener": {"filterChain": {"filter": {"name": HCM, "subFilter": {"name": ROUTER}}}}},
+             "patch": {"operation": "INSERT_BEFORE", "value": copy.deepcopy(c)}}
+            for c in exp.compressors]
+
+
+def gen_compressor_envoyfilter(exp, gateway=False):
+    """The compressors alone, for the attachments without an EnvoyFilter of
+    their own: the workloads of the WasmPlugin / TrafficExtension overlays
+    (SIDECAR_INBOUND), the ingress gateway's pods (GATEWAY, its namespace)."""
+    if gateway:
+        ing = exp.ingress
+        meta = {"name": INGRESS_COMPRESSOR, "namespace": ing["namespace"], "labels": labels()}
+        sel, context = dict(ing["gateway_labels"]), "GATEWAY"
+        where = (f"the ingress gateway's pods (namespace {ing['namespace']}, labels "
+                 + ", ".join(f"{k}: {v}" for k, v in ing["gateway_labels"].items()) + ")")
+    else:
+        meta = {"name": COMPRESSOR_ENVOYFILTER, "labels": labels()}
+        sel, context = dict(exp.deploy["workload_labels"]), "SIDECAR_INBOUND"
+        where = "the selected workloads' inbound HTTP chain"
+    obj = {"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter", "metadata": meta,
+           "spec": {"workloadSelector": {"labels": sel}, "configPatches": compressor_patches(exp, context)}}
+    return dump([obj], [
+        f"envoy.yaml's response compressors ({', '.join(c.get('name') for c in exp.compressors)}) on",
+        f"{where},",
+        f"context {context}, each INSERT_BEFORE the router: after the wasm filters",
+        "(Istio puts those at their phases; an EnvoyFilter's patches are applied",
+        "to the chain built with them), so their local replies stay uncompressed."])
+
+
 def gen_envoyfilter(exp, names=None, name=ENVOYFILTER_NAME, namespace=None, intro=()):
     names = exp.names if names is None else names
     ext, http = [], []
@@ -952,7 +1051,7 @@ def gen_envoyfilter(exp, names=None, name=ENVOYFILTER_NAME, namespace=None, intr
     obj = {"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
            "metadata": meta,
            "spec": {"workloadSelector": {"labels": dict(exp.deploy["workload_labels"])},
-                    "configPatches": ext + http}}
+                    "configPatches": ext + http + compressor_patches(exp, "SIDECAR_INBOUND")}}
     return dump([obj], list(intro) + [
         "The wasm filters of envoy.yaml in the inbound HTTP chain of the selected",
         "workloads' Istio proxies, each INSERT_BEFORE the router in envoy.yaml's",
@@ -960,7 +1059,9 @@ def gen_envoyfilter(exp, names=None, name=ENVOYFILTER_NAME, namespace=None, intr
         "oci:// image, checks its digest (remote.sha256 = the image manifest digest)",
         "and gives Envoy a local file; initial_fetch_timeout 0s keeps the listener",
         "from serving before the module is there. Plugin configurations are",
-        "envoy.yaml's with the clusters mapped to Istio's outbound clusters."])
+        "envoy.yaml's with the clusters mapped to Istio's outbound clusters.",
+        "Then envoy.yaml's response compressors, INSERT_BEFORE the router after",
+        f"the wasm filters: {', '.join(c.get('name') for c in exp.compressors)}."])
 
 
 def vm_config(exp, name):
@@ -1189,12 +1290,16 @@ def generated(exp):
         "k8s/base/envoyfilter.yaml": gen_envoyfilter(exp),
         "k8s/overlays/wasmplugin/wasmplugins.yaml": gen_wasmplugins(exp),
         "k8s/overlays/trafficextension/trafficextensions.yaml": gen_trafficextensions(exp),
+        "k8s/overlays/wasmplugin/compressor.yaml": gen_compressor_envoyfilter(exp),
+        "k8s/overlays/trafficextension/compressor.yaml": gen_compressor_envoyfilter(exp),
     }
     if exp.mesh is not None:  # else k8s/deploy.json's errors say why
         out["k8s/base/mesh-policy.yaml"] = gen_mesh_base(exp)
     if exp.ingress is not None:  # else k8s/deploy.json's errors say why
         out["k8s/overlays/ingress/routing/routing.yaml"] = gen_routing(exp)
         out["k8s/overlays/ingress/wasmplugins.yaml"] = gen_gateway_wasmplugins(exp, "alone")
+        out["k8s/overlays/ingress/compressor.yaml"] = gen_compressor_envoyfilter(exp, gateway=True)
+        out["k8s/overlays/ingress-and-sidecar/compressor.yaml"] = gen_compressor_envoyfilter(exp, gateway=True)
         out["k8s/overlays/ingress-and-sidecar/wasmplugins.yaml"] = gen_gateway_wasmplugins(exp, "both")
         out["k8s/overlays/ingress-and-sidecar/envoyfilter.yaml"] = gen_envoyfilter(
             exp, exp.ingress["both"]["workloads"][0], BOTH_ENVOYFILTER_NAME, exp.deploy["namespace"],
@@ -1245,7 +1350,7 @@ def sync(exp, pin):
         with open(DEPLOY_JSON, "w") as f:
             json.dump(deploy, f, indent=2)
             f.write("\n")
-        exp = Expected(exp.filters, deploy, exp.routes)
+        exp = Expected(exp.filters, deploy, exp.routes, exp.compressors)
     for path, text in generated(exp).items():
         full = os.path.join(ROOT, path)
         old = open(full).read() if os.path.exists(full) else None
@@ -1697,6 +1802,53 @@ def is_ingress_filter(o):
     return o.get("kind") in FILTER_KINDS and (o.get("metadata") or {}).get("name", "").startswith(INGRESS_PREFIX)
 
 
+def is_compressor(patch):
+    value = (patch.get("patch") or {}).get("value") or {}
+    return patch.get("applyTo") == "HTTP_FILTER" and (get(value, "typed_config") or {}).get("@type") == COMPRESSOR_URL
+
+
+def check_compressor_patches(patches, exp, context, at):
+    """HTTP_FILTER patches (configPatches entries, with their indices) that
+    must be envoy.yaml's compressors, in its order, INSERT_BEFORE the
+    router in `context`."""
+    errs = []
+    for i, p in patches:
+        match = p.get("match") or {}
+        sub = ((((match.get("listener") or {}).get("filterChain") or {}).get("filter") or {})
+               .get("subFilter") or {}).get("name")
+        if match.get("context") != context:
+            errs.append(f"{at} configPatches[{i}]: a compressor's match.context must be {context}")
+        if (p.get("patch") or {}).get("operation") != "INSERT_BEFORE" or sub != ROUTER:
+            errs.append(f"{at} configPatches[{i}]: a compressor must be INSERT_BEFORE the subFilter {ROUTER}")
+    got = [(p.get("patch") or {}).get("value") for _, p in patches]
+    if got != exp.compressors:
+        errs.append(f"{at}: the compressors {[(g or {}).get('name') for g in got]} differ from envoy.yaml's "
+                    f"{[c.get('name') for c in exp.compressors]} (names, order, configuration)")
+    return errs
+
+
+def check_compressor_envoyfilters(objs, exp, want, where, context, labels_, namespace=None):
+    """The compressor-only EnvoyFilters of one attachment: `want` of them
+    (0 or 1), selecting labels_, in namespace (when given)."""
+    if len(objs) != want:
+        return [f"{where}: {want} compressor EnvoyFilter(s) expected (envoy.yaml's compressors), "
+                f"found {[obj_id(o) for o in objs]}"]
+    errs = []
+    for o in objs:
+        at = f"EnvoyFilter {o['metadata'].get('name')}"
+        spec = o.get("spec") or {}
+        if (spec.get("workloadSelector") or {}).get("labels") != labels_:
+            errs.append(f"{at}: workloadSelector.labels must be {labels_} ({where})")
+        if namespace and o["metadata"].get("namespace") != namespace:
+            errs.append(f"{at}: must be in {namespace} (a workloadSelector reaches only pods of its namespace)")
+        patches = list(enumerate(spec.get("configPatches") or []))
+        other = [i for i, p in patches if not is_compressor(p)]
+        if other:
+            errs.append(f"{at}: configPatches {other} are not compressors (the filters have their own resources)")
+        errs += check_compressor_patches([x for x in patches if is_compressor(x[1])], exp, context, at)
+    return errs
+
+
 def check_filters_resources(objs, exp, want_kind, names, configs, where="workloads"):
     """The resources that attach `names` (in that order, configurations
     `configs`) to the workloads (want_kind, deploy.json workload_labels,
@@ -1719,9 +1871,12 @@ def check_filters_resources(objs, exp, want_kind, names, configs, where="workloa
         spec = ef.get("spec", {})
         if (spec.get("workloadSelector") or {}).get("labels") != want_labels:
             errs.append(f"EnvoyFilter: workloadSelector.labels must be {want_labels} (k8s/deploy.json)")
-        ecds, order = {}, []
+        ecds, order, comp, wasm_at = {}, [], [], []
         for i, p in enumerate(spec.get("configPatches", [])):
             at = f"EnvoyFilter configPatches[{i}]"
+            if is_compressor(p):
+                comp.append((i, p))
+                continue
             match = p.get("match") or {}
             if match.get("context") != "SIDECAR_INBOUND":
                 errs.append(f"{at}: match.context must be SIDECAR_INBOUND")
@@ -1741,6 +1896,11 @@ def check_filters_resources(objs, exp, want_kind, names, configs, where="workloa
                 if WASM_URL not in (get(cd, "type_urls") or []):
                     errs.append(f"{at}: config_discovery.type_urls must name {WASM_URL}")
                 order.append(value.get("name"))
+                wasm_at.append(i)
+        errs += check_compressor_patches(comp, exp, "SIDECAR_INBOUND", "EnvoyFilter")
+        if comp and wasm_at and min(i for i, _ in comp) < max(wasm_at):
+            errs.append("EnvoyFilter: a compressor patch before a wasm filter's (INSERT_BEFORE the router in "
+                        "patch order: it would run before the filters that answer locally)")
         plugin_of = {}
         for n in order:
             if n not in ecds:
@@ -2342,6 +2502,21 @@ def check_build(label, objs, exp, profile):
     if wrong:
         errs.append(f"{label}: wrong namespaces, k8s/deploy.json: {', '.join(wrong)}")
     att = exp.attachments(workloads, gateway)
+    comp_names = (COMPRESSOR_ENVOYFILTER, INGRESS_COMPRESSOR)
+    is_comp = lambda o: o.get("kind") == "EnvoyFilter" and o["metadata"].get("name") in comp_names
+    comp_wl = [o for _, o in objs if is_comp(o) and not is_ingress_filter(o)]
+    comp_gw = [o for _, o in objs if is_comp(o) and is_ingress_filter(o)]
+    # the compressors: inside the workloads' EnvoyFilter, else beside their
+    # WasmPlugins / TrafficExtensions; on the gateway beside its WasmPlugins
+    errs += [f"{label}: {e}" for e in check_compressor_envoyfilters(
+        comp_wl, exp, int(workloads in ("WasmPlugin", "TrafficExtension")), "workloads",
+        "SIDECAR_INBOUND", exp.deploy["workload_labels"])]
+    if gateway is not None or comp_gw:
+        errs += [f"{label}: {e}" for e in check_compressor_envoyfilters(
+            comp_gw, exp, int(gateway is not None), "ingress gateway", "GATEWAY",
+            exp.ingress["gateway_labels"] if exp.ingress else None,
+            exp.ingress["namespace"] if exp.ingress else None)]
+    objs = [x for x in objs if not is_comp(x[1])]
     wl = [x for x in objs if not is_ingress_filter(x[1])]
     gw = [x for x in objs if is_ingress_filter(x[1])]
     names, configs = att["workloads"] or ([], {})
@@ -2451,6 +2626,7 @@ def self_test(envoy_doc, builds, exp):
     hcm = lambda d: d["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     first_wasm = lambda d: next(f for f in hcm(d)["http_filters"] if f["typed_config"]["@type"] == WASM_URL)
     router = lambda d: hcm(d)["http_filters"][-1]["typed_config"]
+    comp = lambda d, n: [f for f in hcm(d)["http_filters"] if f["typed_config"]["@type"] == COMPRESSOR_URL][n]
 
     def envoy_case(mutate):
         def run():
@@ -2487,6 +2663,31 @@ def self_test(envoy_doc, builds, exp):
          envoy_case(lambda d: set_(router(d), "@type", "type.googleapis.com/envoy.extensions.filters.http.router.v3.Routr"))),
         ("envoy.yaml: plugin configuration that is not JSON",
          envoy_case(lambda d: set_(first_wasm(d)["typed_config"]["config"]["configuration"], "value", "{cluster: x"))),
+        ("envoy.yaml: unknown field in a compressor's common_config",
+         envoy_case(lambda d: set_(comp(d, 0)["typed_config"]["response_direction_config"]["common_config"],
+                                   "min_content_lenght", 1024))),
+        ("envoy.yaml: a compressor before a wasm filter (it would compress their local replies)",
+         envoy_case(lambda d: hcm(d)["http_filters"].insert(0, hcm(d)["http_filters"].pop(
+             hcm(d)["http_filters"].index(comp(d, 0)))))),
+        ("envoy.yaml: a compressor compressing requests too",
+         envoy_case(lambda d: set_(comp(d, 1)["typed_config"], "request_direction_config", {}))),
+        ("EnvoyFilter: a compressor patch before a wasm filter's",
+         k8s_case("k8s/base", lambda o: find(o, "EnvoyFilter")["spec"]["configPatches"].sort(
+             key=lambda p: not is_compressor(p)))),
+        ("EnvoyFilter: a compressor's minimum size drifted from envoy.yaml",
+         k8s_case("k8s/base", lambda o: set_(
+             find(o, "EnvoyFilter")["spec"]["configPatches"][-1]["patch"]["value"]["typed_config"]
+             ["response_direction_config"]["common_config"], "min_content_length", 10))),
+        ("EnvoyFilter: unknown Envoy field in a compressor patch",
+         k8s_case("k8s/base", lambda o: set_(
+             find(o, "EnvoyFilter")["spec"]["configPatches"][-1]["patch"]["value"]["typed_config"],
+             "chose_first", True))),
+        ("wasmplugin: the compressor EnvoyFilter missing",
+         k8s_case("k8s/overlays/wasmplugin", lambda o: drop(o, "EnvoyFilter", COMPRESSOR_ENVOYFILTER))),
+        ("trafficextension: the compressor outbound (context SIDECAR_OUTBOUND)",
+         k8s_case("k8s/overlays/trafficextension", lambda o: set_(
+             find(o, "EnvoyFilter", COMPRESSOR_ENVOYFILTER)["spec"]["configPatches"][0]["match"],
+             "context", "SIDECAR_OUTBOUND"))),
         ("Deployment: unknown container field",
          k8s_case("k8s/base", lambda o: set_(find(o, "Deployment")["spec"]["template"]["spec"]["containers"][0],
                                              "imagePullPolicyy", "Always"))),
@@ -2548,7 +2749,7 @@ def self_test(envoy_doc, builds, exp):
         def run():
             d = copy.deepcopy(exp.deploy)
             mutate(d["ingress"]["with_sidecar_attachment"])
-            return Expected(exp.filters, d, exp.routes).errors
+            return Expected(exp.filters, d, exp.routes, exp.compressors).errors
         return run
 
     def routes_case(mutate):
@@ -2599,6 +2800,11 @@ def self_test(envoy_doc, builds, exp):
          k8s_case(ING, lambda o: set_(find(o, "Gateway")["spec"]["servers"][0], "tlsMode", "SIMPLE"))),
         ("Gateway: a selector other than the gateway's pods",
          k8s_case(ING, lambda o: set_(find(o, "Gateway")["spec"], "selector", {"istio": "egressgateway"}))),
+        ("ingress: the gateway's compressor EnvoyFilter missing",
+         k8s_case(ING, lambda o: drop(o, "EnvoyFilter", INGRESS_COMPRESSOR))),
+        ("ingress-and-sidecar: the gateway's compressor selecting the application pods",
+         k8s_case(BOTH, lambda o: set_(find(o, "EnvoyFilter", INGRESS_COMPRESSOR)["spec"]["workloadSelector"],
+                                       "labels", dict(exp.deploy["workload_labels"])))),
         ("NetworkPolicy: the gateway's pods not admitted to the sidecar",
          k8s_case(ING, lambda o: drop(o, "NetworkPolicy", INGRESS_NETPOL))),
         ("ingress: the base's EnvoyFilter kept (filters on the workloads too, unplanned)",
@@ -2713,7 +2919,7 @@ def self_test(envoy_doc, builds, exp):
         def run():
             d = copy.deepcopy(exp.deploy)
             mutate(d["mesh"])
-            return Expected(exp.filters, d, exp.routes).errors
+            return Expected(exp.filters, d, exp.routes, exp.compressors).errors
         return run
     cases += [
         ("AuthorizationPolicy: a rule without principals (no `from`) for the usage endpoint",
@@ -2858,7 +3064,7 @@ def main():
 
     routes, errs = envoy_routes(envoy_doc, rel(args.envoy))
     errors += errs
-    exp = Expected(filters, load_yaml(DEPLOY_JSON), routes)
+    exp = Expected(filters, load_yaml(DEPLOY_JSON), routes, compressor_filters(envoy_doc, rel(args.envoy))[0])
     if exp.usage_secret and "usage" in exp.names and os.path.exists(USAGE_CONFIG_RS) and \
             not re.search(r"\bpub " + USAGE_SECRET_FIELD + r"\b", open(USAGE_CONFIG_RS).read()):
         note(f"the usage filter has no `{USAGE_SECRET_FIELD}` yet (filters/usage/core/src/config.rs): its k8s "
