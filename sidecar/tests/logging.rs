@@ -57,6 +57,17 @@ impl Process {
             v["message"] == "sidecar: listening"
         })
         .await;
+        // The listener is bound before the start (migrations, the bus):
+        // serving is what says the start is over.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while common::http(p.addr, "GET", "/healthz", &[], b"").await.0 != 200 {
+            assert!(
+                Instant::now() < deadline,
+                "not serving within 15 s:\n{}",
+                p.all()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         p
     }
 

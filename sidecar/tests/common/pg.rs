@@ -52,7 +52,7 @@ impl Schema {
         let c = self.client();
         self.rt
             .block_on(c.batch_execute(sql))
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            .unwrap_or_else(|e| panic!("{sql}: {}", sidecar::pg::error_chain(&e)));
     }
 
     pub fn int(&self, sql: &str) -> i64 {
