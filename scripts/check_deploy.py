@@ -366,40 +366,45 @@ def get(d, snake):
     return d.get(parts[0] + "".join(p.title() for p in parts[1:]))
 
 
+def hcms(doc, where):
+    """The HTTP connection managers of the bootstrap's listeners, in order:
+    (where it is, for errors; its typed_config)."""
+    for li, listener in enumerate(get(get(doc, "static_resources") or {}, "listeners") or []):
+        for ci, chain in enumerate(get(listener, "filter_chains") or []):
+            for fi, nf in enumerate(get(chain, "filters") or []):
+                tc = get(nf, "typed_config") or {}
+                if tc.get("@type") == HCM_URL:
+                    yield f"{where}: listeners[{li}].filter_chains[{ci}].filters[{fi}]", tc
+
+
 def wasm_filters(doc, where):
     """The wasm http filters of the bootstrap's listeners, in chain order:
     [{name, config (PluginConfig dict), json}], and errors."""
     errors, found = [], []
-    listeners = get(get(doc, "static_resources") or {}, "listeners") or []
-    for li, listener in enumerate(listeners):
-        for ci, chain in enumerate(get(listener, "filter_chains") or []):
-            for fi, nf in enumerate(get(chain, "filters") or []):
-                tc = get(nf, "typed_config") or {}
-                if tc.get("@type") != HCM_URL:
-                    continue
-                hf = get(tc, "http_filters") or []
-                base = f"{where}: listeners[{li}].filter_chains[{ci}].filters[{fi}].http_filters"
-                if not hf or hf[-1].get("name") != ROUTER:
-                    errors.append(f"{base}: the last filter must be {ROUTER}")
-                for i, f in enumerate(hf):
-                    ftc = get(f, "typed_config") or {}
-                    if ftc.get("@type") != WASM_URL:
-                        continue
-                    at = f"{base}[{i}] ({f.get('name')})"
-                    cfg = get(ftc, "config") or {}
-                    conf = get(cfg, "configuration")
-                    if not isinstance(conf, Mapping) or conf.get("@type") != STRING_VALUE_URL:
-                        errors.append(f"{at}: config.configuration must be a {STRING_VALUE_URL}")
-                        continue
-                    try:
-                        parsed = json.loads(conf.get("value", ""))
-                    except (TypeError, ValueError) as e:
-                        errors.append(f"{at}: config.configuration.value is not JSON: {e}")
-                        continue
-                    if not isinstance(parsed, dict):
-                        errors.append(f"{at}: config.configuration.value must be a JSON object")
-                        continue
-                    found.append({"name": f.get("name"), "config": cfg, "json": parsed})
+    for at_hcm, tc in hcms(doc, where):
+        hf = get(tc, "http_filters") or []
+        base = f"{at_hcm}.http_filters"
+        if not hf or hf[-1].get("name") != ROUTER:
+            errors.append(f"{base}: the last filter must be {ROUTER}")
+        for i, f in enumerate(hf):
+            ftc = get(f, "typed_config") or {}
+            if ftc.get("@type") != WASM_URL:
+                continue
+            at = f"{base}[{i}] ({f.get('name')})"
+            cfg = get(ftc, "config") or {}
+            conf = get(cfg, "configuration")
+            if not isinstance(conf, Mapping) or conf.get("@type") != STRING_VALUE_URL:
+                errors.append(f"{at}: config.configuration must be a {STRING_VALUE_URL}")
+                continue
+            try:
+                parsed = json.loads(conf.get("value", ""))
+            except (TypeError, ValueError) as e:
+                errors.append(f"{at}: config.configuration.value is not JSON: {e}")
+                continue
+            if not isinstance(parsed, dict):
+                errors.append(f"{at}: config.configuration.value must be a JSON object")
+                continue
+            found.append({"name": f.get("name"), "config": cfg, "json": parsed})
     names = [f["name"] for f in found]
     if len(set(names)) != len(names):
         errors.append(f"{where}: wasm filter names repeat: {names}")
@@ -413,43 +418,37 @@ def compressor_filters(doc, where):
     before the router, responses only, with a minimum size and content
     types."""
     errors, found = [], []
-    listeners = get(get(doc, "static_resources") or {}, "listeners") or []
-    for li, listener in enumerate(listeners):
-        for ci, chain in enumerate(get(listener, "filter_chains") or []):
-            for fi, nf in enumerate(get(chain, "filters") or []):
-                tc = get(nf, "typed_config") or {}
-                if tc.get("@type") != HCM_URL:
-                    continue
-                hf = get(tc, "http_filters") or []
-                base = f"{where}: listeners[{li}].filter_chains[{ci}].filters[{fi}].http_filters"
-                types = [(get(f, "typed_config") or {}).get("@type") for f in hf]
-                last_wasm = max((i for i, t in enumerate(types) if t == WASM_URL), default=-1)
-                for i, f in enumerate(hf):
-                    if types[i] != COMPRESSOR_URL:
-                        continue
-                    at = f"{base}[{i}] ({f.get('name')})"
-                    if i < last_wasm:
-                        errors.append(f"{at}: a compressor must come after every wasm filter (their local "
-                                      "replies, 401/403/429, are not to be compressed; and it must see "
-                                      "the upstream's response last)")
-                    if i == len(hf) - 1:
-                        errors.append(f"{at}: a compressor must come before the router")
-                    c = get(f, "typed_config")
-                    if get(c, "request_direction_config") is not None:
-                        errors.append(f"{at}: request_direction_config: requests are not compressed here")
-                    for old in ("content_length", "content_type", "disable_on_etag_header",
-                                "remove_accept_encoding_header", "runtime_enabled"):
-                        if get(c, old) is not None:
-                            errors.append(f"{at}: {old} is deprecated (and ignored beside "
-                                          "response_direction_config): use response_direction_config")
-                    common = get(get(c, "response_direction_config") or {}, "common_config") or {}
-                    if not get(common, "min_content_length"):
-                        errors.append(f"{at}: response_direction_config.common_config.min_content_length "
-                                      "must be set (small answers are not worth compressing)")
-                    if not get(common, "content_type"):
-                        errors.append(f"{at}: response_direction_config.common_config.content_type must "
-                                      "name the JSON content types")
-                    found.append(copy.deepcopy(f))
+    for at_hcm, tc in hcms(doc, where):
+        hf = get(tc, "http_filters") or []
+        base = f"{at_hcm}.http_filters"
+        types = [(get(f, "typed_config") or {}).get("@type") for f in hf]
+        last_wasm = max((i for i, t in enumerate(types) if t == WASM_URL), default=-1)
+        for i, f in enumerate(hf):
+            if types[i] != COMPRESSOR_URL:
+                continue
+            at = f"{base}[{i}] ({f.get('name')})"
+            if i < last_wasm:
+                errors.append(f"{at}: a compressor must come after every wasm filter (their local "
+                              "replies, 401/403/429, are not to be compressed; and it must see "
+                              "the upstream's response last)")
+            if i == len(hf) - 1:
+                errors.append(f"{at}: a compressor must come before the router")
+            c = get(f, "typed_config")
+            if get(c, "request_direction_config") is not None:
+                errors.append(f"{at}: request_direction_config: requests are not compressed here")
+            for old in ("content_length", "content_type", "disable_on_etag_header",
+                        "remove_accept_encoding_header", "runtime_enabled"):
+                if get(c, old) is not None:
+                    errors.append(f"{at}: {old} is deprecated (and ignored beside "
+                                  "response_direction_config): use response_direction_config")
+            common = get(get(c, "response_direction_config") or {}, "common_config") or {}
+            if not get(common, "min_content_length"):
+                errors.append(f"{at}: response_direction_config.common_config.min_content_length "
+                              "must be set (small answers are not worth compressing)")
+            if not get(common, "content_type"):
+                errors.append(f"{at}: response_direction_config.common_config.content_type must "
+                              "name the JSON content types")
+            found.append(copy.deepcopy(f))
     names = [f.get("name") for f in found]
     if len(set(names)) != len(names):
         errors.append(f"{where}: compressor filter names repeat: {names}")
@@ -483,43 +482,40 @@ def envoy_routes(doc, where):
     what it could not mirror (the VirtualService is generated from this, so
     nothing may be dropped silently)."""
     errors, routes, seen = [], [], 0
-    for li, listener in enumerate(get(get(doc, "static_resources") or {}, "listeners") or []):
-        for ci, chain in enumerate(get(listener, "filter_chains") or []):
-            for fi, nf in enumerate(get(chain, "filters") or []):
-                tc = get(nf, "typed_config") or {}
-                if tc.get("@type") != HCM_URL or not any(
-                        (get(f, "typed_config") or {}).get("@type") == WASM_URL for f in get(tc, "http_filters") or []):
-                    continue
-                seen += 1
-                base = f"{where}: listeners[{li}].filter_chains[{ci}].filters[{fi}].route_config"
-                rc = get(tc, "route_config")
-                if rc is None:
-                    errors.append(f"{base}: the ingress mirrors an inline route_config (RDS is not mirrored)")
-                    continue
-                vhosts = get(rc, "virtual_hosts") or []
-                if len(vhosts) != 1:
-                    errors.append(f"{base}: one virtual host expected (the ingress mirrors it), found {len(vhosts)}")
-                    continue
-                for ri, r in enumerate(get(vhosts[0], "routes") or []):
-                    at = f"{base}.virtual_hosts[0].routes[{ri}]"
-                    match, action = get(r, "match") or {}, get(r, "route")
-                    kinds = [k for k in ("path", "prefix") if k in match]
-                    if set(match) - {"path", "prefix"} or len(kinds) != 1 or not isinstance(action, Mapping):
-                        errors.append(f"{at}: only a `path` or `prefix` match with a `route` action is mirrored "
-                                      "into the ingress VirtualService (extend gen_routing)")
-                        continue
-                    extra = set(action) - {"cluster", "timeout"}
-                    if extra or not isinstance(action.get("cluster"), str):
-                        errors.append(f"{at}.route: only `cluster` and `timeout` are mirrored into the ingress "
-                                      f"VirtualService, not {sorted(extra) or 'a route without cluster'}")
-                        continue
-                    timeout = action.get("timeout", ENVOY_ROUTE_TIMEOUT)
-                    secs = duration_s(timeout)
-                    if secs is None or secs < 0:
-                        errors.append(f"{at}.route.timeout: {timeout!r} is not a duration")
-                        continue
-                    routes.append({"match": (kinds[0], match[kinds[0]]), "cluster": action["cluster"],
-                                   "timeout": None if secs == 0 else timeout})
+    for at_hcm, tc in hcms(doc, where):
+        if not any((get(f, "typed_config") or {}).get("@type") == WASM_URL
+                   for f in get(tc, "http_filters") or []):
+            continue
+        seen += 1
+        base = f"{at_hcm}.route_config"
+        rc = get(tc, "route_config")
+        if rc is None:
+            errors.append(f"{base}: the ingress mirrors an inline route_config (RDS is not mirrored)")
+            continue
+        vhosts = get(rc, "virtual_hosts") or []
+        if len(vhosts) != 1:
+            errors.append(f"{base}: one virtual host expected (the ingress mirrors it), found {len(vhosts)}")
+            continue
+        for ri, r in enumerate(get(vhosts[0], "routes") or []):
+            at = f"{base}.virtual_hosts[0].routes[{ri}]"
+            match, action = get(r, "match") or {}, get(r, "route")
+            kinds = [k for k in ("path", "prefix") if k in match]
+            if set(match) - {"path", "prefix"} or len(kinds) != 1 or not isinstance(action, Mapping):
+                errors.append(f"{at}: only a `path` or `prefix` match with a `route` action is mirrored "
+                              "into the ingress VirtualService (extend gen_routing)")
+                continue
+            extra = set(action) - {"cluster", "timeout"}
+            if extra or not isinstance(action.get("cluster"), str):
+                errors.append(f"{at}.route: only `cluster` and `timeout` are mirrored into the ingress "
+                              f"VirtualService, not {sorted(extra) or 'a route without cluster'}")
+                continue
+            timeout = action.get("timeout", ENVOY_ROUTE_TIMEOUT)
+            secs = duration_s(timeout)
+            if secs is None or secs < 0:
+                errors.append(f"{at}.route.timeout: {timeout!r} is not a duration")
+                continue
+            routes.append({"match": (kinds[0], match[kinds[0]]), "cluster": action["cluster"],
+                           "timeout": None if secs == 0 else timeout})
     if seen != 1:
         errors.append(f"{where}: one HTTP connection manager with the wasm filters expected "
                       f"(the ingress mirrors its routes), found {seen}")
