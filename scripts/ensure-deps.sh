@@ -8,6 +8,12 @@
 #                                     runc, to run its image, with --podman)
 #   scripts/ensure-deps.sh services   Redis 127.0.0.1:6379, NATS 127.0.0.1:4222,
 #                                     PostgreSQL 127.0.0.1:5432 (trust, database `test`)
+#   scripts/ensure-deps.sh kafka      tansu, a Kafka-protocol broker, built once
+#                                     from crates.io into ~/.cache/254carbon
+#                                     (about 10 minutes); prints its path. With
+#                                     --start it also runs one on 127.0.0.1:9092
+#                                     (data in /tmp/254carbon-kafka), for the
+#                                     dev stack; the tests start their own.
 #
 # Missing pieces are installed from Debian's packages (apt-get; root or
 # sudo needed) and started on loopback. Without root it says what is missing.
@@ -87,8 +93,38 @@ services() {
     fi
 }
 
+TANSU_VERSION=0.6.0
+tansu_bin() {
+    echo "${XDG_CACHE_HOME:-$HOME/.cache}/254carbon/tansu-$TANSU_VERSION/bin/tansu"
+}
+
+kafka() {
+    local bin
+    bin=$(tansu_bin)
+    if [ ! -x "$bin" ]; then
+        echo "ensure-deps: building tansu $TANSU_VERSION (a Kafka-protocol broker) into ${bin%/bin/tansu}" >&2
+        local root=${bin%/bin/tansu}
+        # Its own target directory: the project's CARGO_TARGET_DIR must not
+        # fill with a broker's build, and a rebuild of ours must not lose it.
+        CARGO_TARGET_DIR="$root.build" cargo install tansu --version "$TANSU_VERSION" \
+            --features libsql --locked --quiet --root "$root.tmp" >&2
+        rm -rf "$root" && mv "$root.tmp" "$root" && rm -rf "$root.build"
+    fi
+    echo "$bin"
+    if [ "${1:-}" = --start ] && ! listening 9092; then
+        echo "ensure-deps: starting tansu on 127.0.0.1:9092" >&2
+        mkdir -p /tmp/254carbon-kafka
+        # The storage URL is relative to the working directory.
+        (cd /tmp/254carbon-kafka && setsid "$bin" broker \
+            --listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092 \
+            --storage-engine sqlite://tansu.db >log 2>&1 < /dev/null &)
+        wait_for 9092 tansu
+    fi
+}
+
 case "${1:-}" in
     tools) shift; tools "$@" ;;
     services) services ;;
-    *) echo "usage: $0 tools [--node] [--musl] [--podman] | services" >&2; exit 2 ;;
+    kafka) shift; kafka "$@" ;;
+    *) echo "usage: $0 tools [--node] [--musl] [--podman] | services | kafka [--start]" >&2; exit 2 ;;
 esac

@@ -12,6 +12,10 @@ step "tools and services"
 # Debian and started when missing; nothing happens when they run).
 scripts/ensure-deps.sh tools --node
 scripts/ensure-deps.sh services
+# tansu, the Kafka-protocol broker the sidecar's Kafka tests start (one per
+# test): built from crates.io once (~10 min on two cores), then cached.
+TANSU=$(scripts/ensure-deps.sh kafka)
+export TANSU
 
 step "toolchain"
 rustup show active-toolchain
@@ -49,6 +53,13 @@ scripts/check-deploy.sh
 step "tests"
 # shellcheck disable=SC2086
 cargo test --workspace $excl --locked
+
+step "the dev stack on Kafka"
+# The end-to-end tests again, the stack's sidecar on the Kafka bus with the
+# demo publisher producing to the curve topic (scripts/dev.sh --kafka): a
+# broker on 127.0.0.1:9092, started when none runs.
+scripts/ensure-deps.sh kafka --start >/dev/null
+E2E_KAFKA=127.0.0.1:9092 cargo test -p devstack --test e2e --locked
 
 if [ -n "$cores" ]; then
   step "core crates on wasm32 (wasm-bindgen-test under Node)"

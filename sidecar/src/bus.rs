@@ -4,8 +4,11 @@
 //! the embedded [`MemoryBus`] (one replica) hands it straight to this
 //! process's hub; a shared bus (NATS; a Kafka consumer fits the same shape:
 //! a task that maps `(topic, key)` to a channel and calls [`Hub::publish`])
-//! sends it out and a background task feeds what arrives into the hub.
+//! sends it out and a background task feeds what arrives into the hub;
+//! Kafka ([`kafka`]) also brings the market-data topics in, and numbers
+//! messages by their offsets so that every replica numbers them alike.
 
+pub mod kafka;
 pub mod nats;
 
 use crate::fanout::{Hub, PublishError};
@@ -20,6 +23,9 @@ use std::sync::Arc;
 pub enum BusError {
     #[error(transparent)]
     Hub(#[from] PublishError),
+    /// The bus's settings are wrong (the flag named).
+    #[error("{0}")]
+    Config(String),
     /// The shared bus is unreachable or refused the message.
     #[error("bus unavailable: {0}")]
     Unavailable(String),
@@ -34,6 +40,14 @@ pub trait Bus: Send + Sync + std::fmt::Debug {
     fn publish<'a>(&'a self, channel: &'a Subject, data: Bytes) -> Published<'a>;
     /// Whether publishes can go out now (for `/readyz`).
     fn ready(&self) -> bool;
+    /// The verdict and the `/readyz` line saying why.
+    fn readiness(&self) -> (bool, String) {
+        if self.ready() {
+            (true, "bus: ok".into())
+        } else {
+            (false, "bus: not connected".into())
+        }
+    }
 }
 
 /// The embedded bus: this process only.

@@ -18,6 +18,9 @@ pub enum BusKind {
     Memory,
     /// NATS: every replica subscribes to `<nats-prefix>.>`.
     Nats,
+    /// Kafka: the `--kafka-topic`s in, publishes to `--kafka-bus-topic`;
+    /// sequence numbers from the offsets, alike on every replica.
+    Kafka,
 }
 
 #[derive(Debug, Clone, clap::Parser)]
@@ -161,6 +164,71 @@ pub struct Config {
     #[arg(long, env = "SIDECAR_NATS_PREFIX", default_value = "carbon.live")]
     pub nats_prefix: String,
 
+    /// Kafka bootstrap brokers for `--bus kafka`, `host:port`, repeated or
+    /// comma-separated.
+    #[arg(
+        long = "kafka-brokers",
+        env = "SIDECAR_KAFKA_BROKERS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:9092"
+    )]
+    pub kafka_brokers: Vec<String>,
+    /// A topic read into channels, `topic=template` (the template names the
+    /// channel from `{key}`, and optionally `{topic}` and
+    /// `{value.<field>}`), repeated or separated by `;` in the environment.
+    #[arg(long = "kafka-topic", env = "SIDECAR_KAFKA_TOPICS", value_delimiter = ';', value_parser = crate::bus::kafka::parse_topic)]
+    pub kafka_topics: Vec<(String, crate::bus::kafka::Template)>,
+    /// Where `POST /publish` produces (key: the channel); read back as
+    /// channel `{key}` unless a `--kafka-topic` maps it. Unset: publishing
+    /// answers 503.
+    #[arg(long, env = "SIDECAR_KAFKA_BUS_TOPIC")]
+    pub kafka_bus_topic: Option<String>,
+    /// The client id the brokers see (quotas, logs). No consumer group is
+    /// used: every replica reads every partition.
+    #[arg(
+        long,
+        env = "SIDECAR_KAFKA_CLIENT_ID",
+        default_value = "254carbon-sidecar"
+    )]
+    pub kafka_client_id: String,
+    /// TLS to the brokers, trusting the CA certificates of this PEM file.
+    #[arg(long, env = "SIDECAR_KAFKA_CA_FILE")]
+    pub kafka_ca_file: Option<String>,
+    /// SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (with
+    /// `--kafka-sasl-username` and `SIDECAR_KAFKA_SASL_PASSWORD`).
+    #[arg(long, env = "SIDECAR_KAFKA_SASL_MECHANISM")]
+    pub kafka_sasl_mechanism: Option<String>,
+    #[arg(long, env = "SIDECAR_KAFKA_SASL_USERNAME")]
+    pub kafka_sasl_username: Option<String>,
+    /// Best from the environment (a flag shows in `ps`).
+    #[arg(long, env = "SIDECAR_KAFKA_SASL_PASSWORD", hide_env_values = true)]
+    pub kafka_sasl_password: Option<String>,
+    /// Records read back from the end of each partition at start, so the
+    /// hub has the channels' last values (and history for `since`) before
+    /// the replica is ready. 0: start at the end.
+    #[arg(long, env = "SIDECAR_KAFKA_SNAPSHOT_MESSAGES", default_value_t = 1000)]
+    pub kafka_snapshot_messages: u64,
+    /// Seconds the start-up snapshot may take; then the replica serves with
+    /// what it has loaded.
+    #[arg(long, env = "SIDECAR_KAFKA_SNAPSHOT_TIMEOUT", default_value_t = 30)]
+    pub kafka_snapshot_timeout: u64,
+    /// Milliseconds one broker call (connect, metadata, offsets, produce) may take.
+    #[arg(long, env = "SIDECAR_KAFKA_TIMEOUT_MS", default_value_t = 5000)]
+    pub kafka_timeout_ms: u64,
+    /// Most bytes one fetch of one partition asks for.
+    #[arg(
+        long,
+        env = "SIDECAR_KAFKA_FETCH_MAX_BYTES",
+        default_value_t = 1_048_576
+    )]
+    pub kafka_fetch_max_bytes: i32,
+    /// Milliseconds a fetch waits at the broker for new records.
+    #[arg(long, env = "SIDECAR_KAFKA_FETCH_WAIT_MS", default_value_t = 500)]
+    pub kafka_fetch_wait_ms: u64,
+    /// Seconds between checks of the topics' partition counts.
+    #[arg(long, env = "SIDECAR_KAFKA_METADATA_INTERVAL", default_value_t = 30)]
+    pub kafka_metadata_interval: u64,
+
     /// Identity header names (DESIGN.md's defaults).
     #[arg(long, env = "SIDECAR_SUBJECT_HEADER", default_value = "x-auth-subject")]
     pub subject_header: String,
@@ -295,8 +363,49 @@ impl Config {
             .map(crate::pg::redact_conninfo);
         c.redis = redact_url(&self.redis);
         c.nats_url = redact_url(&self.nats_url);
+        c.kafka_sasl_password = secret(&self.kafka_sasl_password);
         c.policy_url = self.policy_url.as_deref().map(redact_url);
         c
+    }
+
+    /// The Kafka settings of `--bus kafka`.
+    pub fn kafka(&self) -> Result<crate::bus::kafka::KafkaSettings, String> {
+        let sasl = match (&self.kafka_sasl_mechanism, &self.kafka_sasl_username) {
+            (None, None) => None,
+            (Some(m), Some(u)) => Some(crate::bus::kafka::sasl(
+                m,
+                u,
+                self.kafka_sasl_password.as_deref().unwrap_or(""),
+            )?),
+            (Some(_), None) => {
+                return Err("--kafka-sasl-mechanism needs --kafka-sasl-username".into())
+            }
+            (None, Some(_)) => {
+                return Err("--kafka-sasl-username needs --kafka-sasl-mechanism".into())
+            }
+        };
+        if self.kafka_fetch_max_bytes < 1024 {
+            return Err("--kafka-fetch-max-bytes: at least 1024".into());
+        }
+        Ok(crate::bus::kafka::KafkaSettings {
+            brokers: self
+                .kafka_brokers
+                .iter()
+                .map(|b| b.trim().to_string())
+                .filter(|b| !b.is_empty())
+                .collect(),
+            topics: self.kafka_topics.clone(),
+            bus_topic: self.kafka_bus_topic.clone().filter(|t| !t.is_empty()),
+            client_id: self.kafka_client_id.clone(),
+            tls_ca_file: self.kafka_ca_file.clone(),
+            sasl,
+            snapshot_messages: self.kafka_snapshot_messages,
+            snapshot_timeout: Duration::from_secs(self.kafka_snapshot_timeout),
+            timeout: Duration::from_millis(self.kafka_timeout_ms.max(100)),
+            fetch_max_bytes: self.kafka_fetch_max_bytes,
+            fetch_wait: Duration::from_millis(self.kafka_fetch_wait_ms.clamp(10, 30_000)),
+            metadata_interval: Duration::from_secs(self.kafka_metadata_interval.max(1)),
+        })
     }
 
     pub fn hub(&self) -> HubConfig {

@@ -435,6 +435,10 @@ struct Shard {
 #[derive(Debug)]
 struct Past {
     seq: u64,
+    /// The channel's sequence number before this message: `seq - 1` when
+    /// the hub numbers, the previous offset's when a source does (Kafka:
+    /// other channels' messages sit in between).
+    prev: u64,
     at: Instant,
     frame: Bytes,
 }
@@ -445,6 +449,9 @@ struct Channel {
     seq: u64,
     last: Bytes,
     history: VecDeque<Past>,
+    /// Where a source-numbered channel's messages come from (its
+    /// partition); `None` while the hub numbers it.
+    origin: Option<u32>,
 }
 
 type Subscribers = IndexMap<u64, Arc<Client>>;
@@ -461,6 +468,7 @@ struct Inner {
     exact: HashMap<Arc<str>, Subscribers>,
     wild: Vec<Wild>,
     stamp: u64,
+    epoch: Arc<str>,
 }
 
 /// Why a publish was refused.
@@ -468,6 +476,15 @@ struct Inner {
 pub enum PublishError {
     #[error("channel limit of {0} reached")]
     ChannelLimit(usize),
+    /// A source-numbered message at or below the channel's sequence
+    /// number: delivered already.
+    #[error("sequence number {seq} is not after the channel's {last}")]
+    Duplicate { seq: u64, last: u64 },
+    /// A source-numbered message from another origin than the channel's
+    /// (two topics' templates make the same channel): numbers from two
+    /// partitions cannot be one sequence.
+    #[error("the channel is fed from another partition")]
+    Conflict,
 }
 
 /// The channels, their subscribers and the outboxes.
@@ -475,7 +492,6 @@ pub enum PublishError {
 pub struct Hub {
     pub cfg: HubConfig,
     pub metrics: Metrics,
-    epoch: String,
     inner: Mutex<Inner>,
     next_client: AtomicU64,
     shards: Vec<Shard>,
@@ -491,10 +507,12 @@ impl Hub {
         );
         Hub {
             metrics,
-            epoch,
             shards: (0..cfg.writers.max(1)).map(|_| Shard::default()).collect(),
             cfg,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                epoch: epoch.into(),
+                ..Inner::default()
+            }),
             next_client: AtomicU64::new(1),
             writing: AtomicBool::new(false),
         }
@@ -526,10 +544,30 @@ impl Hub {
         }
     }
 
-    /// Changes when the sidecar restarts: sequence numbers of another
-    /// epoch mean nothing here.
-    pub fn epoch(&self) -> &str {
-        &self.epoch
+    /// What the sequence numbers belong to: random per process when the
+    /// hub numbers them (it changes when the sidecar restarts), set by a
+    /// source that numbers them itself ([`Hub::set_epoch`]). Sequence
+    /// numbers of another epoch mean nothing here.
+    pub fn epoch(&self) -> Arc<str> {
+        lock(&self.inner).epoch.clone()
+    }
+
+    /// Puts a new epoch in force (a source's numbering changed, e.g. a
+    /// topic's partitions): every channel's history is dropped and its
+    /// sequence number and origin reset, the last values stay (with
+    /// sequence number 0 until the next message). Nothing happens when the
+    /// epoch is the same.
+    pub fn set_epoch(&self, epoch: &str) {
+        let mut inner = lock(&self.inner);
+        if &*inner.epoch == epoch {
+            return;
+        }
+        inner.epoch = epoch.into();
+        for ch in inner.channels.values_mut() {
+            ch.seq = 0;
+            ch.origin = None;
+            ch.history.clear();
+        }
     }
 
     /// A new client with an empty outbox.
@@ -551,6 +589,29 @@ impl Hub {
     /// the next sequence number, the new last value, and a copy of one
     /// shared frame in every subscriber's outbox. Returns the sequence number.
     pub fn publish(&self, channel: &Subject, data: Bytes) -> Result<u64, PublishError> {
+        self.put(channel, data, None)
+    }
+
+    /// Publishes a message a source has numbered (`seq`, from `origin`):
+    /// refused as [`PublishError::Duplicate`] unless `seq` is after the
+    /// channel's, as [`PublishError::Conflict`] when the channel already
+    /// takes its numbers from another origin. Otherwise as [`Hub::publish`].
+    pub fn publish_at(
+        &self,
+        channel: &Subject,
+        data: Bytes,
+        seq: u64,
+        origin: u32,
+    ) -> Result<u64, PublishError> {
+        self.put(channel, data, Some((seq, origin)))
+    }
+
+    fn put(
+        &self,
+        channel: &Subject,
+        data: Bytes,
+        numbered: Option<(u64, u32)>,
+    ) -> Result<u64, PublishError> {
         let now = Instant::now();
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
@@ -568,6 +629,7 @@ impl Hub {
                     seq: 0,
                     last: Bytes::new(),
                     history: VecDeque::new(),
+                    origin: None,
                 },
             );
             self.metrics.channels.inc();
@@ -575,8 +637,21 @@ impl Hub {
         let Some(ch) = inner.channels.get_mut(name) else {
             return Err(PublishError::ChannelLimit(self.cfg.max_channels));
         };
-        ch.seq += 1;
-        let seq = ch.seq;
+        let prev = ch.seq;
+        let seq = match numbered {
+            None => prev + 1,
+            Some((seq, origin)) => {
+                if ch.origin.is_some_and(|o| o != origin) {
+                    return Err(PublishError::Conflict);
+                }
+                if seq <= prev {
+                    return Err(PublishError::Duplicate { seq, last: prev });
+                }
+                ch.origin = Some(origin);
+                seq
+            }
+        };
+        ch.seq = seq;
         let frame = protocol::message(name, seq, &data);
         ch.last = data;
         if self.cfg.history_messages > 0 {
@@ -585,6 +660,7 @@ impl Hub {
             }
             ch.history.push_back(Past {
                 seq,
+                prev,
                 at: now,
                 frame: frame.clone(),
             });
@@ -686,7 +762,7 @@ impl Hub {
         let mut recovered = None;
         let mut skip: Vec<&str> = Vec::new();
         if let Some(since) = since {
-            let mut ok = since.epoch == self.epoch;
+            let mut ok = since.epoch.as_str() == &*inner.epoch;
             for (name, &seen) in &since.seq {
                 if !ok {
                     break;
@@ -703,8 +779,10 @@ impl Hub {
                 if seen > ch.seq {
                     ok = false;
                 } else if seen < ch.seq {
+                    // Complete when the oldest message kept follows one the
+                    // client has seen.
                     match ch.history.front() {
-                        Some(first) if first.seq <= seen + 1 => replay.extend(
+                        Some(first) if first.prev <= seen => replay.extend(
                             ch.history
                                 .iter()
                                 .filter(|p| p.seq > seen)
@@ -748,7 +826,7 @@ impl Hub {
         }
         let names: Vec<String> = patterns.iter().map(|p| p.as_str().to_string()).collect();
         client.reply(
-            protocol::subscribed(id, &self.epoch, &names, &snapshot, recovered),
+            protocol::subscribed(id, &inner.epoch, &names, &snapshot, recovered),
             self,
         );
         for f in replay {

@@ -104,7 +104,12 @@ pub async fn app_with_bus(
     policy: Policy,
     shutdown: CancellationToken,
 ) -> Result<Arc<server::App>, StartError> {
-    let (hub, registry) = hub(config);
+    if config.bus != config::BusKind::Kafka && !config.kafka_topics.is_empty() {
+        return Err(StartError::Bus(bus::BusError::Config(
+            "--kafka-topic needs --bus kafka".into(),
+        )));
+    }
+    let (hub, mut registry) = hub(config);
     let bus: Arc<dyn bus::Bus> = match config.bus {
         config::BusKind::Memory => Arc::new(bus::MemoryBus::new(hub.clone())),
         config::BusKind::Nats => {
@@ -116,6 +121,12 @@ pub async fn app_with_bus(
                 shutdown.clone(),
             )
             .await?
+        }
+        config::BusKind::Kafka => {
+            let settings = config.kafka().map_err(bus::BusError::Config)?;
+            let k = bus::kafka::KafkaBus::start(settings, hub.clone(), shutdown.clone())?;
+            k.metrics.register(&mut registry);
+            k
         }
     };
     let clock = access::Clock::new();

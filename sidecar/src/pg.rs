@@ -118,18 +118,7 @@ impl Target {
         let verifier: Arc<dyn ServerCertVerifier> = match &self.root_cert {
             None => Arc::new(NoVerification(provider)),
             Some(path) => {
-                let mut roots = rustls::RootCertStore::empty();
-                let certs = CertificateDer::pem_file_iter(path)
-                    .map_err(|e| format!("sslrootcert: {path}: {e}"))?;
-                for c in certs {
-                    let c = c.map_err(|e| format!("sslrootcert: {path}: {e}"))?;
-                    roots
-                        .add(c)
-                        .map_err(|e| format!("sslrootcert: {path}: {e}"))?;
-                }
-                if roots.is_empty() {
-                    return Err(format!("sslrootcert: {path}: no certificate in the file"));
-                }
+                let roots = pem_roots(path).map_err(|e| format!("sslrootcert: {e}"))?;
                 let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
                     .build()
                     .map_err(|e| format!("sslrootcert: {path}: {e}"))?;
@@ -152,6 +141,20 @@ impl Target {
         let tls = self.tls()?;
         self.config.connect(tls).await.map_err(|e| error_chain(&e))
     }
+}
+
+/// The CA certificates of the PEM file at `path` (errors name the file).
+pub fn pem_roots(path: &str) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(path).map_err(|e| format!("{path}: {e}"))?;
+    for c in certs {
+        let c = c.map_err(|e| format!("{path}: {e}"))?;
+        roots.add(c).map_err(|e| format!("{path}: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{path}: no certificate in the file"));
+    }
+    Ok(roots)
 }
 
 /// Whether `conninfo` can be connected with: its options, and the CA file

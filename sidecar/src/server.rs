@@ -314,16 +314,13 @@ async fn route(
 /// ready while the bus is away, while shutting down, or while a configured
 /// grants source has never been loaded (stale grants still serve).
 fn readiness(app: &App) -> Response<Body> {
-    let bus = app.bus.ready();
+    let (bus, bus_line) = app.bus.readiness();
     let (grants, line) = app.grants.readiness();
     let stopping = app.shutdown.is_cancelled();
     let ready = bus && grants && !stopping;
     let mut body = String::from(if ready { "ready\n" } else { "not ready\n" });
-    body.push_str(if bus {
-        "bus: ok\n"
-    } else {
-        "bus: not connected\n"
-    });
+    body.push_str(&bus_line);
+    body.push('\n');
     body.push_str(&line);
     body.push('\n');
     if stopping {

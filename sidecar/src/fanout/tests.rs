@@ -48,7 +48,7 @@ fn subscribers_get_the_snapshot_then_messages_in_sequence() {
     assert_eq!(
         drain(&h, &c),
         vec![
-            json!({"type":"subscribed","epoch":h.epoch(),"channels":["pricing.curves.EU-ETS.DEC26"],
+            json!({"type":"subscribed","epoch":&*h.epoch(),"channels":["pricing.curves.EU-ETS.DEC26"],
                    "snapshot":[{"channel":"pricing.curves.EU-ETS.DEC26","seq":2,"data":{"mid":71}}]}),
             json!({"type":"message","channel":"pricing.curves.EU-ETS.DEC26","seq":3,"data":{"mid":72}}),
         ]

@@ -2,6 +2,7 @@
 //! a WebSocket one (tokio-tungstenite) and a raw one for bad frames.
 #![allow(dead_code)]
 
+pub mod kafka;
 pub mod pg;
 pub mod pg_tls;
 pub mod proxy;

@@ -64,6 +64,7 @@ fn main() {
             publish_every: Duration::from_secs(1),
             sidecar_args: vec![],
             log_level: wasm_host::LogLevel::Error,
+            kafka: None,
         };
         let addrs = devstack::start(&cfg, shutdown.clone())
             .await

@@ -33,6 +33,9 @@ pub struct StackConfig {
     /// Extra sidecar flags.
     pub sidecar_args: Vec<String>,
     pub log_level: wasm_host::LogLevel,
+    /// Kafka brokers (`host:port,…`): the sidecar on the Kafka bus, reading
+    /// the curve topic, and the publisher producing to it.
+    pub kafka: Option<String>,
 }
 
 /// Where the parts listen.
@@ -127,6 +130,19 @@ pub async fn start(cfg: &StackConfig, shutdown: CancellationToken) -> Result<Add
         args.push("--grants-file".into());
         args.push(cfg.root.join("envoy/grants.json").display().to_string());
     }
+    if let Some(brokers) = &cfg.kafka {
+        publisher::kafka_topics(brokers).await?;
+        args.extend([
+            "--bus".to_string(),
+            "kafka".into(),
+            "--kafka-brokers".into(),
+            brokers.clone(),
+            "--kafka-topic".into(),
+            format!("{}={}", publisher::CURVES_TOPIC, publisher::CURVES_TEMPLATE),
+            "--kafka-bus-topic".into(),
+            publisher::BUS_TOPIC.into(),
+        ]);
+    }
     args.extend(cfg.sidecar_args.iter().cloned());
     let sc: sidecar::config::Config =
         clap::Parser::try_parse_from(&args).map_err(|e| e.to_string())?;
@@ -139,12 +155,20 @@ pub async fn start(cfg: &StackConfig, shutdown: CancellationToken) -> Result<Add
     });
 
     // Demo publisher.
-    tokio::spawn(publisher::run(
-        addrs.sidecar,
-        idp.clone(),
-        cfg.publish_every,
-        shutdown.clone(),
-    ));
+    if let Some(brokers) = &cfg.kafka {
+        tokio::spawn(publisher::run_kafka(
+            brokers.clone(),
+            cfg.publish_every,
+            shutdown.clone(),
+        ));
+    } else {
+        tokio::spawn(publisher::run(
+            addrs.sidecar,
+            idp.clone(),
+            cfg.publish_every,
+            shutdown.clone(),
+        ));
+    }
 
     // The embedded proxy.
     if cfg.proxy {

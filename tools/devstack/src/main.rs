@@ -36,6 +36,11 @@ struct Args {
     /// Print the entitlements policy of the gateway file and exit.
     #[arg(long)]
     print_policy: bool,
+    /// Kafka brokers, e.g. `127.0.0.1:9092`: the sidecar on the Kafka bus
+    /// (the curve topic into `pricing.curves.*`), the publisher producing
+    /// to Kafka. The topics are made when missing.
+    #[arg(long, env = "DEVSTACK_KAFKA")]
+    kafka: Option<String>,
     /// Extra sidecar flags, e.g. `--sidecar-arg=--usage-postgres=host=127.0.0.1`.
     #[arg(long = "sidecar-arg", allow_hyphen_values = true)]
     sidecar_args: Vec<String>,
@@ -83,6 +88,7 @@ fn main() {
         publish_every: Duration::from_millis(a.publish_interval_ms.max(10)),
         sidecar_args: a.sidecar_args.clone(),
         log_level: level(&a.log_level).unwrap_or_else(|e| fail(e)),
+        kafka: a.kafka.clone().filter(|k| !k.is_empty()),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -6,7 +6,9 @@
 //! running, with Envoy or without), the tests run against it; otherwise
 //! they start the stack in-process from `envoy/envoy.yaml` (the embedded
 //! proxy), on the same addresses. `E2E_REQUIRE_RUNNING=1` refuses to start
-//! one (to be sure a real Envoy is what is tested).
+//! one (to be sure a real Envoy is what is tested). `E2E_KAFKA=host:port`
+//! runs the stack started here on the Kafka bus with that broker (as
+//! `scripts/dev.sh --kafka` does).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -84,6 +86,7 @@ fn stack() {
                     publish_every: Duration::from_millis(200),
                     sidecar_args: vec![format!("--grants-postgres={grants}")],
                     log_level: wasm_host::LogLevel::Warn,
+                    kafka: std::env::var("E2E_KAFKA").ok().filter(|k| !k.is_empty()),
                 };
                 let shutdown = tokio_util::sync::CancellationToken::new();
                 let r = devstack::start(&cfg, shutdown.clone()).await;
@@ -1022,4 +1025,46 @@ fn the_websocket_server_keeps_rfc_6455_s_failure_rules_through_the_gateway() {
         serde_json::from_slice::<Value>(&got[0].1).unwrap()["type"],
         "pong"
     );
+}
+
+/// The sidecar is on the bus this run asks for: with `E2E_KAFKA` (the
+/// broker `scripts/dev.sh --kafka` runs), Kafka, the demo curve updates
+/// coming through the curve topic; else the embedded bus.
+#[test]
+fn the_sidecar_is_on_the_bus_asked_for() {
+    stack();
+    let kafka = std::env::var("E2E_KAFKA").is_ok_and(|k| !k.is_empty());
+    let want = if kafka { "bus: ok (kafka)" } else { "bus: ok" };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _, body) = http("127.0.0.1:8081", "GET", "/readyz", &[]);
+        if status == 200 && body.lines().any(|l| l == want) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar's /readyz has no line {want:?} after 20 s: {status} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if !kafka {
+        return;
+    }
+    let series = "sidecar_kafka_consumed_total{topic=\"254carbon.pricing.curve.updates.v1\"}";
+    let consumed = || {
+        let (_, _, body) = http("127.0.0.1:8081", "GET", "/metrics", &[]);
+        body.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = consumed();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while consumed() <= before {
+        assert!(
+            Instant::now() < deadline,
+            "{series} still {before} after 10 s: the publisher's updates do not come from Kafka"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
