@@ -239,6 +239,22 @@ mod tests {
             })
     }
 
+    /// Found by the `kafka_record` fuzz target: a value is checked as JSON
+    /// the way `/publish` and the NATS bus check it, by its syntax, so a
+    /// number beyond f64's range passes as written (a client's parser
+    /// decides what it is); the value is never rewritten.
+    #[test]
+    fn a_value_passes_as_written_even_a_number_beyond_f64() {
+        assert_eq!(
+            map("pricing.curves.{key}", b"A", b" 9999e999 "),
+            Ok(("pricing.curves.A".into(), "9999e999".into()))
+        );
+        assert_eq!(
+            map("pricing.curves.{key}", b"A", br#"{"px":1e400,"n":1.50}"#),
+            Ok(("pricing.curves.A".into(), r#"{"px":1e400,"n":1.50}"#.into()))
+        );
+    }
+
     #[test]
     fn maps_the_seed_topic() {
         assert_eq!(
