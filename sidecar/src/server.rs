@@ -333,13 +333,6 @@ fn readiness(app: &App) -> Response<Body> {
     r
 }
 
-fn header_has(h: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    h.get_all(name).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
-}
-
 async fn upgrade(
     req: Request<Incoming>,
     peer: SocketAddr,
@@ -347,43 +340,18 @@ async fn upgrade(
     tracker: TaskTracker,
 ) -> Response<Body> {
     let h = req.headers();
-    if !header_has(h, header::UPGRADE, "websocket") || !header_has(h, header::CONNECTION, "upgrade")
-    {
-        let mut r = error(
-            StatusCode::UPGRADE_REQUIRED,
-            "upgrade_required",
-            "this endpoint speaks WebSocket",
-        );
-        r.headers_mut().insert(
-            header::UPGRADE,
-            header::HeaderValue::from_static("websocket"),
-        );
-        return r;
-    }
-    if h.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
-        let mut r = error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "Sec-WebSocket-Version must be 13",
-        );
-        r.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            header::HeaderValue::from_static("13"),
-        );
-        return r;
-    }
-    let Some(key) = h
-        .get(header::SEC_WEBSOCKET_KEY)
-        .and_then(|k| k.to_str().ok())
-        .filter(|k| ws::valid_key(k))
-    else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "Sec-WebSocket-Key must be base64 of 16 bytes",
-        );
+    let accept = match ws::handshake(h) {
+        Ok(a) => a,
+        Err(refused) => {
+            let status = StatusCode::from_u16(refused.status).unwrap_or(StatusCode::BAD_REQUEST);
+            let mut r = error(status, refused.code, refused.message);
+            if let Some((name, value)) = refused.header {
+                r.headers_mut()
+                    .insert(name, header::HeaderValue::from_static(value));
+            }
+            return r;
+        }
     };
-    let accept = ws::accept_key(key);
     let proven = match crate::proof::check(&app, "ws", h, req.uri().query()).await {
         Ok(p) => p,
         Err(r) => {

@@ -22,6 +22,61 @@ pub fn valid_key(key: &str) -> bool {
         .is_ok_and(|k| k.len() == 16)
 }
 
+/// Why an upgrade request is refused: the answer's status, error code and
+/// message, and a header it carries (what the server speaks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: &'static str,
+    pub header: Option<(http::HeaderName, &'static str)>,
+}
+
+/// Whether a comma-separated header has `token` (any case) in any of its
+/// values.
+fn has_token(h: &http::HeaderMap, name: http::HeaderName, token: &str) -> bool {
+    h.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// Checks an upgrade request's headers (RFC 6455 §4.2.1): `Upgrade:
+/// websocket` and `Connection: upgrade` (tokens, any case, in any of the
+/// header's lines), `Sec-WebSocket-Version: 13`, and one
+/// `Sec-WebSocket-Key` that is base64 of 16 bytes. Gives the
+/// `Sec-WebSocket-Accept` value.
+pub fn handshake(h: &http::HeaderMap) -> Result<String, Refused> {
+    use http::header;
+    if !has_token(h, header::UPGRADE, "websocket") || !has_token(h, header::CONNECTION, "upgrade") {
+        return Err(Refused {
+            status: 426,
+            code: "upgrade_required",
+            message: "this endpoint speaks WebSocket",
+            header: Some((header::UPGRADE, "websocket")),
+        });
+    }
+    let mut versions = h.get_all(header::SEC_WEBSOCKET_VERSION).iter();
+    if versions.next().map(|v| v.as_bytes()) != Some(b"13") || versions.next().is_some() {
+        return Err(Refused {
+            status: 400,
+            code: "bad_request",
+            message: "Sec-WebSocket-Version must be 13",
+            header: Some((header::SEC_WEBSOCKET_VERSION, "13")),
+        });
+    }
+    let mut keys = h.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    match (keys.next().and_then(|k| k.to_str().ok()), keys.next()) {
+        (Some(k), None) if valid_key(k) => Ok(accept_key(k)),
+        _ => Err(Refused {
+            status: 400,
+            code: "bad_request",
+            message: "Sec-WebSocket-Key must be one base64 value of 16 bytes",
+            header: None,
+        }),
+    }
+}
+
 /// Close codes the server sends (RFC 6455 §7.4.1).
 pub mod close {
     pub const NORMAL: u16 = 1000;

@@ -196,3 +196,54 @@ fn server_frames() {
     assert_eq!(&ping(b"")[..], &[0x89, 0]);
     assert_eq!(&pong(b"x")[..], &[0x8a, 1, b'x']);
 }
+
+fn upgrade_headers(pairs: &[(&'static str, &'static str)]) -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
+    for (n, v) in pairs {
+        h.append(*n, http::HeaderValue::from_static(v));
+    }
+    h
+}
+
+#[test]
+fn the_handshake_takes_the_rfc_example_and_refuses_what_is_not_one() {
+    let rfc = [
+        ("upgrade", "websocket"),
+        ("connection", "keep-alive"),
+        ("connection", "Upgrade"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+    assert_eq!(
+        handshake(&upgrade_headers(&rfc)).as_deref(),
+        Ok("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+    );
+    let refused = |extra: &[(&'static str, &'static str)], without: &str| {
+        let mut pairs: Vec<_> = rfc.iter().copied().filter(|(n, _)| *n != without).collect();
+        pairs.extend_from_slice(extra);
+        handshake(&upgrade_headers(&pairs)).map_err(|r| (r.status, r.code))
+    };
+    assert_eq!(refused(&[], "upgrade"), Err((426, "upgrade_required")));
+    assert_eq!(refused(&[], "connection"), Err((426, "upgrade_required")));
+    assert_eq!(
+        refused(&[], "sec-websocket-version"),
+        Err((400, "bad_request"))
+    );
+    assert_eq!(
+        refused(&[("sec-websocket-version", "8")], "sec-websocket-version"),
+        Err((400, "bad_request"))
+    );
+    // Two versions or two keys: which one would the answer be for?
+    assert_eq!(
+        refused(&[("sec-websocket-version", "13")], ""),
+        Err((400, "bad_request"))
+    );
+    assert_eq!(
+        refused(&[("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")], ""),
+        Err((400, "bad_request"))
+    );
+    assert_eq!(
+        refused(&[("sec-websocket-key", "c2hvcnQ=")], "sec-websocket-key"),
+        Err((400, "bad_request"))
+    );
+}
