@@ -104,6 +104,8 @@ kafka() {
     if [ ! -x "$bin" ]; then
         echo "ensure-deps: building tansu $TANSU_VERSION (a Kafka-protocol broker) into ${bin%/bin/tansu}" >&2
         local root=${bin%/bin/tansu}
+        # C code in its dependencies (SQLite, aws-lc) may build with cmake.
+        command -v cmake >/dev/null || apt_install cmake
         # Its own target directory: the project's CARGO_TARGET_DIR must not
         # fill with a broker's build, and a rebuild of ours must not lose it.
         CARGO_TARGET_DIR="$root.build" cargo install tansu --version "$TANSU_VERSION" \
