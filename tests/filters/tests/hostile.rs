@@ -2,8 +2,11 @@
 //! Envoy chains them (usage, auth, entitlements, ratelimit), driven by
 //! random request sequences (issue 25): methods and paths of any shape,
 //! header names odd or duplicated, forged identity headers, a valid, bad
-//! or no token, bodies in random chunks, streams reset half way. The
-//! invariants: no VM traps; every stream that is not reset ends with one
+//! or no token, bodies in random chunks, streams reset half way; and with
+//! every dependency remote (key set, grants feed, rate limit service,
+//! usage sink), callouts answered right but late, with garbage, with an
+//! error, reset, or never. The invariants: no VM traps; every callout has
+//! a timeout; every stream that is not reset ends with one
 //! decision — the upstream got it, or a local reply answered it, never
 //! both; no identity header a client sent reaches the upstream; the VMs'
 //! memory stays within a bound. (Coverage-guided fuzzing of the same
@@ -148,6 +151,16 @@ fn bearer() -> String {
 impl World {
     /// Sends one request; checks its decision.
     fn send(&self, r: &Request) {
+        self.send_with(r, false)
+    }
+
+    /// [`World::send`], running the host's clock (up to a minute, in
+    /// 50 ms steps) while the request waits on a callout.
+    fn send_and_wait(&self, r: &Request) {
+        self.send_with(r, true)
+    }
+
+    fn send_with(&self, r: &Request, wait: bool) {
         let mut h: Vec<(String, String)> = vec![
             (":method".into(), r.method.clone()),
             (":path".into(), r.path.clone()),
@@ -188,6 +201,18 @@ impl World {
         for (i, p) in self.plugins.iter().enumerate() {
             for w in 0..2 {
                 assert!(!p.failed(w), "plugin {i} trapped on worker {w}: {r:?}");
+            }
+        }
+        if wait {
+            let mut waited = Duration::ZERO;
+            while !s.is_complete() && !s.was_reset() && waited < Duration::from_secs(60) {
+                self.host.advance(Duration::from_millis(50));
+                waited += Duration::from_millis(50);
+            }
+            for (i, p) in self.plugins.iter().enumerate() {
+                for w in 0..2 {
+                    assert!(!p.failed(w), "plugin {i} trapped on worker {w}: {r:?}");
+                }
             }
         }
         if s.was_reset() {
@@ -261,4 +286,241 @@ fn the_driver_sees_both_decisions() {
         1,
         "no token and a bad one are answered locally"
     );
+}
+
+// ---- callouts answering late, wrong or never ----
+
+/// How one callout is answered.
+#[derive(Debug, Clone)]
+enum Answer {
+    /// The right answer, `ms` later.
+    Right {
+        ms: u64,
+    },
+    /// A body that is not what was asked for.
+    Garbage(Vec<u8>),
+    /// An error status (HTTP 500 / gRPC UNAVAILABLE).
+    Error,
+    Reset,
+    Never,
+}
+
+fn answer() -> impl Strategy<Value = Answer> {
+    prop_oneof![
+        3 => (0u64..3000).prop_map(|ms| Answer::Right { ms }),
+        1 => prop::collection::vec(any::<u8>(), 0..40).prop_map(Answer::Garbage),
+        1 => Just(Answer::Error),
+        1 => Just(Answer::Reset),
+        1 => Just(Answer::Never),
+    ]
+}
+
+/// The answers, taken in turn (cycling) by every cluster; and whether a
+/// callout was dispatched without a timeout (one that is never answered
+/// would then hold its request for ever).
+#[derive(Clone)]
+struct Script {
+    answers: Arc<Vec<Answer>>,
+    next: Arc<Mutex<usize>>,
+    untimed: Arc<Mutex<Vec<String>>>,
+}
+
+impl Script {
+    fn take(&self, what: &str, timeout_ms: u32) -> Answer {
+        if timeout_ms == 0 {
+            self.untimed.lock().unwrap().push(what.to_string());
+        }
+        let mut n = self.next.lock().unwrap();
+        let a = self.answers[*n % self.answers.len()].clone();
+        *n += 1;
+        a
+    }
+
+    fn http(&self, what: &str, timeout_ms: u32, right: Vec<u8>) -> Reply {
+        match self.take(what, timeout_ms) {
+            Answer::Right { ms } => Reply::ok(200, right).after(Duration::from_millis(ms)),
+            Answer::Garbage(b) => Reply::ok(200, b),
+            Answer::Error => Reply::ok(500, "oops"),
+            Answer::Reset => Reply::Reset {
+                delay: Duration::ZERO,
+            },
+            Answer::Never => Reply::Never,
+        }
+    }
+}
+
+/// The chain with every dependency remote: the auth filter's key set from
+/// `idp`, the entitlements filter's grants from the sidecar's feed, the
+/// ratelimit filter in global mode against a rate limit service, usage
+/// flushed to the sidecar; every callout answered by the script.
+fn remote_world(script: &Script) -> World {
+    let host = Host::builder()
+        .workers(2)
+        .start_time(UNIX_EPOCH + Duration::from_secs(NOW))
+        .build();
+    let s = script.clone();
+    host.add_cluster("idp", move |c| {
+        let jwks = json!({"keys": [ec_jwk("ec-1")]}).to_string().into_bytes();
+        s.http(&format!("idp {}", c.path()), c.timeout_ms, jwks)
+    });
+    let s = script.clone();
+    host.add_cluster("sidecar", move |c| {
+        let right = if c.path().starts_with("/internal/v1/grants") {
+            json!({"epoch": "pg-1", "version": 1, "snapshot": true, "next": null,
+                   "holders": [{"tenant": "acme", "grants": [["curves:*", "read"]]}]})
+            .to_string()
+            .into_bytes()
+        } else {
+            b"{}".to_vec()
+        };
+        s.http(&format!("sidecar {}", c.path()), c.timeout_ms, right)
+    });
+    let s = script.clone();
+    host.add_grpc_cluster("ratelimit", move |call| {
+        let right = ratelimit_core::rls::Response {
+            overall: ratelimit_core::rls::Code::Ok,
+            statuses: vec![],
+            response_headers: vec![],
+            raw_body: vec![],
+        }
+        .encode();
+        match s.take("ratelimit", call.timeout_ms) {
+            Answer::Right { ms } => Reply::grpc(right).after(Duration::from_millis(ms)),
+            Answer::Garbage(b) => Reply::grpc(b),
+            Answer::Error => Reply::GrpcError {
+                status: 14,
+                message: "unavailable".into(),
+                delay: Duration::ZERO,
+            },
+            Answer::Reset => Reply::Reset {
+                delay: Duration::ZERO,
+            },
+            Answer::Never => Reply::Never,
+        }
+    });
+    let load = |c| host.load(c).unwrap_or_else(|e| panic!("{e}"));
+    let usage = load(usage_config(
+        &json!({"cluster": "sidecar", "flush_interval_ms": 1000}),
+    ));
+    let auth = load(auth_config(&json!({
+        "providers": {"kc": {"issuer": ISSUER, "audiences": ["pricing-api"],
+                              "jwks": {"remote": {"cluster": "idp", "path": "/certs",
+                                                  "refresh_interval_s": 5, "unknown_kid_refetch_s": 1}}}},
+        "sources": [{"header": {"name": "authorization", "prefix": "Bearer "}}, {"query": "access_token"}],
+        "rules": [{"match": {"path": {"exact": "/healthz"}}, "requires": {"bypass": true}},
+                  {"match": {"path": {"prefix": "/public/"}}, "requires": {"allow_missing": true}}]
+    })));
+    let ent = load(entitlements_config(&json!({
+        "policy": {"default": "deny", "rules": [
+            {"id": "health", "effect": "allow", "match": {"path": {"exact": "/healthz"}}},
+            {"id": "curves", "effect": "allow",
+             "match": {"path": {"template": "/api/v1/curves/{market}/**"}},
+             "when": [{"grant": {"resource": "curves:{market}", "action": "read"}}]}
+        ]},
+        "grants": {"cluster": "sidecar", "page_grants": 100}
+    })));
+    let rl = load(ratelimit_config(&json!({
+        "policies": [{"id": "per-tenant", "key": ["tenant"], "rate": {"requests": 50, "per": "second"}}],
+        "global": {"cluster": "ratelimit", "domain": "254carbon", "timeout_ms": 100}
+    })));
+    let upstream: Arc<Mutex<Vec<Message>>> = Arc::default();
+    let seen = upstream.clone();
+    let chain = host
+        .chain(&[&usage, &auth, &ent, &rl])
+        .with_upstream(move |m: &Message| {
+            seen.lock().unwrap().push(m.clone());
+            Message {
+                headers: vec![(":status".into(), b"200".to_vec())].into(),
+                body: b"{}".to_vec(),
+                trailers: None,
+            }
+        });
+    World {
+        host,
+        chain,
+        plugins: vec![usage, auth, ent, rl],
+        upstream,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Whatever the key set's, the grants feed's and the rate limit
+    /// service's callouts do — answer right but late, answer garbage, fail,
+    /// reset, or never answer — no VM traps, every callout has a timeout,
+    /// and every request ends with exactly one decision once the host's
+    /// clock has run past the callouts' timeouts.
+    #[test]
+    fn callouts_late_wrong_or_never_leave_no_request_undecided(
+        answers in prop::collection::vec(answer(), 1..8),
+        reqs in prop::collection::vec(request(), 1..8),
+        gaps in prop::collection::vec(0u64..4000, 1..8),
+    ) {
+        let script = Script {
+            answers: Arc::new(answers),
+            next: Arc::default(),
+            untimed: Arc::default(),
+        };
+        let w = remote_world(&script);
+        for (i, r) in reqs.iter().enumerate() {
+            w.send_and_wait(r);
+            w.host.advance(Duration::from_millis(gaps[i % gaps.len()]));
+        }
+        let untimed = script.untimed.lock().unwrap().clone();
+        prop_assert!(untimed.is_empty(), "callouts without a timeout: {untimed:?}");
+        for p in &w.plugins {
+            for worker in 0..2 {
+                prop_assert!(p.memory_size(worker) <= 64 << 20, "{} bytes", p.memory_size(worker));
+            }
+        }
+    }
+}
+
+/// The property above means something only if requests do wait on
+/// callouts: a late key set holds the first request until it lands; a key
+/// set never answered holds it until the callout's timeout, and then it is
+/// answered locally.
+#[test]
+fn a_request_waits_for_a_late_callout_and_is_answered_when_one_never_comes() {
+    for answer in [Answer::Right { ms: 1500 }, Answer::Never] {
+        let script = Script {
+            answers: Arc::new(vec![answer.clone()]),
+            next: Arc::default(),
+            untimed: Arc::default(),
+        };
+        let w = remote_world(&script);
+        let auth = bearer();
+        let s = w.host.stream(&w.chain);
+        s.request_headers(
+            &[
+                (":method", "GET"),
+                (":path", "/api/v1/curves/EU-ETS/latest"),
+                (":authority", "api"),
+                ("authorization", auth.as_str()),
+            ],
+            true,
+        );
+        assert!(
+            !s.is_complete(),
+            "{answer:?}: decided before the key set came"
+        );
+        let mut waited = Duration::ZERO;
+        while !s.is_complete() && waited < Duration::from_secs(60) {
+            w.host.advance(Duration::from_millis(50));
+            waited += Duration::from_millis(50);
+        }
+        assert!(s.is_complete(), "{answer:?}: still waiting after 60 s");
+        match answer {
+            Answer::Right { ms } => assert!(
+                waited >= Duration::from_millis(ms),
+                "decided after {waited:?}, before the key set came at {ms} ms"
+            ),
+            _ => assert!(
+                s.local_reply().is_some() && w.upstream.lock().unwrap().is_empty(),
+                "no key set, yet not answered locally: {:?}",
+                s.trace()
+            ),
+        }
+    }
 }
