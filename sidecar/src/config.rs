@@ -405,6 +405,7 @@ impl Config {
             fetch_max_bytes: self.kafka_fetch_max_bytes,
             fetch_wait: Duration::from_millis(self.kafka_fetch_wait_ms.clamp(10, 30_000)),
             metadata_interval: Duration::from_secs(self.kafka_metadata_interval.max(1)),
+            max_value_bytes: self.max_publish_bytes,
         })
     }
 

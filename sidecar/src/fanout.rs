@@ -452,6 +452,9 @@ struct Channel {
     /// Where a source-numbered channel's messages come from (its
     /// partition); `None` while the hub numbers it.
     origin: Option<u32>,
+    /// Set by a new epoch: what came before it is gone, so the channel's
+    /// next message follows nothing a client can have seen.
+    renumbered: bool,
 }
 
 type Subscribers = IndexMap<u64, Arc<Client>>;
@@ -567,6 +570,7 @@ impl Hub {
             ch.seq = 0;
             ch.origin = None;
             ch.history.clear();
+            ch.renumbered = true;
         }
     }
 
@@ -596,21 +600,28 @@ impl Hub {
     /// refused as [`PublishError::Duplicate`] unless `seq` is after the
     /// channel's, as [`PublishError::Conflict`] when the channel already
     /// takes its numbers from another origin. Otherwise as [`Hub::publish`].
+    ///
+    /// `floor`: the origin's numbers up to `floor` were not all read here
+    /// (this hub started reading after them). A channel's first message
+    /// follows `floor`, so `since` replays it only to a client that has
+    /// seen at least that far; a client that saw less may have missed one
+    /// of the channel's messages in between, and is told it did not recover.
     pub fn publish_at(
         &self,
         channel: &Subject,
         data: Bytes,
         seq: u64,
         origin: u32,
+        floor: u64,
     ) -> Result<u64, PublishError> {
-        self.put(channel, data, Some((seq, origin)))
+        self.put(channel, data, Some((seq, origin, floor)))
     }
 
     fn put(
         &self,
         channel: &Subject,
         data: Bytes,
-        numbered: Option<(u64, u32)>,
+        numbered: Option<(u64, u32, u64)>,
     ) -> Result<u64, PublishError> {
         let now = Instant::now();
         let mut guard = lock(&self.inner);
@@ -630,6 +641,7 @@ impl Hub {
                     last: Bytes::new(),
                     history: VecDeque::new(),
                     origin: None,
+                    renumbered: false,
                 },
             );
             self.metrics.channels.inc();
@@ -637,16 +649,22 @@ impl Hub {
         let Some(ch) = inner.channels.get_mut(name) else {
             return Err(PublishError::ChannelLimit(self.cfg.max_channels));
         };
-        let prev = ch.seq;
+        let mut prev = ch.seq;
         let seq = match numbered {
             None => prev + 1,
-            Some((seq, origin)) => {
+            Some((seq, origin, floor)) => {
                 if ch.origin.is_some_and(|o| o != origin) {
                     return Err(PublishError::Conflict);
                 }
                 if seq <= prev {
                     return Err(PublishError::Duplicate { seq, last: prev });
                 }
+                if ch.seq == 0 {
+                    // The first message here: it follows where this hub
+                    // began reading, or nothing at all after a new epoch.
+                    prev = if ch.renumbered { u64::MAX } else { floor };
+                }
+                ch.renumbered = false;
                 ch.origin = Some(origin);
                 seq
             }

@@ -124,7 +124,9 @@ async fn records_become_channel_messages_and_bad_ones_are_counted() {
     let (mut ws, sub) = subscribe(&r, json!(["open.curves.>"]), None).await;
     assert_eq!(sub["snapshot"], json!([]));
     type KeyValue<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
-    let bad: [KeyValue; 7] = [
+    // One more than --max-publish-bytes (65536) of JSON.
+    let big = format!("\"{}\"", "x".repeat(65535));
+    let bad: [KeyValue; 9] = [
         (None, Some(b"1")),
         (Some(b"\xff\xfe"), Some(b"1")),
         (Some(b"EUA"), None),
@@ -132,6 +134,8 @@ async fn records_become_channel_messages_and_bad_ones_are_counted() {
         (Some(b"EUA"), Some(b"\x00\x01")),
         (Some(b"a.*"), Some(b"1")),
         (Some(b"a b"), Some(b"1")),
+        (Some(b"EUA"), Some(b"null")),
+        (Some(b"EUA"), Some(big.as_bytes())),
     ];
     for (k, v) in bad {
         produce(&client, CURVES, 0, k, v).await;
@@ -153,14 +157,15 @@ async fn records_become_channel_messages_and_bad_ones_are_counted() {
             json!({"mid": 71.25})
         )]
     );
-    assert_eq!(o, 7, "the refused records took offsets 0–6");
+    assert_eq!(o, 9, "the refused records took offsets 0–8");
     let m = metrics(&r).await;
     for (reason, n) in [
         ("no_key", 1.0),
         ("key_not_utf8", 1.0),
-        ("no_value", 1.0),
+        ("no_value", 2.0),
         ("not_json", 2.0),
         ("invalid_channel", 2.0),
+        ("too_large", 1.0),
     ] {
         assert_eq!(
             metric(
@@ -462,4 +467,48 @@ async fn the_broker_killed_and_back_loses_nothing_and_repeats_nothing() {
             .is_err(),
         "a message after the last one"
     );
+}
+
+/// A replica that began reading a partition after some of a channel's
+/// records does not claim to recover a client that may have missed one of
+/// them; a client that saw past where it began is recovered.
+#[tokio::test]
+async fn since_is_not_recovered_across_records_the_replica_never_read() {
+    let broker = Broker::start().await;
+    let client = broker.client().await;
+    create_topic(&client, CURVES, 1).await;
+    // EUA at offsets 0, 3, 6; UKA between.
+    let mut eua = Vec::new();
+    for i in 0..3 {
+        let o = produce(
+            &client,
+            CURVES,
+            0,
+            Some(b"EUA.DEC26"),
+            Some(json!({"mid": i}).to_string().as_bytes()),
+        )
+        .await;
+        eua.push(o as u64 + 1);
+        for _ in 0..2 {
+            produce(&client, CURVES, 0, Some(b"UKA.DEC26"), Some(b"{\"mid\":1}")).await;
+        }
+    }
+    // Offsets 0..=8; the replica reads the last 4 (from offset 5): EUA's
+    // third record only.
+    let r = replica(&broker, &["--kafka-snapshot-messages", "4"]).await;
+    ready(&r).await;
+    let (_ws, sub) = subscribe(&r, json!(["open.curves.UKA.DEC26"]), None).await;
+    let epoch = sub["epoch"].clone();
+    // Saw EUA's first record (seq 1): its second (seq 4) is not here.
+    let since = json!({"epoch": epoch, "seq": {"open.curves.EUA.DEC26": eua[0]}});
+    let (_ws, sub) = subscribe(&r, json!(["open.curves.EUA.DEC26"]), Some(since)).await;
+    assert_eq!(sub["recovered"], false, "{sub}");
+    assert_eq!(sub["snapshot"][0]["seq"], eua[2], "{sub}");
+    // Saw up to offset 5 (seq 6 ≥ where the replica began): nothing of
+    // EUA is missing, its third record is replayed.
+    let since = json!({"epoch": epoch, "seq": {"open.curves.EUA.DEC26": 5}});
+    let (mut ws, sub) = subscribe(&r, json!(["open.curves.EUA.DEC26"]), Some(since)).await;
+    assert_eq!(sub["recovered"], true, "{sub}");
+    let got = messages(&mut ws, 1).await;
+    assert_eq!(got[0].1, eua[2]);
 }

@@ -79,6 +79,9 @@ pub struct KafkaSettings {
     pub fetch_wait: Duration,
     /// How often partition counts are checked.
     pub metadata_interval: Duration,
+    /// Largest record value published (`--max-publish-bytes`); larger ones
+    /// are dropped as `too_large`.
+    pub max_value_bytes: usize,
 }
 
 impl std::fmt::Debug for KafkaSettings {
@@ -236,8 +239,8 @@ impl KafkaMetrics {
         r.register(
             "kafka_dropped",
             "Records not published, by reason: no_key, key_not_utf8, no_value, not_json, no_field, \
-             invalid_channel, duplicate, channel_conflict, channel_limit, out_of_range (records \
-             removed by retention before they were read)",
+             invalid_channel, too_large, duplicate, channel_conflict, channel_limit, out_of_range \
+             (records removed by retention before they were read)",
             self.dropped.clone(),
         );
         r.register(
@@ -528,7 +531,7 @@ impl KafkaBus {
                         // is new, read from its beginning.
                         let snapshot = first;
                         if snapshot {
-                            self.loading.fetch_add(1, Ordering::Relaxed);
+                            self.loading.fetch_add(1, Ordering::SeqCst);
                         }
                         tokio::spawn(self.clone().follow(
                             client.clone(),
@@ -541,8 +544,8 @@ impl KafkaBus {
                     }
                     if first && missing.is_empty() {
                         first = false;
-                        self.started.store(true, Ordering::Relaxed);
-                        if self.loading.load(Ordering::Relaxed) == 0 {
+                        self.started.store(true, Ordering::SeqCst);
+                        if self.loading.load(Ordering::SeqCst) == 0 {
                             self.snapshot_loaded(t0);
                         }
                         self.spawn_snapshot_deadline(t0, shutdown.clone());
@@ -613,8 +616,7 @@ impl KafkaBus {
     }
 
     fn partition_loaded(&self, t0: Instant) {
-        if self.loading.fetch_sub(1, Ordering::Relaxed) == 1 && self.started.load(Ordering::Relaxed)
-        {
+        if self.loading.fetch_sub(1, Ordering::SeqCst) == 1 && self.started.load(Ordering::SeqCst) {
             self.snapshot_loaded(t0);
         }
     }
@@ -654,6 +656,9 @@ impl KafkaBus {
         // Where to start, the mark the snapshot is loaded at.
         let mut next: Option<i64> = None;
         let mut target = 0i64;
+        // Numbers up to this were not read here (before where reading
+        // began, or removed by retention before it got there).
+        let mut floor = 0u64;
         let mut pc: Option<PartitionClient> = None;
         loop {
             if shutdown.is_cancelled() {
@@ -694,6 +699,7 @@ impl KafkaBus {
                             low
                         };
                         target = high;
+                        floor = u64::try_from(start).unwrap_or(0);
                         *next.insert(start)
                     }
                 };
@@ -706,7 +712,11 @@ impl KafkaBus {
                     r = tokio::time::timeout(call, part.fetch_records(at, 1..self.settings.fetch_max_bytes, wait_ms)) => r,
                 };
                 let (records, high) = match fetched {
-                    Err(_) => return Err(("fetch", "no answer".to_string())),
+                    Err(_) => {
+                        // The connection may be half open: a new one next time.
+                        pc = None;
+                        return Err(("fetch", "no answer".to_string()));
+                    }
                     Ok(Ok(r)) => r,
                     Ok(Err(KafkaError::ServerError {
                         protocol_error: ProtocolError::OffsetOutOfRange,
@@ -720,6 +730,7 @@ impl KafkaBus {
                             .map_err(|e| ("offsets", e.to_string()))?;
                         if low > at {
                             self.metrics.drop_n("out_of_range", (low - at) as u64);
+                            floor = floor.max(u64::try_from(low).unwrap_or(0));
                             next = Some(low);
                         } else {
                             let high = tokio::time::timeout(self.settings.timeout, part.get_offset(OffsetAt::Latest))
@@ -727,6 +738,7 @@ impl KafkaBus {
                                 .map_err(|_| ("offsets", "no answer".to_string()))?
                                 .map_err(|e| ("offsets", e.to_string()))?;
                             tracing::error!(topic = %topic, partition = p, next = at, high, "kafka: the partition's log is shorter than what was read (re-created?); following its end");
+                            floor = u64::try_from(high).unwrap_or(0);
                             next = Some(high);
                         }
                         return Ok(());
@@ -740,11 +752,16 @@ impl KafkaBus {
                         self.metrics.drop("duplicate");
                         continue;
                     }
-                    n = r.offset + 1;
+                    // Offsets are ≥ 0 and < i64::MAX from a broker that
+                    // keeps the protocol; one that does not is not followed.
+                    let (Some(after), Ok(offset)) = (r.offset.checked_add(1), u64::try_from(r.offset)) else {
+                        return Err(("fetch", format!("offset {} out of range", r.offset)));
+                    };
+                    n = after;
                     if snapshot {
                         in_snapshot += 1;
                     }
-                    let seq = r.offset as u64 + 1;
+                    let seq = offset + 1;
                     match template.map(topic, r.record.key.as_deref(), r.record.value.as_deref()) {
                         Err(why) => {
                             self.metrics.drop(why.as_str());
@@ -752,7 +769,13 @@ impl KafkaBus {
                                 tracing::warn!(topic = %topic, partition = p, offset = r.offset, reason = why.as_str(), dropped_since_last_line = more, "kafka: a record makes no channel message; dropped");
                             }
                         }
-                        Ok((channel, data)) => match self.hub.publish_at(&channel, data, seq, origin) {
+                        Ok((_, data)) if data.len() > self.settings.max_value_bytes => {
+                            self.metrics.drop("too_large");
+                            if let Some(more) = DROPS_LOG.allow() {
+                                tracing::warn!(topic = %topic, partition = p, offset = r.offset, bytes = data.len(), max = self.settings.max_value_bytes, dropped_since_last_line = more, "kafka: a record's value is larger than --max-publish-bytes; dropped");
+                            }
+                        }
+                        Ok((channel, data)) => match self.hub.publish_at(&channel, data, seq, origin, floor) {
                             Ok(_) => {
                                 consumed.inc();
                             }
@@ -770,6 +793,15 @@ impl KafkaBus {
                 self.metrics.snapshot_messages.inc_by(in_snapshot as i64);
                 next = Some(n);
                 lag.set(high.saturating_sub(n).max(0));
+                if n == at && high > at {
+                    // Nothing readable below the high watermark: only
+                    // transaction markers there (rskafka skips them). The
+                    // broker answers such fetches at once; do not spin.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(self.settings.fetch_wait) => {}
+                    }
+                }
                 Ok(())
             }
             .await;
@@ -900,7 +932,11 @@ impl Bus for KafkaBus {
                 producer.produce(vec![record], Compression::NoCompression),
             )
             .await
-            .map_err(|_| fail(format!("no answer within {:?}", self.settings.timeout)))?
+            .map_err(|_| {
+                // The connection may be half open: a new one next time.
+                lock(&self.state).producers.remove(&p);
+                fail(format!("no answer within {:?}", self.settings.timeout))
+            })?
             .map_err(|e| {
                 // The leader may have moved: look it up again next time.
                 lock(&self.state).producers.remove(&p);
