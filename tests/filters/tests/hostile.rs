@@ -39,6 +39,30 @@ struct World {
     upstream: Arc<Mutex<Vec<Message>>>,
 }
 
+/// The four plugins chained in Envoy's order (usage, auth, entitlements,
+/// ratelimit) before an upstream that answers 200 and keeps what reached it.
+fn chained(host: Host, plugins: [Plugin; 4]) -> World {
+    let upstream: Arc<Mutex<Vec<Message>>> = Arc::default();
+    let seen = upstream.clone();
+    let [usage, auth, ent, rl] = &plugins;
+    let chain = host
+        .chain(&[usage, auth, ent, rl])
+        .with_upstream(move |m: &Message| {
+            seen.lock().unwrap().push(m.clone());
+            Message {
+                headers: vec![(":status".into(), b"200".to_vec())].into(),
+                body: b"{}".to_vec(),
+                trailers: None,
+            }
+        });
+    World {
+        host,
+        chain,
+        plugins: plugins.into(),
+        upstream,
+    }
+}
+
 fn world() -> World {
     let host = Host::builder()
         .workers(2)
@@ -61,24 +85,7 @@ fn world() -> World {
     let rl = load(ratelimit_config(&json!({"policies": [
         {"id": "per-tenant", "key": ["tenant"], "rate": {"requests": 50, "per": "second"}, "burst": 20}
     ]})));
-    let upstream: Arc<Mutex<Vec<Message>>> = Arc::default();
-    let seen = upstream.clone();
-    let chain = host
-        .chain(&[&usage, &auth, &ent, &rl])
-        .with_upstream(move |m: &Message| {
-            seen.lock().unwrap().push(m.clone());
-            Message {
-                headers: vec![(":status".into(), b"200".to_vec())].into(),
-                body: b"{}".to_vec(),
-                trailers: None,
-            }
-        });
-    World {
-        host,
-        chain,
-        plugins: vec![usage, auth, ent, rl],
-        upstream,
-    }
+    chained(host, [usage, auth, ent, rl])
 }
 
 #[derive(Debug, Clone)]
@@ -423,24 +430,7 @@ fn remote_world(script: &Script) -> World {
         "policies": [{"id": "per-tenant", "key": ["tenant"], "rate": {"requests": 50, "per": "second"}}],
         "global": {"cluster": "ratelimit", "domain": "254carbon", "timeout_ms": 100}
     })));
-    let upstream: Arc<Mutex<Vec<Message>>> = Arc::default();
-    let seen = upstream.clone();
-    let chain = host
-        .chain(&[&usage, &auth, &ent, &rl])
-        .with_upstream(move |m: &Message| {
-            seen.lock().unwrap().push(m.clone());
-            Message {
-                headers: vec![(":status".into(), b"200".to_vec())].into(),
-                body: b"{}".to_vec(),
-                trailers: None,
-            }
-        });
-    World {
-        host,
-        chain,
-        plugins: vec![usage, auth, ent, rl],
-        upstream,
-    }
+    chained(host, [usage, auth, ent, rl])
 }
 
 proptest! {

@@ -167,6 +167,7 @@ pub async fn run_kafka(brokers: String, every: Duration, shutdown: CancellationT
         },
     };
     let mut parts = std::collections::HashMap::new();
+    let mut count = 0usize;
     let mut tick = tokio::time::interval(every);
     let mut n = 0u64;
     let mut warned = false;
@@ -176,13 +177,16 @@ pub async fn run_kafka(brokers: String, every: Duration, shutdown: CancellationT
             _ = tick.tick() => {}
         }
         n += 1;
-        let count = match client.list_topics().await {
-            Ok(ts) => ts
-                .iter()
-                .find(|t| t.name == CURVES_TOPIC)
-                .map_or(0, |t| t.partitions.len()),
-            Err(_) => 0,
-        };
+        // The partition count, looked up again only after a failure.
+        if count == 0 {
+            count = match client.list_topics().await {
+                Ok(ts) => ts
+                    .iter()
+                    .find(|t| t.name == CURVES_TOPIC)
+                    .map_or(0, |t| t.partitions.len()),
+                Err(_) => 0,
+            };
+        }
         if count == 0 {
             if !warned {
                 tracing::warn!(
@@ -193,6 +197,7 @@ pub async fn run_kafka(brokers: String, every: Duration, shutdown: CancellationT
             }
             continue;
         }
+        let mut failed = false;
         for (i, ch) in CHANNELS.iter().enumerate() {
             let key = ch.trim_start_matches("pricing.curves.");
             let p = sidecar::bus::kafka::partition_for(key.as_bytes(), count);
@@ -204,6 +209,7 @@ pub async fn run_kafka(brokers: String, every: Duration, shutdown: CancellationT
                 {
                     Ok(pc) => e.insert(pc),
                     Err(err) => {
+                        failed = true;
                         if !warned {
                             tracing::warn!(error = %err, "publisher: cannot produce");
                             warned = true;
@@ -222,6 +228,7 @@ pub async fn run_kafka(brokers: String, every: Duration, shutdown: CancellationT
             match pc.produce(vec![record], Compression::NoCompression).await {
                 Ok(_) => warned = false,
                 Err(e) => {
+                    failed = true;
                     parts.remove(&p);
                     if !warned {
                         tracing::warn!(error = %e, "publisher: cannot produce");
@@ -229,6 +236,9 @@ pub async fn run_kafka(brokers: String, every: Duration, shutdown: CancellationT
                     }
                 }
             }
+        }
+        if failed {
+            count = 0;
         }
     }
 }
