@@ -13,7 +13,9 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use ratelimit_core::rls::{Descriptor, Request};
-use sidecar::rls::{serve, Limiter, PATH};
+use sidecar::rls::limits::Limits;
+use sidecar::rls::store::{Settings, Store};
+use sidecar::rls::{serve, Metrics, Options, Service, PATH};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,13 +41,17 @@ async fn run(callers: usize, conns: usize, secs: u64, prefix: &str) -> (f64, [f6
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(
-        listener,
-        Arc::new(Limiter::new("127.0.0.1:6379", conns, prefix)),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let store = Store::new(&Settings {
+        url: "127.0.0.1:6379".into(),
+        connections: conns,
+        prefix: prefix.into(),
+        ..Settings::default()
+    })
+    .unwrap();
+    let service = Service::new(store, Limits::empty(), Options::default(), Metrics::new());
+    tokio::spawn(serve(listener, Arc::new(service), async move {
+        let _ = stopped.await;
+    }));
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut tasks = Vec::new();
     for c in 0..callers {

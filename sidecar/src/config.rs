@@ -256,15 +256,80 @@ pub struct Config {
     #[arg(long, env = "SIDECAR_MAX_LIFETIME", default_value_t = 86_400)]
     pub max_lifetime: u64,
 
-    /// Also serve the Envoy rate limit service (gRPC, h2c) on this address.
+    /// Also serve the Envoy rate limit service (gRPC, h2c, with
+    /// `grpc.health.v1`) on this address.
     #[arg(long, env = "SIDECAR_RLS_LISTEN")]
     pub rls_listen: Option<SocketAddr>,
-    /// Redis for the rate limit service.
+    /// The rate limit service's limits: a file, or a directory of `*.yaml`
+    /// files, in envoyproxy/ratelimit's format (one domain per file).
+    /// Watched (`--rls-config-poll`, SIGHUP); a bad file is refused and the
+    /// last good configuration stays. Without it only descriptors with a
+    /// `limit` override (what our ratelimit filter sends) are limited.
+    #[arg(long, env = "SIDECAR_RLS_CONFIG")]
+    pub rls_config: Option<PathBuf>,
+    /// Seconds between checks of `--rls-config` for changes. 0: only on SIGHUP.
+    #[arg(long, env = "SIDECAR_RLS_CONFIG_POLL", default_value_t = 10)]
+    pub rls_config_poll: u64,
+    /// Rate limit headers the service asks Envoy to add to responses:
+    /// none, draft (`RateLimit-Limit`/`-Remaining`/`-Reset`), x-ratelimit
+    /// (`X-RateLimit-*`), both.
+    #[arg(
+        long,
+        env = "SIDECAR_RLS_RESPONSE_HEADERS",
+        value_enum,
+        default_value = "none"
+    )]
+    pub rls_response_headers: crate::rls::ResponseHeaders,
+    /// A hit leaving less than 1 - this share of the limit counts as near_limit.
+    #[arg(long, env = "SIDECAR_RLS_NEAR_LIMIT_RATIO", default_value_t = 0.8)]
+    pub rls_near_limit_ratio: f64,
+    /// Distinct domains and descriptor keys in the rate limit metrics
+    /// (beyond: counted as `_other`).
+    #[arg(long, env = "SIDECAR_RLS_MAX_METRIC_LABELS", default_value_t = 1000)]
+    pub rls_max_metric_labels: usize,
+    /// Largest `ShouldRateLimit` request, bytes.
+    #[arg(long, env = "SIDECAR_RLS_MAX_MESSAGE_BYTES", default_value_t = 65_536)]
+    pub rls_max_message_bytes: usize,
+    /// Concurrent calls per HTTP/2 connection to the rate limit service.
+    #[arg(
+        long,
+        env = "SIDECAR_RLS_MAX_CONCURRENT_STREAMS",
+        default_value_t = 1024
+    )]
+    pub rls_max_concurrent_streams: u32,
+    /// Where the rate limit buckets live: single, sentinel, cluster.
+    #[arg(long, env = "SIDECAR_REDIS_TYPE", value_enum, default_value = "single")]
+    pub redis_type: crate::rls::store::Topology,
+    /// Redis for the rate limit service. single: `host:port` or a
+    /// `redis://[user:password@]host:port[/db]` / `rediss://` URL;
+    /// sentinel: the master's name, then the sentinels
+    /// (`mymaster,sentinel-0:26379,sentinel-1:26379`); cluster: seed
+    /// nodes (`node-0:6379,node-1:6379`).
     #[arg(long, env = "SIDECAR_REDIS", default_value = "127.0.0.1:6379")]
     pub redis: String,
-    /// Redis connections of the rate limit service.
-    #[arg(long, env = "SIDECAR_REDIS_CONNECTIONS", default_value_t = 4)]
+    /// `password` or `user:password` for the Redis data nodes when their
+    /// URL has none (with Sentinel: the master's; the sentinels' own go in
+    /// their URLs).
+    #[arg(long, env = "SIDECAR_REDIS_AUTH", hide_env_values = true)]
+    pub redis_auth: Option<String>,
+    /// Sentinel: reach the master with TLS.
+    #[arg(long, env = "SIDECAR_REDIS_TLS")]
+    pub redis_tls: bool,
+    /// Sentinel: the master's database.
+    #[arg(long, env = "SIDECAR_REDIS_DB", default_value_t = 0)]
+    pub redis_db: i64,
+    /// PEM file of the roots that `rediss://` servers are checked against
+    /// (default: the system's).
+    #[arg(long, env = "SIDECAR_REDIS_CA")]
+    pub redis_ca: Option<String>,
+    /// Multiplexed Redis connections of the rate limit service (calls are
+    /// pipelined on each; a Cluster uses one per node).
+    #[arg(long, env = "SIDECAR_REDIS_CONNECTIONS", default_value_t = 2)]
     pub redis_connections: usize,
+    /// Longest wait, in milliseconds, for a Redis reply (a caller's shorter
+    /// `grpc-timeout` wins) and for a connection.
+    #[arg(long, env = "SIDECAR_REDIS_TIMEOUT_MS", default_value_t = 500)]
+    pub redis_timeout_ms: u64,
     /// Key prefix of the rate limit buckets in Redis.
     #[arg(long, env = "SIDECAR_REDIS_PREFIX", default_value = "rl:")]
     pub redis_prefix: String,
@@ -361,7 +426,13 @@ impl Config {
             .grants_postgres
             .as_deref()
             .map(crate::pg::redact_conninfo);
-        c.redis = redact_url(&self.redis);
+        c.redis = self
+            .redis
+            .split(',')
+            .map(redact_url)
+            .collect::<Vec<_>>()
+            .join(",");
+        c.redis_auth = secret(&self.redis_auth);
         c.nats_url = redact_url(&self.nats_url);
         c.kafka_sasl_password = secret(&self.kafka_sasl_password);
         c.policy_url = self.policy_url.as_deref().map(redact_url);
@@ -438,6 +509,35 @@ impl Config {
             expiry_warning: Duration::from_secs(self.expiry_warning),
             max_lifetime: Duration::from_secs(self.max_lifetime),
             auth_timeout: Duration::from_secs(self.auth_timeout.max(1)),
+        }
+    }
+
+    /// How the rate limit service reaches Redis.
+    pub fn redis(&self) -> crate::rls::store::Settings {
+        crate::rls::store::Settings {
+            topology: self.redis_type,
+            url: self.redis.clone(),
+            auth: self.redis_auth.clone(),
+            sentinel_master_tls: self.redis_tls,
+            sentinel_master_db: self.redis_db,
+            ca_file: self.redis_ca.clone(),
+            connections: self.redis_connections.max(1),
+            connect_timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
+            timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
+            prefix: self.redis_prefix.clone(),
+        }
+    }
+
+    /// How the rate limit service decides.
+    pub fn rls(&self) -> crate::rls::Options {
+        crate::rls::Options {
+            response_headers: self.rls_response_headers,
+            near_limit_ratio: self.rls_near_limit_ratio.clamp(0.0, 1.0),
+            max_metric_labels: self.rls_max_metric_labels,
+            max_message_bytes: self.rls_max_message_bytes.max(1024),
+            max_concurrent_streams: self.rls_max_concurrent_streams.max(1),
+            drain: Duration::from_secs(self.drain_timeout.max(1)),
+            ..crate::rls::Options::default()
         }
     }
 
@@ -553,6 +653,7 @@ mod tests {
             "--grants-postgres=postgresql://u:SECRET5@db/x",
             "--nats-url=nats://u:SECRET6@nats:4222",
             "--redis=redis://:SECRET7@redis:6379",
+            "--redis-auth=SECRET9",
             "--policy-url=http://u:SECRET8@cfg/policy",
         ]);
         let shown = format!("{:?}", c.redacted());

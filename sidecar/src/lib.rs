@@ -3,7 +3,7 @@
 //! bus ([`server`], [`session`], [`fanout`], [`bus`]), Prometheus metrics
 //! ([`metrics`], [`expo`]), usage metering ([`usage`]), entitlement grants
 //! and their feed to the filters ([`grants`], [`admin`], [`internal`]), and
-//! the Envoy Rate Limit Service backed by Redis ([`rls`], [`resp`]). [`run`]
+//! the Envoy Rate Limit Service backed by Redis ([`rls`]). [`run`]
 //! wires them from a [`config::Config`].
 
 pub mod access;
@@ -21,7 +21,6 @@ pub mod pg;
 pub mod proof;
 pub mod protocol;
 pub mod reload;
-pub mod resp;
 pub mod rls;
 pub mod server;
 pub mod session;
@@ -172,6 +171,11 @@ fn assemble(
     live.metrics.register(&mut registry);
     let mut app = server::App::new(ctx, bus, registry, config.front(), usage);
     app.grants = live;
+    if config.rls_listen.is_some() {
+        let m = rls::Metrics::new();
+        m.register(&mut app.registry);
+        app.rls_metrics = Some(m);
+    }
     app.feed_token = config.grants_feed_token.clone().filter(|t| !t.is_empty());
     app.admin = config
         .grants_postgres
@@ -291,17 +295,42 @@ pub async fn run(
         }
     }
     if let Some(addr) = config.rls_listen {
-        let l = TcpListener::bind(addr).await.map_err(|e| StartError::Rls {
+        let rls_err = |reason: String| StartError::Rls {
             addr: addr.to_string(),
-            reason: e.to_string(),
-        })?;
-        let limiter = Arc::new(rls::Limiter::new(
-            &config.redis,
-            config.redis_connections.max(1),
-            &config.redis_prefix,
-        ));
+            reason,
+        };
+        // Taken before reading, so that a change while reading is seen.
+        let seen = config.rls_config.as_deref().map(rls::fingerprint);
+        let limits = match &config.rls_config {
+            Some(p) => {
+                rls::limits::Limits::load(p).map_err(|e| rls_err(format!("--rls-config: {e}")))?
+            }
+            None => rls::limits::Limits::empty(),
+        };
+        let store = rls::store::Store::new(&config.redis()).map_err(rls_err)?;
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| rls_err(e.to_string()))?;
+        tracing::info!(
+            %addr,
+            redis = store.describe(),
+            domains = limits.domains().count(),
+            descriptors = limits.descriptor_count(),
+            "rls: serving"
+        );
+        let metrics = app.rls_metrics.clone().unwrap_or_default();
+        let service = Arc::new(rls::Service::new(store, limits, config.rls(), metrics));
+        if let (Some(p), Some(seen)) = (&config.rls_config, seen) {
+            tokio::spawn(rls::watch_config(
+                service.clone(),
+                p.clone(),
+                seen,
+                Duration::from_secs(config.rls_config_poll),
+                shutdown.clone(),
+            ));
+        }
         let stop = shutdown.clone();
-        tokio::spawn(async move { rls::serve(l, limiter, stop.cancelled_owned()).await });
+        tokio::spawn(async move { rls::serve(l, service, stop.cancelled_owned()).await });
     }
     let hub = app.ctx.hub.clone();
     let usage = app.usage.clone();

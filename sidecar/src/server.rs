@@ -78,6 +78,8 @@ pub struct App {
     pub grants: Arc<crate::grants::Live>,
     /// The bearer token of `/internal/` (`--grants-feed-token`).
     pub feed_token: Option<String>,
+    /// The rate limit service's metrics (with `--rls-listen`).
+    pub rls_metrics: Option<crate::rls::Metrics>,
     connections: AtomicUsize,
     shutdown: CancellationToken,
 }
@@ -102,6 +104,7 @@ impl App {
                 crate::grants::SourceKind::None,
             )),
             feed_token: None,
+            rls_metrics: None,
             connections: AtomicUsize::new(0),
             shutdown: CancellationToken::new(),
         }

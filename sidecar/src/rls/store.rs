@@ -1,0 +1,551 @@
+//! The rate limit service's buckets in Redis, through the `redis` crate:
+//! one server, a master found through Sentinel, or a Cluster.
+//!
+//! Each bucket is one key (so in a Cluster one slot), updated by one Lua
+//! script (GCRA, atomic in Redis, one round trip). The script is sent by
+//! its SHA1 (`EVALSHA`) and loaded again when a server answers `NOSCRIPT`
+//! (a restarted or failed-over server).
+//!
+//! Connections are multiplexed: concurrent calls share a connection and
+//! are pipelined on it. A single server or a Sentinel master is reached
+//! through `--redis-connections` of them, used in turn. A connection that
+//! fails (I/O, timeout, `READONLY` from a demoted master) is dropped; the
+//! next call connects again, at most every [`RECONNECT_BACKOFF`] per
+//! connection, asking the sentinels for the master each time, so a failover
+//! is followed as soon as the sentinels have promoted a replica. Calls
+//! meanwhile fail at once (the service answers `UNAVAILABLE`). A Cluster
+//! connection follows slot moves and node restarts itself.
+
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisError, Script, TlsMode};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// GCRA over one key holding the theoretical arrival time (µs, Redis'
+/// own clock, so replicas need not agree on time). ARGV: the emission
+/// interval (µs), the burst (the limit), the hits (negative: given back).
+/// Returns {admitted, remaining, µs until the bucket is full again, µs
+/// until one more request is admitted}.
+const GCRA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local hits = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local window = interval * burst
+local new_tat = tat + interval * hits
+if new_tat < now then new_tat = now end
+local ahead = new_tat - now
+if ahead <= window then
+  if hits ~= 0 then
+    if ahead > 0 then
+      redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(ahead / 1000) + 1)
+    else
+      redis.call('DEL', KEYS[1])
+    end
+  end
+  local wait = 0
+  if ahead + interval > window then wait = ahead + interval - window end
+  return {1, math.floor((window - ahead) / interval), ahead, wait}
+end
+local wait = ahead - window
+local full = tat - now
+return {0, math.floor((window - full) / interval), full, wait}
+"#;
+
+/// Least time between two connection attempts of one connection slot.
+pub const RECONNECT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Where the buckets live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Topology {
+    /// One server (`--redis redis://host:6379/0`).
+    Single,
+    /// A master found through Sentinel (`--redis 'mymaster,sentinel-0:26379,sentinel-1:26379'`).
+    Sentinel,
+    /// A Redis Cluster (`--redis 'node-0:6379,node-1:6379'`, seed nodes).
+    Cluster,
+}
+
+/// How to reach Redis.
+#[derive(Clone)]
+pub struct Settings {
+    pub topology: Topology,
+    /// `--redis`, as described for each [`Topology`]. Entries are
+    /// `host:port` or `redis://` / `rediss://` URLs (user, password,
+    /// database).
+    pub url: String,
+    /// `--redis-auth`: `password` or `user:password` for the data nodes
+    /// when their URL has none (for Sentinel: the master's).
+    pub auth: Option<String>,
+    /// `--redis-tls`: the master found through Sentinel is reached with TLS.
+    pub sentinel_master_tls: bool,
+    /// `--redis-db`: the master's database (Sentinel).
+    pub sentinel_master_db: i64,
+    /// `--redis-ca`: PEM roots for `rediss://` instead of the system's.
+    pub ca_file: Option<String>,
+    pub connections: usize,
+    pub connect_timeout: Duration,
+    /// Longest wait for one reply.
+    pub timeout: Duration,
+    pub prefix: String,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            topology: Topology::Single,
+            url: "127.0.0.1:6379".into(),
+            auth: None,
+            sentinel_master_tls: false,
+            sentinel_master_db: 0,
+            ca_file: None,
+            connections: 2,
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            prefix: "rl:".into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("topology", &self.topology)
+            .field("url", &crate::config::redact_url(&self.url))
+            .field("auth", &self.auth.as_ref().map(|_| "<redacted>"))
+            .field("connections", &self.connections)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A failed Redis call, as the log and the gRPC status show it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis {what}: {reason}")]
+    Redis { what: String, reason: String },
+    #[error("redis: not connected ({0}); reconnecting")]
+    Reconnecting(String),
+    #[error("redis: no reply within {0:?}")]
+    Timeout(Duration),
+    #[error("redis: the script answered {0}")]
+    Reply(String),
+}
+
+impl StoreError {
+    /// The metric label of the failure.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Redis { .. } => "error",
+            StoreError::Reconnecting(_) => "not_connected",
+            StoreError::Timeout(_) => "timeout",
+            StoreError::Reply(_) => "bad_reply",
+        }
+    }
+}
+
+/// What one bucket said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hit {
+    pub admitted: bool,
+    /// Requests left now (after this hit when admitted).
+    pub remaining: u32,
+    /// Until the bucket is full again.
+    pub until_full: Duration,
+    /// Until one more request would be admitted (zero when it would now).
+    pub until_next: Duration,
+}
+
+enum Resolver {
+    Node(redis::Client),
+    Sentinel(tokio::sync::Mutex<SentinelClient>),
+}
+
+#[derive(Clone)]
+enum Conn {
+    Node(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+struct Slot {
+    conn: Mutex<Option<Conn>>,
+    /// Held while connecting; the time of the last failed attempt.
+    connecting: tokio::sync::Mutex<Option<Instant>>,
+}
+
+/// The buckets.
+pub struct Store {
+    resolver: Option<Resolver>,
+    cluster: Option<redis::cluster::ClusterClient>,
+    slots: Vec<Slot>,
+    next: AtomicUsize,
+    prefix: String,
+    timeout: Duration,
+    conn_config: AsyncConnectionConfig,
+    script: Script,
+    describe: String,
+}
+
+fn with_scheme(s: &str) -> String {
+    if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("redis://{s}")
+    }
+}
+
+fn split_auth(auth: &str) -> (Option<&str>, &str) {
+    match auth.split_once(':') {
+        Some((user, pass)) => (Some(user), pass),
+        None => (None, auth),
+    }
+}
+
+fn info(entry: &str, auth: Option<&str>) -> Result<redis::ConnectionInfo, String> {
+    let url = with_scheme(entry.trim());
+    let mut info = url
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| format!("{}: {e}", crate::config::redact_url(&url)))?;
+    if let Some(auth) = auth {
+        if info.redis_settings().password().is_none() {
+            let (user, pass) = split_auth(auth);
+            let mut r = info.redis_settings().clone().set_password(pass);
+            if let Some(u) = user {
+                r = r.set_username(u);
+            }
+            info = info.set_redis_settings(r);
+        }
+    }
+    Ok(info)
+}
+
+impl Store {
+    /// Checks the settings; connects on the first call.
+    pub fn new(s: &Settings) -> Result<Store, String> {
+        let certs = match &s.ca_file {
+            Some(path) => Some(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(
+                    std::fs::read(path).map_err(|e| format!("--redis-ca {path}: {e}"))?,
+                ),
+            }),
+            None => None,
+        };
+        let entries: Vec<&str> = s
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .collect();
+        let auth = s.auth.as_deref().filter(|a| !a.is_empty());
+        let (resolver, cluster, describe) = match s.topology {
+            Topology::Single => {
+                let [one] = entries[..] else {
+                    return Err(format!(
+                        "--redis: one server for --redis-type single, got {}",
+                        entries.len()
+                    ));
+                };
+                let i = info(one, auth)?;
+                let describe = i.addr().to_string();
+                let client = match certs {
+                    Some(c) => redis::Client::build_with_tls(i, c),
+                    None => redis::Client::open(i),
+                }
+                .map_err(|e| format!("--redis: {e}"))?;
+                (Some(Resolver::Node(client)), None, describe)
+            }
+            Topology::Sentinel => {
+                let Some((master, sentinels)) = entries.split_first() else {
+                    return Err(
+                        "--redis: for --redis-type sentinel: 'master-name,sentinel:port,...'"
+                            .into(),
+                    );
+                };
+                if sentinels.is_empty() || master.contains(':') {
+                    return Err(format!(
+                        "--redis: for --redis-type sentinel the master's name comes first, then the sentinels: 'mymaster,sentinel-0:26379,...' (got {:?})",
+                        crate::config::redact_url(&s.url)
+                    ));
+                }
+                let infos = sentinels
+                    .iter()
+                    .map(|e| info(e, None))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut r = redis::RedisConnectionInfo::default().set_db(s.sentinel_master_db);
+                if let Some(a) = auth {
+                    let (user, pass) = split_auth(a);
+                    r = r.set_password(pass);
+                    if let Some(u) = user {
+                        r = r.set_username(u);
+                    }
+                }
+                let mut node = SentinelNodeConnectionInfo::default().set_redis_connection_info(r);
+                if s.sentinel_master_tls {
+                    node = node.set_tls_mode(TlsMode::Secure);
+                }
+                let describe = format!("master {master} via {} sentinels", infos.len());
+                let client =
+                    SentinelClient::build(infos, *master, Some(node), SentinelServerType::Master)
+                        .map_err(|e| format!("--redis: {e}"))?;
+                (
+                    Some(Resolver::Sentinel(tokio::sync::Mutex::new(client))),
+                    None,
+                    describe,
+                )
+            }
+            Topology::Cluster => {
+                if entries.is_empty() {
+                    return Err("--redis: for --redis-type cluster: at least one node".into());
+                }
+                let infos = entries
+                    .iter()
+                    .map(|e| info(e, auth))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let describe = format!("cluster of {} seed nodes", infos.len());
+                let mut b = redis::cluster::ClusterClientBuilder::new(infos)
+                    .connection_timeout(s.connect_timeout)
+                    .response_timeout(s.timeout);
+                if let Some(c) = certs {
+                    b = b.certs(c);
+                }
+                let client = b.build().map_err(|e| format!("--redis: {e}"))?;
+                (None, Some(client), describe)
+            }
+        };
+        let n = if s.topology == Topology::Cluster {
+            1
+        } else {
+            s.connections.max(1)
+        };
+        Ok(Store {
+            resolver,
+            cluster,
+            slots: (0..n)
+                .map(|_| Slot {
+                    conn: Mutex::new(None),
+                    connecting: tokio::sync::Mutex::new(None),
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
+            prefix: s.prefix.clone(),
+            timeout: s.timeout,
+            conn_config: AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(s.connect_timeout))
+                .set_response_timeout(Some(s.timeout)),
+            script: Script::new(GCRA),
+            describe,
+        })
+    }
+
+    /// What the store is connected to, for logs.
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The longest wait for one reply.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    async fn connect(&self) -> Result<Conn, RedisError> {
+        if let Some(c) = &self.cluster {
+            return c.get_async_connection().await.map(Conn::Cluster);
+        }
+        let client = match &self.resolver {
+            Some(Resolver::Node(c)) => c.clone(),
+            Some(Resolver::Sentinel(s)) => s.lock().await.async_get_client().await?,
+            None => {
+                return Err(RedisError::from((
+                    redis::ErrorKind::Client,
+                    "no Redis configured",
+                )))
+            }
+        };
+        client
+            .get_multiplexed_async_connection_with_config(&self.conn_config)
+            .await
+            .map(Conn::Node)
+    }
+
+    /// A connection of slot `i`: the open one, or a new one.
+    async fn conn(&self, i: usize) -> Result<Conn, StoreError> {
+        let Some(slot) = self.slots.get(i) else {
+            return Err(StoreError::Reconnecting("no connection slot".into()));
+        };
+        if let Some(c) = lock(&slot.conn).clone() {
+            return Ok(c);
+        }
+        let mut last_failure = slot.connecting.lock().await;
+        if let Some(c) = lock(&slot.conn).clone() {
+            return Ok(c);
+        }
+        if let Some(at) = *last_failure {
+            if at.elapsed() < RECONNECT_BACKOFF {
+                return Err(StoreError::Reconnecting(format!(
+                    "last attempt {} ms ago",
+                    at.elapsed().as_millis()
+                )));
+            }
+        }
+        let bound = self.conn_config_timeout() + self.timeout;
+        match tokio::time::timeout(bound, self.connect()).await {
+            Ok(Ok(c)) => {
+                *last_failure = None;
+                *lock(&slot.conn) = Some(c.clone());
+                Ok(c)
+            }
+            Ok(Err(e)) => {
+                *last_failure = Some(Instant::now());
+                Err(StoreError::Redis {
+                    what: format!("connect to {}", self.describe),
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => {
+                *last_failure = Some(Instant::now());
+                Err(StoreError::Timeout(bound))
+            }
+        }
+    }
+
+    fn conn_config_timeout(&self) -> Duration {
+        // AsyncConnectionConfig has no getter; the Sentinel lookup and the
+        // connect each take at most the connect timeout.
+        self.timeout * 2
+    }
+
+    /// Forgets slot `i`'s connection after an error that means it is no
+    /// longer good (not for Cluster connections, which recover themselves).
+    fn drop_conn(&self, i: usize, e: &RedisError) {
+        let broken = e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"));
+        if !broken {
+            return;
+        }
+        if let Some(slot) = self.slots.get(i) {
+            let mut c = lock(&slot.conn);
+            if matches!(*c, Some(Conn::Node(_))) {
+                *c = None;
+            }
+        }
+    }
+
+    /// Runs `script` (EVALSHA, loading it on NOSCRIPT) on one key.
+    pub async fn run(
+        &self,
+        script: &Script,
+        key: &str,
+        args: &[i64],
+    ) -> Result<redis::Value, StoreError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len().max(1);
+        let conn = self.conn(i).await?;
+        let mut inv = script.key(key);
+        for a in args {
+            inv.arg(*a);
+        }
+        let call = async {
+            match conn {
+                Conn::Node(mut c) => inv.invoke_async::<redis::Value>(&mut c).await,
+                Conn::Cluster(mut c) => inv.invoke_async::<redis::Value>(&mut c).await,
+            }
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                self.drop_conn(i, &e);
+                Err(StoreError::Redis {
+                    what: "script".into(),
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => {
+                if let Some(slot) = self.slots.get(i) {
+                    let mut c = lock(&slot.conn);
+                    if matches!(*c, Some(Conn::Node(_))) {
+                        *c = None;
+                    }
+                }
+                Err(StoreError::Timeout(self.timeout))
+            }
+        }
+    }
+
+    /// `hits` on the bucket `key` of `requests` per `per`.
+    pub async fn hit(
+        &self,
+        key: &str,
+        requests: u32,
+        per: Duration,
+        hits: i64,
+    ) -> Result<Hit, StoreError> {
+        let per_us = u64::try_from(per.as_micros()).unwrap_or(u64::MAX);
+        let interval =
+            i64::try_from((per_us / u64::from(requests.max(1))).max(1)).unwrap_or(i64::MAX);
+        let reply = self
+            .run(&self.script, key, &[interval, i64::from(requests), hits])
+            .await?;
+        let ints: Vec<i64> = match &reply {
+            redis::Value::Array(items) => items
+                .iter()
+                .map(|v| match v {
+                    redis::Value::Int(n) => Ok(*n),
+                    other => Err(StoreError::Reply(format!("{other:?}"))),
+                })
+                .collect::<Result<_, _>>()?,
+            other => return Err(StoreError::Reply(format!("{other:?}"))),
+        };
+        let [admitted, remaining, full, next] = ints[..] else {
+            return Err(StoreError::Reply(format!("{reply:?}")));
+        };
+        let us = |n: i64| Duration::from_micros(u64::try_from(n).unwrap_or(0));
+        Ok(Hit {
+            admitted: admitted == 1 && requests > 0,
+            remaining: u32::try_from(remaining.max(0)).unwrap_or(u32::MAX),
+            until_full: us(full),
+            until_next: us(next),
+        })
+    }
+
+    /// One round trip to Redis (`PING`), for the health status.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len().max(1);
+        let conn = self.conn(i).await?;
+        let cmd = redis::cmd("PING");
+        let call = async {
+            match conn {
+                Conn::Node(mut c) => c.req_packed_command(&cmd).await,
+                Conn::Cluster(mut c) => c.req_packed_command(&cmd).await,
+            }
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                self.drop_conn(i, &e);
+                Err(StoreError::Redis {
+                    what: "PING".into(),
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
