@@ -829,3 +829,43 @@ fn without_redis_the_service_answers_unavailable_and_the_filter_fails_open() {
     assert_eq!(host.counter("wasmcustom.ratelimit.fail_open"), 1);
     let _ = stop.send(());
 }
+
+/// The configuration shipped in k8s/ and shown in the README loads, and
+/// means what the README says.
+#[test]
+fn the_shipped_and_documented_configurations_load() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cm = std::fs::read_to_string(root.join("k8s/base/ratelimit-configmap.yaml")).unwrap();
+    let cm: serde_json::Value = serde_norway::from_str(&cm).unwrap();
+    let shipped = cm["data"]["carbon.yaml"].as_str().unwrap().to_string();
+    let readme = std::fs::read_to_string(root.join("sidecar/README.md")).unwrap();
+    let start = readme
+        .find("254Carbon's policies, as `carbon.yaml`:\n\n```yaml\n")
+        .expect("the README's example")
+        + "254Carbon's policies, as `carbon.yaml`:\n\n```yaml\n".len();
+    let documented = &readme[start..start + readme[start..].find("```").unwrap()];
+    assert_eq!(
+        shipped, documented,
+        "k8s/base/ratelimit-configmap.yaml and the README differ"
+    );
+    let l = Limits::parse(&[("carbon.yaml".into(), shipped)]).unwrap();
+    let find = |e: &[(&str, &str)]| {
+        let e: Vec<(String, String)> = e.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+        l.find("carbon", &e).cloned()
+    };
+    let rate = |e: &[(&str, &str)]| find(e).and_then(|l| l.rate).map(|(n, u)| (n, u.seconds()));
+    assert_eq!(rate(&[("tenant", "beta")]), Some((600, 60)));
+    assert_eq!(rate(&[("tenant", "acme")]), Some((6000, 60)));
+    assert_eq!(
+        rate(&[("tenant", "beta"), ("route", "/api/v1/curves/EU-ETS")]),
+        Some((20, 1))
+    );
+    assert_eq!(
+        rate(&[("tenant", "beta"), ("route", "/api/v1/instruments")]),
+        None
+    );
+    assert!(find(&[("generic_key", "analytics")]).unwrap().shadow_mode);
+    let office = find(&[("remote_address", "10.20.3.4")]).unwrap();
+    assert_eq!(office.rate, None, "unlimited");
+    assert_eq!(find(&[("remote_address", "192.0.2.1")]), None);
+}
