@@ -6,8 +6,10 @@
 #                                     musl-gcc, for C code in the sidecar's
 #                                     static build, with --musl; podman and
 #                                     runc, to run its image, with --podman)
-#   scripts/ensure-deps.sh services   Redis 127.0.0.1:6379, NATS 127.0.0.1:4222,
-#                                     PostgreSQL 127.0.0.1:5432 (trust, database `test`)
+#   scripts/ensure-deps.sh services   Redis 127.0.0.1:6379 (and redis-server,
+#                                     redis-cli, redis-sentinel for the tests'
+#                                     own), NATS 127.0.0.1:4222, PostgreSQL
+#                                     127.0.0.1:5432 (trust, database `test`)
 #   scripts/ensure-deps.sh kafka      tansu, a Kafka-protocol broker, built once
 #                                     from crates.io into ~/.cache/254carbon
 #                                     (about 10 minutes); prints its path. With
@@ -59,9 +61,20 @@ tools() {
 }
 
 services() {
+    # The binaries too: the sidecar's tests start their own servers,
+    # sentinels and clusters on free ports (sidecar/tests/common/redis.rs).
+    # The redis-sentinel package may start a sentinel of its own on 26379;
+    # the tests never use a fixed port, so it is in nobody's way.
+    local redis=()
+    command -v redis-server >/dev/null || redis+=(redis-server)
+    command -v redis-cli >/dev/null || redis+=(redis-tools)
+    command -v redis-sentinel >/dev/null || redis+=(redis-sentinel)
+    if [ ${#redis[@]} -gt 0 ]; then
+        echo "ensure-deps: installing ${redis[*]}" >&2
+        apt_install "${redis[@]}"
+    fi
     if ! listening 6379; then
         echo "ensure-deps: starting Redis on 127.0.0.1:6379" >&2
-        command -v redis-server >/dev/null || apt_install redis-server
         redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no >/dev/null
         wait_for 6379 Redis
     fi

@@ -28,7 +28,12 @@ fn main() {
         .build()
         .unwrap();
     let prefix = format!("254carbon-bench-{}|", std::process::id());
+    // RLS_BENCH_CONNECTIONS: the Redis connections of every row instead.
+    let fixed: Option<usize> = std::env::var("RLS_BENCH_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok());
     for (callers, conns) in [(1usize, 1usize), (16, 4), (64, 8)] {
+        let conns = fixed.unwrap_or(conns);
         let (rate, lat) = rt.block_on(run(callers, conns, secs, &prefix));
         println!(
             "{callers:>3} callers, {conns} Redis connections: {rate:>8.0} calls/s, latency p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs",

@@ -276,9 +276,13 @@ pub struct Service {
     opts: Options,
     metrics: Metrics,
     labels: Mutex<HashMap<String, KeyStats>>,
-    domains: Mutex<HashMap<String, ()>>,
+    /// A domain's `calls` counters: ok, over_limit, unavailable, invalid.
+    domains: Mutex<HashMap<String, [Counter; 4]>>,
     health: tokio::sync::watch::Sender<bool>,
 }
+
+/// The `code` label of `sidecar_rls_calls_total`.
+const CALL_CODES: [&str; 4] = ["ok", "over_limit", "unavailable", "invalid"];
 
 /// A failed call: the gRPC status it answers.
 pub type CallError = tonic::Status;
@@ -390,25 +394,33 @@ impl Service {
         s
     }
 
-    fn domain_label(&self, domain: &str) -> String {
+    fn count_call(&self, domain: &str, code: usize) {
         let mut d = lock(&self.domains);
-        if d.contains_key(domain) {
-            return domain.to_string();
+        if let Some(c) = d.get(domain).and_then(|c| c.get(code)) {
+            c.inc();
+            return;
         }
-        if d.len() < self.opts.max_metric_labels {
-            d.insert(domain.to_string(), ());
-            return domain.to_string();
+        let label = if d.len() < self.opts.max_metric_labels {
+            domain
+        } else {
+            self.metrics.label_overflow.inc();
+            "_other"
+        };
+        let counters = CALL_CODES.map(|code| {
+            self.metrics
+                .calls
+                .get_or_create(&vec![
+                    ("domain".into(), label.to_string()),
+                    ("code".into(), code.to_string()),
+                ])
+                .clone()
+        });
+        if let Some(c) = counters.get(code) {
+            c.inc();
         }
-        self.metrics.label_overflow.inc();
-        "_other".to_string()
-    }
-
-    fn count_call(&self, domain: &str, code: &str) {
-        let d = self.domain_label(domain);
-        self.metrics
-            .calls
-            .get_or_create(&vec![("domain".into(), d), ("code".into(), code.into())])
-            .inc();
+        if label == domain {
+            d.insert(domain.to_string(), counters);
+        }
     }
 
     /// The bucket key of one descriptor: the prefix, the domain and the
@@ -455,13 +467,17 @@ impl Service {
                 hits,
             });
         }
-        let entries: Vec<(String, String)> = d
-            .entries
-            .iter()
-            .map(|e| (e.key.clone(), e.value.clone()))
-            .collect();
-        match limits.find(&req.domain, &entries) {
+        let found = limits.find_iter(
+            &req.domain,
+            d.entries.iter().map(|e| (e.key.as_str(), e.value.as_str())),
+        );
+        match found {
             Some(l) if l.detailed_metric => {
+                let entries: Vec<(String, String)> = d
+                    .entries
+                    .iter()
+                    .map(|e| (e.key.clone(), e.value.clone()))
+                    .collect();
                 let mut l = l.clone();
                 l.stat_key = limits::detailed_stat_key(&req.domain, &entries);
                 Ok(Plan::Limited {
@@ -488,10 +504,10 @@ impl Service {
         let r = self.answer(req, deadline).await;
         self.metrics.in_flight.dec();
         let code = match &r {
-            Ok(resp) if resp.overall_code == Code::OverLimit as i32 => "over_limit",
-            Ok(_) => "ok",
-            Err(s) if s.code() == tonic::Code::Unavailable => "unavailable",
-            Err(_) => "invalid",
+            Ok(resp) if resp.overall_code == Code::OverLimit as i32 => 1,
+            Ok(_) => 0,
+            Err(s) if s.code() == tonic::Code::Unavailable => 2,
+            Err(_) => 3,
         };
         self.count_call(&req.domain, code);
         r
@@ -533,6 +549,11 @@ impl Service {
             })
             .flatten()
             .collect();
+        let budget = match deadline {
+            // Leave the answer a little of the caller's time.
+            Some(d) => self.store.timeout().min(d.saturating_sub(d / 10)),
+            None => self.store.timeout(),
+        };
         let started = Instant::now();
         let mut redis_calls = 0usize;
         let calls = plans.iter().zip(&req.descriptors).map(|(p, d)| {
@@ -579,6 +600,7 @@ impl Service {
                                             requests,
                                             Duration::from_secs(unit.seconds()),
                                             hits,
+                                            Some(budget),
                                         )
                                         .await?
                                 };
@@ -591,32 +613,18 @@ impl Service {
             call
         });
         let calls: Vec<_> = calls.collect();
-        let budget = match deadline {
-            // Leave the answer a little of the caller's time.
-            Some(d) => self.store.timeout().min(d.saturating_sub(d / 10)),
-            None => self.store.timeout(),
-        };
-        let joined = tokio::time::timeout(budget, futures_util::future::join_all(calls)).await;
+        let results = futures_util::future::join_all(calls).await;
         if redis_calls > 0 {
             self.metrics
                 .redis_seconds
                 .observe(started.elapsed().as_secs_f64());
         }
-        let results = match joined {
-            Ok(r) => r,
-            Err(_) => {
-                self.redis_failed(&req.domain, &StoreErrorOrDeadline::Deadline(budget));
-                return Err(tonic::Status::unavailable(format!(
-                    "redis: no answer within the call's budget ({budget:?})"
-                )));
-            }
-        };
         let mut decided = Vec::with_capacity(results.len());
         for r in results {
             match r {
                 Ok(d) => decided.push(d),
                 Err(e) => {
-                    self.redis_failed(&req.domain, &StoreErrorOrDeadline::Store(e.clone()));
+                    self.redis_failed(&req.domain, &e);
                     return Err(tonic::Status::unavailable(e.to_string()));
                 }
             }
@@ -664,10 +672,11 @@ impl Service {
         }
     }
 
-    fn redis_failed(&self, domain: &str, e: &StoreErrorOrDeadline) {
+    fn redis_failed(&self, domain: &str, e: &StoreError) {
         let kind = match e {
-            StoreErrorOrDeadline::Store(e) => e.kind(),
-            StoreErrorOrDeadline::Deadline(_) => "deadline",
+            // A caller's budget shorter than the reply timeout ran out.
+            StoreError::Timeout(b) if *b < self.store.timeout() => "deadline",
+            e => e.kind(),
         };
         self.metrics
             .redis_errors
@@ -815,22 +824,6 @@ impl Service {
     /// Whether the last health check found Redis answering.
     pub fn healthy(&self) -> bool {
         *self.health.borrow()
-    }
-}
-
-enum StoreErrorOrDeadline {
-    Store(StoreError),
-    Deadline(Duration),
-}
-
-impl std::fmt::Display for StoreErrorOrDeadline {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StoreErrorOrDeadline::Store(e) => e.fmt(f),
-            StoreErrorOrDeadline::Deadline(d) => {
-                write!(f, "no answer within the call's budget ({d:?})")
-            }
-        }
     }
 }
 

@@ -480,7 +480,7 @@ fn replies_stay_in_order_after_a_redis_error_element() {
         for i in 0..4 {
             let e = s
                 .store()
-                .run(&bad, &format!("{}order-bad", s.store().prefix()), &[])
+                .run(&bad, &format!("{}order-bad", s.store().prefix()), &[], None)
                 .await;
             // The crate returns the array with the error inside, or the error.
             if let Ok(v) = &e {
@@ -491,7 +491,7 @@ fn replies_stay_in_order_after_a_redis_error_element() {
         }
         // A script that fails outright.
         let fails = redis::Script::new("return redis.call('NOSUCHCOMMAND')");
-        assert!(s.store().run(&fails, "x", &[]).await.is_err());
+        assert!(s.store().run(&fails, "x", &[], None).await.is_err());
         let r = call(&s, &request("carbon", vec![good])).await;
         assert_eq!(codes(&r), vec![(OK, 5)]);
     });

@@ -21,7 +21,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisError, Script, TlsMode};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// GCRA over one key holding the theoretical arrival time (µs, Redis'
@@ -173,23 +173,40 @@ enum Conn {
     Cluster(ClusterConnection),
 }
 
+#[derive(Default)]
+struct Connecting {
+    /// A connect task runs.
+    running: bool,
+    /// When the last attempt failed, and why.
+    failed: Option<(Instant, String)>,
+}
+
+#[derive(Default)]
 struct Slot {
     conn: Mutex<Option<Conn>>,
-    /// Held while connecting; the time of the last failed attempt.
-    connecting: tokio::sync::Mutex<Option<Instant>>,
+    state: Mutex<Connecting>,
+    /// Woken when a connect task ends.
+    done: tokio::sync::Notify,
+}
+
+/// How to make a connection; shared with the connect tasks.
+struct Connector {
+    resolver: Option<Resolver>,
+    cluster: Option<redis::cluster::ClusterClient>,
+    conn_config: AsyncConnectionConfig,
+    /// Bound on one attempt (Sentinel lookup, connect, handshake).
+    bound: Duration,
+    describe: String,
 }
 
 /// The buckets.
 pub struct Store {
-    resolver: Option<Resolver>,
-    cluster: Option<redis::cluster::ClusterClient>,
-    slots: Vec<Slot>,
+    connector: Arc<Connector>,
+    slots: Arc<Vec<Slot>>,
     next: AtomicUsize,
     prefix: String,
     timeout: Duration,
-    conn_config: AsyncConnectionConfig,
     script: Script,
-    describe: String,
 }
 
 fn with_scheme(s: &str) -> String {
@@ -326,28 +343,29 @@ impl Store {
             s.connections.max(1)
         };
         Ok(Store {
-            resolver,
-            cluster,
-            slots: (0..n)
-                .map(|_| Slot {
-                    conn: Mutex::new(None),
-                    connecting: tokio::sync::Mutex::new(None),
-                })
-                .collect(),
+            connector: Arc::new(Connector {
+                resolver,
+                cluster,
+                // No response timeout here: each call has its own budget
+                // (`run`), and a connection that misses one is dropped.
+                conn_config: AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(s.connect_timeout))
+                    .set_response_timeout(None),
+                // The Sentinel lookup, the connect, the handshake.
+                bound: s.connect_timeout * 3,
+                describe,
+            }),
+            slots: Arc::new((0..n).map(|_| Slot::default()).collect()),
             next: AtomicUsize::new(0),
             prefix: s.prefix.clone(),
             timeout: s.timeout,
-            conn_config: AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(s.connect_timeout))
-                .set_response_timeout(Some(s.timeout)),
             script: Script::new(GCRA),
-            describe,
         })
     }
 
     /// What the store is connected to, for logs.
     pub fn describe(&self) -> &str {
-        &self.describe
+        &self.connector.describe
     }
 
     pub fn prefix(&self) -> &str {
@@ -359,71 +377,48 @@ impl Store {
         self.timeout
     }
 
-    async fn connect(&self) -> Result<Conn, RedisError> {
-        if let Some(c) = &self.cluster {
-            return c.get_async_connection().await.map(Conn::Cluster);
-        }
-        let client = match &self.resolver {
-            Some(Resolver::Node(c)) => c.clone(),
-            Some(Resolver::Sentinel(s)) => s.lock().await.async_get_client().await?,
-            None => {
-                return Err(RedisError::from((
-                    redis::ErrorKind::Client,
-                    "no Redis configured",
-                )))
-            }
-        };
-        client
-            .get_multiplexed_async_connection_with_config(&self.conn_config)
-            .await
-            .map(Conn::Node)
-    }
-
-    /// A connection of slot `i`: the open one, or a new one.
-    async fn conn(&self, i: usize) -> Result<Conn, StoreError> {
+    /// A connection of slot `i`: the open one, or the one a connect task
+    /// makes within `budget`. The task is not bound to the caller: a
+    /// connect slower than the callers' budgets still completes for the
+    /// next ones. After a failed attempt, calls fail at once for
+    /// [`RECONNECT_BACKOFF`].
+    async fn conn(&self, i: usize, budget: Duration) -> Result<Conn, StoreError> {
         let Some(slot) = self.slots.get(i) else {
             return Err(StoreError::Reconnecting("no connection slot".into()));
         };
         if let Some(c) = lock(&slot.conn).clone() {
             return Ok(c);
         }
-        let mut last_failure = slot.connecting.lock().await;
+        let done = slot.done.notified();
+        tokio::pin!(done);
+        done.as_mut().enable();
+        {
+            let mut st = lock(&slot.state);
+            if let Some(c) = lock(&slot.conn).clone() {
+                return Ok(c);
+            }
+            if !st.running {
+                if let Some((at, why)) = &st.failed {
+                    if at.elapsed() < RECONNECT_BACKOFF {
+                        return Err(StoreError::Reconnecting(why.clone()));
+                    }
+                }
+                st.running = true;
+                let (connector, slots) = (self.connector.clone(), self.slots.clone());
+                tokio::spawn(async move { connect_slot(connector, slots, i).await });
+            }
+        }
+        if tokio::time::timeout(budget, done).await.is_err() {
+            return Err(StoreError::Timeout(budget));
+        }
         if let Some(c) = lock(&slot.conn).clone() {
             return Ok(c);
         }
-        if let Some(at) = *last_failure {
-            if at.elapsed() < RECONNECT_BACKOFF {
-                return Err(StoreError::Reconnecting(format!(
-                    "last attempt {} ms ago",
-                    at.elapsed().as_millis()
-                )));
-            }
-        }
-        let bound = self.conn_config_timeout() + self.timeout;
-        match tokio::time::timeout(bound, self.connect()).await {
-            Ok(Ok(c)) => {
-                *last_failure = None;
-                *lock(&slot.conn) = Some(c.clone());
-                Ok(c)
-            }
-            Ok(Err(e)) => {
-                *last_failure = Some(Instant::now());
-                Err(StoreError::Redis {
-                    what: format!("connect to {}", self.describe),
-                    reason: e.to_string(),
-                })
-            }
-            Err(_) => {
-                *last_failure = Some(Instant::now());
-                Err(StoreError::Timeout(bound))
-            }
-        }
-    }
-
-    fn conn_config_timeout(&self) -> Duration {
-        // AsyncConnectionConfig has no getter; the Sentinel lookup and the
-        // connect each take at most the connect timeout.
-        self.timeout * 2
+        let why = lock(&slot.state)
+            .failed
+            .as_ref()
+            .map_or_else(|| "connecting".to_string(), |(_, w)| w.clone());
+        Err(StoreError::Reconnecting(why))
     }
 
     /// Forgets slot `i`'s connection after an error that means it is no
@@ -445,15 +440,20 @@ impl Store {
         }
     }
 
-    /// Runs `script` (EVALSHA, loading it on NOSCRIPT) on one key.
+    /// Runs `script` (EVALSHA, loading it on NOSCRIPT) on one key, within
+    /// `budget` (at most the reply timeout).
     pub async fn run(
         &self,
         script: &Script,
         key: &str,
         args: &[i64],
+        budget: Option<Duration>,
     ) -> Result<redis::Value, StoreError> {
+        let budget = budget.map_or(self.timeout, |b| b.min(self.timeout));
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len().max(1);
-        let conn = self.conn(i).await?;
+        let started = Instant::now();
+        let conn = self.conn(i, budget).await?;
+        let budget = budget.saturating_sub(started.elapsed());
         let mut inv = script.key(key);
         for a in args {
             inv.arg(*a);
@@ -464,7 +464,7 @@ impl Store {
                 Conn::Cluster(mut c) => inv.invoke_async::<redis::Value>(&mut c).await,
             }
         };
-        match tokio::time::timeout(self.timeout, call).await {
+        match tokio::time::timeout(budget, call).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 self.drop_conn(i, &e);
@@ -480,7 +480,7 @@ impl Store {
                         *c = None;
                     }
                 }
-                Err(StoreError::Timeout(self.timeout))
+                Err(StoreError::Timeout(budget))
             }
         }
     }
@@ -492,12 +492,18 @@ impl Store {
         requests: u32,
         per: Duration,
         hits: i64,
+        budget: Option<Duration>,
     ) -> Result<Hit, StoreError> {
         let per_us = u64::try_from(per.as_micros()).unwrap_or(u64::MAX);
         let interval =
             i64::try_from((per_us / u64::from(requests.max(1))).max(1)).unwrap_or(i64::MAX);
         let reply = self
-            .run(&self.script, key, &[interval, i64::from(requests), hits])
+            .run(
+                &self.script,
+                key,
+                &[interval, i64::from(requests), hits],
+                budget,
+            )
             .await?;
         let ints: Vec<i64> = match &reply {
             redis::Value::Array(items) => items
@@ -524,7 +530,7 @@ impl Store {
     /// One round trip to Redis (`PING`), for the health status.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len().max(1);
-        let conn = self.conn(i).await?;
+        let conn = self.conn(i, self.timeout).await?;
         let cmd = redis::cmd("PING");
         let call = async {
             match conn {
@@ -544,6 +550,54 @@ impl Store {
             Err(_) => Err(StoreError::Timeout(self.timeout)),
         }
     }
+}
+
+impl Connector {
+    async fn connect(&self) -> Result<Conn, RedisError> {
+        if let Some(c) = &self.cluster {
+            return c.get_async_connection().await.map(Conn::Cluster);
+        }
+        let client = match &self.resolver {
+            Some(Resolver::Node(c)) => c.clone(),
+            Some(Resolver::Sentinel(s)) => s.lock().await.async_get_client().await?,
+            None => {
+                return Err(RedisError::from((
+                    redis::ErrorKind::Client,
+                    "no Redis configured",
+                )))
+            }
+        };
+        client
+            .get_multiplexed_async_connection_with_config(&self.conn_config)
+            .await
+            .map(Conn::Node)
+    }
+}
+
+/// One connection attempt for slot `i`; wakes the callers waiting for it.
+async fn connect_slot(connector: Arc<Connector>, slots: Arc<Vec<Slot>>, i: usize) {
+    let outcome = match tokio::time::timeout(connector.bound, connector.connect()).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(format!("connect to {}: {e}", connector.describe)),
+        Err(_) => Err(format!(
+            "connect to {}: no answer within {:?}",
+            connector.describe, connector.bound
+        )),
+    };
+    let Some(slot) = slots.get(i) else { return };
+    let failed = match outcome {
+        Ok(c) => {
+            *lock(&slot.conn) = Some(c);
+            None
+        }
+        Err(why) => Some((Instant::now(), why)),
+    };
+    {
+        let mut st = lock(&slot.state);
+        st.running = false;
+        st.failed = failed;
+    }
+    slot.done.notify_waiters();
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

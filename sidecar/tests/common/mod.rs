@@ -6,6 +6,7 @@ pub mod kafka;
 pub mod pg;
 pub mod pg_tls;
 pub mod proxy;
+pub mod redis;
 
 use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
