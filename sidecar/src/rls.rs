@@ -278,7 +278,6 @@ pub struct Service {
     labels: Mutex<HashMap<String, KeyStats>>,
     /// A domain's `calls` counters: ok, over_limit, unavailable, invalid.
     domains: Mutex<HashMap<String, [Counter; 4]>>,
-    health: tokio::sync::watch::Sender<bool>,
 }
 
 /// The `code` label of `sidecar_rls_calls_total`.
@@ -333,7 +332,6 @@ impl Service {
             metrics,
             labels: Mutex::new(HashMap::new()),
             domains: Mutex::new(HashMap::new()),
-            health: tokio::sync::watch::channel(true).0,
         }
     }
 
@@ -811,7 +809,6 @@ impl Service {
                         );
                     }
                 }
-                self.health.send_replace(up);
                 last = Some(up);
             }
             tokio::select! {
@@ -819,11 +816,6 @@ impl Service {
                 _ = tokio::time::sleep(self.opts.health_interval) => {}
             }
         }
-    }
-
-    /// Whether the last health check found Redis answering.
-    pub fn healthy(&self) -> bool {
-        *self.health.borrow()
     }
 }
 
