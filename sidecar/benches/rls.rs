@@ -1,7 +1,8 @@
 //! Throughput of the rate limit service against the real Redis: C
 //! concurrent gRPC callers (one HTTP/2 connection each) send
 //! `ShouldRateLimit` with one descriptor (a key per caller, a limit never
-//! reached) for a fixed time; reports calls/s and latency percentiles.
+//! reached) for a fixed time; reports calls/s, latency percentiles, and the
+//! CPU time per call of this process (callers and service) and of Redis.
 //! Traffic stays on 127.0.0.1 and stops by itself.
 //! `cargo bench -p sidecar --bench rls [-- --quick]`
 #![allow(
@@ -32,23 +33,42 @@ fn main() {
     let fixed: Option<usize> = std::env::var("RLS_BENCH_CONNECTIONS")
         .ok()
         .and_then(|v| v.parse().ok());
+    // RLS_BENCH_BATCH: most hits per script call (1: one call per hit).
+    let batch: usize = std::env::var("RLS_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(Settings::default().batch);
+    let redis_pid = redis_pid();
     for (callers, conns) in [(1usize, 1usize), (16, 4), (64, 8)] {
         let conns = fixed.unwrap_or(conns);
-        let (rate, lat) = rt.block_on(run(callers, conns, secs, &prefix));
+        let (me, redis) = (cpu_us("self"), cpu_us(&redis_pid));
+        let (rate, lat) = rt.block_on(run(callers, conns, batch, secs, &prefix));
+        let calls = rate * secs as f64;
+        let (me, redis) = (
+            (cpu_us("self") - me) / calls,
+            (cpu_us(&redis_pid) - redis) / calls,
+        );
         println!(
-            "{callers:>3} callers, {conns} Redis connections: {rate:>8.0} calls/s, latency p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs",
+            "{callers:>3} callers, {conns} Redis connections, batch {batch}: {rate:>8.0} calls/s, latency p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs; CPU per call: this process {me:.1} µs, Redis {redis:.1} µs",
             lat[0], lat[1], lat[2]
         );
     }
 }
 
-async fn run(callers: usize, conns: usize, secs: u64, prefix: &str) -> (f64, [f64; 3]) {
+async fn run(
+    callers: usize,
+    conns: usize,
+    batch: usize,
+    secs: u64,
+    prefix: &str,
+) -> (f64, [f64; 3]) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let store = Store::new(&Settings {
         url: "127.0.0.1:6379".into(),
         connections: conns,
+        batch,
         prefix: prefix.into(),
         ..Settings::default()
     })
@@ -117,4 +137,31 @@ async fn run(callers: usize, conns: usize, secs: u64, prefix: &str) -> (f64, [f6
         all.len() as f64 / secs as f64,
         [pct(0.5), pct(0.99), pct(0.999)],
     )
+}
+
+/// CPU time (user + system) of process `pid` so far, in µs.
+fn cpu_us(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name's closing parenthesis: fields 3.. of proc(5).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    // USER_HZ is 100 on Linux.
+    ticks * 10_000.0
+}
+
+/// The Redis server's process id (`INFO server`), for its CPU time.
+fn redis_pid() -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect("127.0.0.1:6379").unwrap();
+    c.write_all(b"INFO server\r\n").unwrap();
+    let mut buf = vec![0u8; 16384];
+    let n = c.read(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .unwrap_or("0")
+        .trim()
+        .to_string()
 }

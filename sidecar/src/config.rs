@@ -149,6 +149,12 @@ pub struct Config {
     /// Seconds shutdown waits for connections to close.
     #[arg(long, env = "SIDECAR_DRAIN_TIMEOUT", default_value_t = 10)]
     pub drain_timeout: u64,
+    /// Seconds over which shutdown spreads the WebSockets' closes (1001),
+    /// so that their clients reconnect elsewhere gradually; 0: all at
+    /// once. Keep it below --drain-timeout (the rest is for the last
+    /// closes to finish); beyond, the drain timeout cuts it short.
+    #[arg(long, env = "SIDECAR_CLOSE_SPREAD", default_value_t = 0)]
+    pub close_spread: u64,
 
     /// The bus between replicas.
     #[arg(long, env = "SIDECAR_BUS", value_enum, default_value = "memory")]
@@ -326,6 +332,15 @@ pub struct Config {
     /// pipelined on each; a Cluster uses one per node).
     #[arg(long, env = "SIDECAR_REDIS_CONNECTIONS", default_value_t = 2)]
     pub redis_connections: usize,
+    /// Most rate limit hits one Redis script call carries: hits waiting for
+    /// a connection go together in its next call (1: one call per hit; a
+    /// Cluster always goes one by one).
+    #[arg(long, env = "SIDECAR_REDIS_BATCH", default_value_t = 64)]
+    pub redis_batch: usize,
+    /// Most rate limit hits waiting per Redis connection; beyond, a call
+    /// answers UNAVAILABLE at once (`sidecar_rls_redis_errors_total{kind="queue_full"}`).
+    #[arg(long, env = "SIDECAR_REDIS_QUEUE", default_value_t = 4096)]
+    pub redis_queue: usize,
     /// Longest wait, in milliseconds, for a Redis reply (a caller's shorter
     /// `grpc-timeout` wins) and for a connection.
     #[arg(long, env = "SIDECAR_REDIS_TIMEOUT_MS", default_value_t = 500)]
@@ -505,6 +520,7 @@ impl Config {
             client_rate: self.client_rate,
             client_burst: self.client_burst.max(1.0),
             close_timeout: Duration::from_secs(5),
+            close_spread: Duration::from_secs(self.close_spread),
             clock_skew: Duration::from_secs(self.clock_skew),
             expiry_warning: Duration::from_secs(self.expiry_warning),
             max_lifetime: Duration::from_secs(self.max_lifetime),
@@ -522,6 +538,8 @@ impl Config {
             sentinel_master_db: self.redis_db,
             ca_file: self.redis_ca.clone(),
             connections: self.redis_connections.max(1),
+            batch: self.redis_batch.max(1),
+            queue: self.redis_queue.max(1),
             connect_timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
             timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
             prefix: self.redis_prefix.clone(),

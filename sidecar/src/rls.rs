@@ -167,7 +167,7 @@ impl Metrics {
         let r = registry.sub_registry_with_prefix("sidecar_rls");
         r.register(
             "calls",
-            "ShouldRateLimit calls, by domain and answer: ok, over_limit, unavailable (Redis failed or \
+            "ShouldRateLimit calls, by domain and code (the answer): ok, over_limit, unavailable (Redis failed or \
              the deadline passed), invalid (a request that cannot be answered)",
             self.calls.clone(),
         );
@@ -203,7 +203,7 @@ impl Metrics {
         );
         r.register(
             "redis_errors",
-            "Failed Redis calls, by kind: error, not_connected, timeout, deadline, bad_reply",
+            "Failed Redis calls, by kind: error, not_connected, timeout, deadline, bad_reply, queue_full",
             self.redis_errors.clone(),
         );
         r.register(

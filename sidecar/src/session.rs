@@ -50,6 +50,11 @@ pub struct SessionConfig {
     /// How long a closing connection waits for its last writes and the
     /// client's close frame before the socket is dropped.
     pub close_timeout: Duration,
+    /// On shutdown, connections close at points spread evenly over this
+    /// window (each at its own offset), so their clients reconnect to the
+    /// other replicas over that time rather than all at once; zero closes
+    /// them all at once.
+    pub close_spread: Duration,
     /// Tolerance after a token's `exp` before the connection closes.
     pub clock_skew: Duration,
     /// How long before an identity's end the client gets `expiring`.
@@ -70,6 +75,7 @@ impl Default for SessionConfig {
             client_rate: 20.0,
             client_burst: 100.0,
             close_timeout: Duration::from_secs(5),
+            close_spread: Duration::ZERO,
             clock_skew: Duration::from_secs(60),
             expiry_warning: Duration::from_secs(30),
             max_lifetime: Duration::from_secs(86_400),
@@ -471,6 +477,15 @@ pub async fn run(
     s.client.drain(metrics);
 }
 
+/// A connection's place in the shutdown's close window, in [0, 1): its id
+/// scrambled (Fibonacci hashing), so consecutive ids land far apart and
+/// the closes spread evenly whatever order the connections came in.
+fn spread_share(id: u64) -> f64 {
+    let h = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11;
+    // 53 bits: exact in an f64.
+    h as f64 / (1u64 << 53) as f64
+}
+
 impl Session<'_> {
     async fn serve(&mut self, stream: &TcpStream, shutdown: &CancellationToken) {
         let period = self.ctx.cfg.ping_interval;
@@ -478,6 +493,9 @@ impl Session<'_> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut close_deadline: Option<Instant> = None;
         let mut shutting_down = false;
+        // When this connection closes for the shutdown (its share of
+        // `close_spread`).
+        let mut shutdown_at: Option<Instant> = None;
         loop {
             if self.flush() == Flushed::Broken {
                 return;
@@ -499,6 +517,11 @@ impl Session<'_> {
                 biased;
                 _ = shutdown.cancelled(), if !shutting_down => {
                     shutting_down = true;
+                    let offset = self.ctx.cfg.close_spread.mul_f64(spread_share(self.client.id));
+                    shutdown_at = Some(Instant::now() + offset);
+                }
+                _ = sleep_until_some(shutdown_at), if shutdown_at.is_some() && close_deadline.is_none() => {
+                    shutdown_at = None;
                     self.metrics.closes.shutdown.inc();
                     self.client.close(SHUTTING_DOWN, self.metrics);
                 }

@@ -396,6 +396,41 @@ async fn shutdown_closes_every_socket_with_1001() {
 }
 
 #[tokio::test]
+async fn shutdown_spreads_the_closes_over_close_spread() {
+    let sc = start(&["--close-spread", "2", "--drain-timeout", "8"]).await;
+    let mut socks = Vec::new();
+    for _ in 0..24 {
+        socks.push(connect(sc.addr, &[]).await);
+    }
+    let t = std::time::Instant::now();
+    sc.shutdown.cancel();
+    // Each socket's close, as it arrives.
+    let closes = futures_util::future::join_all(socks.iter_mut().map(|ws| async {
+        let c = closed(ws).await;
+        (c, t.elapsed())
+    }))
+    .await;
+    let mut at: Vec<Duration> = closes
+        .iter()
+        .map(|(c, at)| {
+            assert_eq!(*c, (1001, "server shutting down".to_string()));
+            *at
+        })
+        .collect();
+    at.sort();
+    // Spread over the window, not all at once: the first quarter of the
+    // sockets closed in the first half of it, the last quarter after it.
+    assert!(at[5] < Duration::from_millis(1000), "{at:?}");
+    assert!(at[18] > Duration::from_millis(1000), "{at:?}");
+    assert!(at[23] < Duration::from_millis(4000), "{at:?}");
+    tokio::time::timeout(Duration::from_secs(10), sc.done)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sc.app.connections(), 0);
+}
+
+#[tokio::test]
 async fn publish_checks_its_input_and_the_policy() {
     let sc = start(&["--max-publish-bytes", "100"]).await;
     let publisher = identity("feed", "publisher", &[]);

@@ -498,6 +498,55 @@ fn replies_stay_in_order_after_a_redis_error_element() {
 }
 
 #[test]
+fn hits_that_wait_together_share_a_call_and_a_bad_bucket_fails_alone() {
+    let rt = runtime();
+    let s = service("");
+    rt.block_on(async {
+        let st = s.store();
+        let (one, bad) = (
+            format!("{}batch-one", st.prefix()),
+            format!("{}batch-bad", st.prefix()),
+        );
+        // A hash where a bucket should be: its script step fails.
+        let mut c = redis::Client::open(format!("redis://{REDIS}"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        redis::cmd("HSET")
+            .arg(&bad)
+            .arg("f")
+            .arg("v")
+            .exec(&mut c)
+            .unwrap();
+        let minute = Duration::from_secs(60);
+        // 30 hits on one bucket of 10 at once, with the bad bucket among
+        // them: they wait together and go in a few calls, in order.
+        let hits =
+            futures_util::future::join_all((0..30).map(|_| st.hit(&one, 10, minute, 1, None)));
+        let broken = st.hit(&bad, 10, minute, 1, None);
+        let (hits, broken) = tokio::join!(hits, broken);
+        let hits: Vec<_> = hits.into_iter().map(Result::unwrap).collect();
+        let mut left: Vec<u32> = hits
+            .iter()
+            .filter(|h| h.admitted)
+            .map(|h| h.remaining)
+            .collect();
+        left.sort_unstable();
+        assert_eq!(left, (0..10).collect::<Vec<_>>(), "{hits:?}");
+        assert!(hits
+            .iter()
+            .filter(|h| !h.admitted)
+            .all(|h| h.remaining == 0));
+        let e = broken.unwrap_err();
+        assert!(e.to_string().contains("WRONGTYPE"), "{e}");
+        // The connection is still good.
+        let again = st.hit(&one, 10, minute, 0, None).await.unwrap();
+        assert!(!again.admitted || again.remaining == 0, "{again:?}");
+        redis::cmd("DEL").arg(&bad).arg(&one).exec(&mut c).unwrap();
+    });
+}
+
+#[test]
 fn without_redis_calls_answer_unavailable_at_once_and_never_hang() {
     let rt = runtime();
     let s = service_with("127.0.0.1:1", "", Options::default());

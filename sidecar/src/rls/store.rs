@@ -7,7 +7,10 @@
 //! (a restarted or failed-over server).
 //!
 //! Connections are multiplexed: concurrent calls share a connection and
-//! are pipelined on it. A single server or a Sentinel master is reached
+//! are pipelined on it. On a single server or a Sentinel master, hits are
+//! also batched: each connection has one script call in flight, and the
+//! hits that arrive meanwhile go together in its next one ([`GCRA_BATCH`]);
+//! a lone hit is sent by its caller directly. A single server or a Sentinel master is reached
 //! through `--redis-connections` of them, used in turn. A connection that
 //! fails (I/O, timeout, `READONLY` from a demoted master) is dropped; the
 //! next call connects again, at most every [`RECONNECT_BACKOFF`] per
@@ -20,9 +23,11 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisError, Script, TlsMode};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, OwnedMutexGuard};
 
 /// GCRA over one key holding the theoretical arrival time (µs, Redis'
 /// own clock, so replicas need not agree on time). ARGV: the emission
@@ -58,6 +63,50 @@ local full = tat - now
 return {0, math.floor((window - full) / interval), full, wait}
 "#;
 
+/// [`GCRA`] over several keys in one call: KEYS[i] with ARGV[3i-2..3i].
+/// Each key's answer is its own array: the four numbers, or `{message}`
+/// when that key failed (a key of another type, say), so one bad bucket
+/// does not fail the others. One `TIME` for all of them.
+const GCRA_BATCH: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local function gcra(key, interval, burst, hits)
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local window = interval * burst
+  local new_tat = tat + interval * hits
+  if new_tat < now then new_tat = now end
+  local ahead = new_tat - now
+  if ahead <= window then
+    if hits ~= 0 then
+      if ahead > 0 then
+        redis.call('SET', key, new_tat, 'PX', math.ceil(ahead / 1000) + 1)
+      else
+        redis.call('DEL', key)
+      end
+    end
+    local wait = 0
+    if ahead + interval > window then wait = ahead + interval - window end
+    return {1, math.floor((window - ahead) / interval), ahead, wait}
+  end
+  local full = tat - now
+  return {0, math.floor((window - full) / interval), full, ahead - window}
+end
+local out = {}
+for i = 1, #KEYS do
+  local ok, r = pcall(gcra, KEYS[i], tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1]),
+    tonumber(ARGV[3 * i]))
+  if ok then
+    out[i] = r
+  elseif type(r) == 'table' and r.err then
+    out[i] = {tostring(r.err)}
+  else
+    out[i] = {tostring(r)}
+  end
+end
+return out
+"#;
+
 /// Least time between two connection attempts of one connection slot.
 pub const RECONNECT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -90,6 +139,12 @@ pub struct Settings {
     /// `--redis-ca`: PEM roots for `rediss://` instead of the system's.
     pub ca_file: Option<String>,
     pub connections: usize,
+    /// `--redis-batch`: most hits one script call carries (1: one call per
+    /// hit). Hits waiting for a connection go together in its next call.
+    pub batch: usize,
+    /// `--redis-queue`: most hits waiting per connection; beyond, a hit
+    /// fails at once (`queue_full`).
+    pub queue: usize,
     pub connect_timeout: Duration,
     /// Longest wait for one reply.
     pub timeout: Duration,
@@ -106,6 +161,8 @@ impl Default for Settings {
             sentinel_master_db: 0,
             ca_file: None,
             connections: 2,
+            batch: 64,
+            queue: 4096,
             connect_timeout: Duration::from_secs(1),
             timeout: Duration::from_millis(500),
             prefix: "rl:".into(),
@@ -120,6 +177,8 @@ impl std::fmt::Debug for Settings {
             .field("url", &crate::config::redact_url(&self.url))
             .field("auth", &self.auth.as_ref().map(|_| "<redacted>"))
             .field("connections", &self.connections)
+            .field("batch", &self.batch)
+            .field("queue", &self.queue)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
@@ -136,6 +195,8 @@ pub enum StoreError {
     Timeout(Duration),
     #[error("redis: the script answered {0}")]
     Reply(String),
+    #[error("redis: {0} hits already wait for this connection (--redis-queue)")]
+    QueueFull(usize),
 }
 
 impl StoreError {
@@ -146,6 +207,7 @@ impl StoreError {
             StoreError::Reconnecting(_) => "not_connected",
             StoreError::Timeout(_) => "timeout",
             StoreError::Reply(_) => "bad_reply",
+            StoreError::QueueFull(_) => "queue_full",
         }
     }
 }
@@ -199,14 +261,41 @@ struct Connector {
     describe: String,
 }
 
-/// The buckets.
-pub struct Store {
+/// The connections, shared with the connect and batch tasks.
+struct Shared {
     connector: Arc<Connector>,
     slots: Arc<Vec<Slot>>,
+    timeout: Duration,
+    batch_script: Script,
+}
+
+/// One hit waiting for its connection's next script call.
+struct Job {
+    key: String,
+    args: [i64; 3],
+    reply: oneshot::Sender<Result<[i64; 4], StoreError>>,
+}
+
+/// One connection's waiting hits and its one call in flight.
+#[derive(Default)]
+struct Lane {
+    waiting: Mutex<VecDeque<Job>>,
+    /// Held by whoever sends this connection's script call.
+    busy: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The buckets.
+pub struct Store {
+    shared: Arc<Shared>,
     next: AtomicUsize,
     prefix: String,
-    timeout: Duration,
     script: Script,
+    /// Per connection slot, the hits waiting for its next script call;
+    /// empty for a Cluster, whose calls go one by one (the keys of one
+    /// call must share a slot).
+    lanes: Vec<Arc<Lane>>,
+    batch: usize,
+    queue: usize,
 }
 
 fn with_scheme(s: &str) -> String {
@@ -342,30 +431,41 @@ impl Store {
         } else {
             s.connections.max(1)
         };
+        let batched = s.topology != Topology::Cluster && s.batch > 1;
         Ok(Store {
-            connector: Arc::new(Connector {
-                resolver,
-                cluster,
-                // No response timeout here: each call has its own budget
-                // (`run`), and a connection that misses one is dropped.
-                conn_config: AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(s.connect_timeout))
-                    .set_response_timeout(None),
-                // The Sentinel lookup, the connect, the handshake.
-                bound: s.connect_timeout * 3,
-                describe,
+            shared: Arc::new(Shared {
+                connector: Arc::new(Connector {
+                    resolver,
+                    cluster,
+                    // No response timeout here: each call has its own budget
+                    // (`run`), and a connection that misses one is dropped.
+                    conn_config: AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(s.connect_timeout))
+                        .set_response_timeout(None),
+                    // The Sentinel lookup, the connect, the handshake.
+                    bound: s.connect_timeout * 3,
+                    describe,
+                }),
+                slots: Arc::new((0..n).map(|_| Slot::default()).collect()),
+                timeout: s.timeout,
+                batch_script: Script::new(GCRA_BATCH),
             }),
-            slots: Arc::new((0..n).map(|_| Slot::default()).collect()),
             next: AtomicUsize::new(0),
             prefix: s.prefix.clone(),
-            timeout: s.timeout,
             script: Script::new(GCRA),
+            lanes: if batched {
+                (0..n).map(|_| Arc::new(Lane::default())).collect()
+            } else {
+                Vec::new()
+            },
+            batch: s.batch.max(1),
+            queue: s.queue.max(1),
         })
     }
 
     /// What the store is connected to, for logs.
     pub fn describe(&self) -> &str {
-        &self.connector.describe
+        &self.shared.connector.describe
     }
 
     pub fn prefix(&self) -> &str {
@@ -374,9 +474,305 @@ impl Store {
 
     /// The longest wait for one reply.
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        self.shared.timeout
     }
 
+    /// Runs `script` (EVALSHA, loading it on NOSCRIPT) on one key, within
+    /// `budget` (at most the reply timeout), on a connection of its own
+    /// (not batched).
+    pub async fn run(
+        &self,
+        script: &Script,
+        key: &str,
+        args: &[i64],
+        budget: Option<Duration>,
+    ) -> Result<redis::Value, StoreError> {
+        let sh = &self.shared;
+        let budget = budget.map_or(sh.timeout, |b| b.min(sh.timeout));
+        let i = self.next_slot();
+        let started = Instant::now();
+        let conn = sh.conn(i, budget).await?;
+        let budget = budget.saturating_sub(started.elapsed());
+        let mut inv = script.key(key);
+        for a in args {
+            inv.arg(*a);
+        }
+        let call = async {
+            match conn {
+                Conn::Node(mut c) => inv.invoke_async::<redis::Value>(&mut c).await,
+                Conn::Cluster(mut c) => inv.invoke_async::<redis::Value>(&mut c).await,
+            }
+        };
+        match tokio::time::timeout(budget, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                sh.drop_conn(i, &e);
+                Err(StoreError::Redis {
+                    what: "script".into(),
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => {
+                sh.forget(i);
+                Err(StoreError::Timeout(budget))
+            }
+        }
+    }
+
+    fn next_slot(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.shared.slots.len().max(1)
+    }
+
+    /// `hits` on the bucket `key` of `requests` per `per`.
+    pub async fn hit(
+        &self,
+        key: &str,
+        requests: u32,
+        per: Duration,
+        hits: i64,
+        budget: Option<Duration>,
+    ) -> Result<Hit, StoreError> {
+        let per_us = u64::try_from(per.as_micros()).unwrap_or(u64::MAX);
+        let interval =
+            i64::try_from((per_us / u64::from(requests.max(1))).max(1)).unwrap_or(i64::MAX);
+        let args = [interval, i64::from(requests), hits];
+        let [admitted, remaining, full, next] = if self.lanes.is_empty() {
+            let reply = self.run(&self.script, key, &args, budget).await?;
+            four(&reply)?
+        } else {
+            self.queued(key, args, budget).await?
+        };
+        let us = |n: i64| Duration::from_micros(u64::try_from(n).unwrap_or(0));
+        Ok(Hit {
+            admitted: admitted == 1 && requests > 0,
+            remaining: u32::try_from(remaining.max(0)).unwrap_or(u32::MAX),
+            until_full: us(full),
+            until_next: us(next),
+        })
+    }
+
+    /// A hit through its connection's lane: it waits with the others for
+    /// the connection's next script call. A caller that finds the
+    /// connection idle sends the call: alone (nothing else waits), itself,
+    /// without a task hop; with others, from a task, so that its own
+    /// deadline cannot cut the others' call short. Whoever ends a call
+    /// looks again and sends what has gathered meanwhile.
+    async fn queued(
+        &self,
+        key: &str,
+        args: [i64; 3],
+        budget: Option<Duration>,
+    ) -> Result<[i64; 4], StoreError> {
+        let budget = budget.map_or(self.shared.timeout, |b| b.min(self.shared.timeout));
+        let i = self.next_slot();
+        let Some(lane) = self.lanes.get(i) else {
+            return Err(StoreError::Reconnecting("no connection slot".into()));
+        };
+        let (reply, mut answer) = oneshot::channel();
+        {
+            let mut w = lock(&lane.waiting);
+            if w.len() >= self.queue {
+                return Err(StoreError::QueueFull(self.queue));
+            }
+            w.push_back(Job {
+                key: key.to_string(),
+                args,
+                reply,
+            });
+        }
+        let work = async {
+            if let Ok(busy) = lane.busy.clone().try_lock_owned() {
+                if let Ok(r) = answer.try_recv() {
+                    // Sent with others' in the meantime.
+                    drop(busy);
+                    kick(lane, &self.shared, i, self.batch);
+                    return r;
+                }
+                let jobs = take(lane, self.batch);
+                if jobs.len() == 1 {
+                    // Only this hit: sent here. Should this caller go
+                    // (its deadline), the guard hands the lane on.
+                    let mut guard = Handoff {
+                        lane: lane.clone(),
+                        shared: self.shared.clone(),
+                        i,
+                        max: self.batch,
+                        busy: Some(busy),
+                    };
+                    let answers = self.shared.run_batch(i, &jobs).await;
+                    hand_out(jobs, answers);
+                    guard.release();
+                } else if !jobs.is_empty() {
+                    tokio::spawn(drain(
+                        lane.clone(),
+                        self.shared.clone(),
+                        i,
+                        self.batch,
+                        busy,
+                        jobs,
+                    ));
+                } else {
+                    drop(busy);
+                    kick(lane, &self.shared, i, self.batch);
+                }
+            }
+            (&mut answer)
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Reconnecting("the call was dropped".into())))
+        };
+        tokio::time::timeout(budget, work)
+            .await
+            .unwrap_or(Err(StoreError::Timeout(budget)))
+    }
+
+    /// One round trip to Redis (`PING`), for the health status.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let sh = &self.shared;
+        let i = self.next_slot();
+        let conn = sh.conn(i, sh.timeout).await?;
+        let cmd = redis::cmd("PING");
+        let call = async {
+            match conn {
+                Conn::Node(mut c) => c.req_packed_command(&cmd).await,
+                Conn::Cluster(mut c) => c.req_packed_command(&cmd).await,
+            }
+        };
+        match tokio::time::timeout(sh.timeout, call).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                sh.drop_conn(i, &e);
+                Err(StoreError::Redis {
+                    what: "PING".into(),
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => Err(StoreError::Timeout(sh.timeout)),
+        }
+    }
+}
+
+/// The four numbers of one GCRA answer.
+fn four(reply: &redis::Value) -> Result<[i64; 4], StoreError> {
+    let bad = || StoreError::Reply(format!("{reply:?}"));
+    let redis::Value::Array(items) = reply else {
+        return Err(bad());
+    };
+    if let [redis::Value::BulkString(m)] = &items[..] {
+        // The batch script's answer for a key that failed.
+        return Err(StoreError::Redis {
+            what: "script".into(),
+            reason: String::from_utf8_lossy(m).into_owned(),
+        });
+    }
+    let mut out = [0i64; 4];
+    if items.len() != out.len() {
+        return Err(bad());
+    }
+    for (o, v) in out.iter_mut().zip(items) {
+        let redis::Value::Int(n) = v else {
+            return Err(bad());
+        };
+        *o = *n;
+    }
+    Ok(out)
+}
+
+/// Up to `max` waiting hits of `lane` whose callers still wait.
+fn take(lane: &Lane, max: usize) -> Vec<Job> {
+    let mut w = lock(&lane.waiting);
+    let mut jobs = Vec::with_capacity(max.min(w.len()));
+    while jobs.len() < max {
+        let Some(j) = w.pop_front() else { break };
+        // Callers that gave up (their deadline passed) are not counted.
+        if !j.reply.is_closed() {
+            jobs.push(j);
+        }
+    }
+    jobs
+}
+
+/// Gives each caller its answer.
+fn hand_out(jobs: Vec<Job>, answers: Result<Vec<Result<[i64; 4], StoreError>>, StoreError>) {
+    match answers {
+        Ok(answers) => {
+            for (j, a) in jobs.into_iter().zip(answers) {
+                let _ = j.reply.send(a);
+            }
+        }
+        Err(e) => {
+            for j in jobs {
+                let _ = j.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// After a call: when hits wait and nobody sends them, a task does.
+fn kick(lane: &Arc<Lane>, shared: &Arc<Shared>, i: usize, max: usize) {
+    if lock(&lane.waiting).is_empty() {
+        return;
+    }
+    let Ok(busy) = lane.busy.clone().try_lock_owned() else {
+        // Whoever holds it looks again when done.
+        return;
+    };
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let jobs = take(lane, max);
+    rt.spawn(drain(lane.clone(), shared.clone(), i, max, busy, jobs));
+}
+
+/// Sends `jobs`, then what gathered meanwhile, until nothing waits.
+async fn drain(
+    lane: Arc<Lane>,
+    shared: Arc<Shared>,
+    i: usize,
+    max: usize,
+    busy: OwnedMutexGuard<()>,
+    mut jobs: Vec<Job>,
+) {
+    loop {
+        if !jobs.is_empty() {
+            let answers = shared.run_batch(i, &jobs).await;
+            hand_out(std::mem::take(&mut jobs), answers);
+        }
+        jobs = take(&lane, max);
+        if jobs.is_empty() {
+            break;
+        }
+    }
+    drop(busy);
+    // A hit that came between the last look and the release.
+    kick(&lane, &shared, i, max);
+}
+
+/// The lane of a caller that sends its own hit: released when done or when
+/// the caller goes, and then handed on to what waits.
+struct Handoff {
+    lane: Arc<Lane>,
+    shared: Arc<Shared>,
+    i: usize,
+    max: usize,
+    busy: Option<OwnedMutexGuard<()>>,
+}
+
+impl Handoff {
+    fn release(&mut self) {
+        if let Some(busy) = self.busy.take() {
+            drop(busy);
+            kick(&self.lane, &self.shared, self.i, self.max);
+        }
+    }
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl Shared {
     /// A connection of slot `i`: the open one, or the one a connect task
     /// makes within `budget`. The task is not bound to the caller: a
     /// connect slower than the callers' budgets still completes for the
@@ -429,9 +825,14 @@ impl Store {
             || e.is_connection_refusal()
             || e.is_timeout()
             || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"));
-        if !broken {
-            return;
+        if broken {
+            self.forget(i);
         }
+    }
+
+    /// Forgets slot `i`'s connection (a Node's; a Cluster connection
+    /// recovers itself).
+    fn forget(&self, i: usize) {
         if let Some(slot) = self.slots.get(i) {
             let mut c = lock(&slot.conn);
             if matches!(*c, Some(Conn::Node(_))) {
@@ -440,32 +841,33 @@ impl Store {
         }
     }
 
-    /// Runs `script` (EVALSHA, loading it on NOSCRIPT) on one key, within
-    /// `budget` (at most the reply timeout).
-    pub async fn run(
+    /// One [`GCRA_BATCH`] call for `jobs` on slot `i`'s connection, within
+    /// the reply timeout.
+    async fn run_batch(
         &self,
-        script: &Script,
-        key: &str,
-        args: &[i64],
-        budget: Option<Duration>,
-    ) -> Result<redis::Value, StoreError> {
-        let budget = budget.map_or(self.timeout, |b| b.min(self.timeout));
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len().max(1);
+        i: usize,
+        jobs: &[Job],
+    ) -> Result<Vec<Result<[i64; 4], StoreError>>, StoreError> {
         let started = Instant::now();
-        let conn = self.conn(i, budget).await?;
-        let budget = budget.saturating_sub(started.elapsed());
-        let mut inv = script.key(key);
-        for a in args {
-            inv.arg(*a);
-        }
-        let call = async {
-            match conn {
-                Conn::Node(mut c) => inv.invoke_async::<redis::Value>(&mut c).await,
-                Conn::Cluster(mut c) => inv.invoke_async::<redis::Value>(&mut c).await,
+        let conn = self.conn(i, self.timeout).await?;
+        let budget = self.timeout.saturating_sub(started.elapsed());
+        let mut inv = self.batch_script.prepare_invoke();
+        for j in jobs {
+            inv.key(j.key.as_str());
+            for a in j.args {
+                inv.arg(a);
             }
+        }
+        let Conn::Node(mut c) = conn else {
+            return Err(StoreError::Reconnecting(
+                "a Cluster connection in a batch".into(),
+            ));
         };
-        match tokio::time::timeout(budget, call).await {
-            Ok(Ok(v)) => Ok(v),
+        match tokio::time::timeout(budget, inv.invoke_async::<redis::Value>(&mut c)).await {
+            Ok(Ok(redis::Value::Array(items))) if items.len() == jobs.len() => {
+                Ok(items.iter().map(four).collect())
+            }
+            Ok(Ok(other)) => Err(StoreError::Reply(format!("{other:?}"))),
             Ok(Err(e)) => {
                 self.drop_conn(i, &e);
                 Err(StoreError::Redis {
@@ -474,80 +876,9 @@ impl Store {
                 })
             }
             Err(_) => {
-                if let Some(slot) = self.slots.get(i) {
-                    let mut c = lock(&slot.conn);
-                    if matches!(*c, Some(Conn::Node(_))) {
-                        *c = None;
-                    }
-                }
+                self.forget(i);
                 Err(StoreError::Timeout(budget))
             }
-        }
-    }
-
-    /// `hits` on the bucket `key` of `requests` per `per`.
-    pub async fn hit(
-        &self,
-        key: &str,
-        requests: u32,
-        per: Duration,
-        hits: i64,
-        budget: Option<Duration>,
-    ) -> Result<Hit, StoreError> {
-        let per_us = u64::try_from(per.as_micros()).unwrap_or(u64::MAX);
-        let interval =
-            i64::try_from((per_us / u64::from(requests.max(1))).max(1)).unwrap_or(i64::MAX);
-        let reply = self
-            .run(
-                &self.script,
-                key,
-                &[interval, i64::from(requests), hits],
-                budget,
-            )
-            .await?;
-        let ints: Vec<i64> = match &reply {
-            redis::Value::Array(items) => items
-                .iter()
-                .map(|v| match v {
-                    redis::Value::Int(n) => Ok(*n),
-                    other => Err(StoreError::Reply(format!("{other:?}"))),
-                })
-                .collect::<Result<_, _>>()?,
-            other => return Err(StoreError::Reply(format!("{other:?}"))),
-        };
-        let [admitted, remaining, full, next] = ints[..] else {
-            return Err(StoreError::Reply(format!("{reply:?}")));
-        };
-        let us = |n: i64| Duration::from_micros(u64::try_from(n).unwrap_or(0));
-        Ok(Hit {
-            admitted: admitted == 1 && requests > 0,
-            remaining: u32::try_from(remaining.max(0)).unwrap_or(u32::MAX),
-            until_full: us(full),
-            until_next: us(next),
-        })
-    }
-
-    /// One round trip to Redis (`PING`), for the health status.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len().max(1);
-        let conn = self.conn(i, self.timeout).await?;
-        let cmd = redis::cmd("PING");
-        let call = async {
-            match conn {
-                Conn::Node(mut c) => c.req_packed_command(&cmd).await,
-                Conn::Cluster(mut c) => c.req_packed_command(&cmd).await,
-            }
-        };
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => {
-                self.drop_conn(i, &e);
-                Err(StoreError::Redis {
-                    what: "PING".into(),
-                    reason: e.to_string(),
-                })
-            }
-            Err(_) => Err(StoreError::Timeout(self.timeout)),
         }
     }
 }
