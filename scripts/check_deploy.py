@@ -1280,8 +1280,93 @@ def gen_mesh_overlay(exp, build):
     return dump([authorization_policy(exp, build, exp.deploy["namespace"])], intro)
 
 
+_CATALOGUE = []
+
+
+def metric_catalogue():
+    """The metric catalogue of the code (tools/devstack's metric-catalog:
+    every metric the sidecar and the filter cores define), built and run
+    once per check."""
+    if not _CATALOGUE:
+        cmd = ["cargo", "run", "-q", "--locked", "-p", "devstack", "--bin", "metric-catalog"]
+        try:
+            out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+        except (OSError, subprocess.CalledProcessError) as e:
+            sys.exit(f"check-deploy: {' '.join(cmd)} failed: {getattr(e, 'stderr', '') or e}")
+        _CATALOGUE.append(json.loads(out))
+    return _CATALOGUE[0]
+
+
+def filter_stat_prefixes(exp):
+    """Envoy stat prefixes of the filters' metrics (`wasmcustom.auth.`, ...),
+    from the catalogue: what proxyStatsMatcher must include."""
+    cat = metric_catalogue()["filters"]
+    prefixes = set()
+    for f in exp.names:
+        metrics = cat.get(f) or []
+        msg = f"metric catalogue: the {f} filter defines no metrics"
+        if not metrics and msg not in exp.errors:
+            exp.errors.append(msg)
+        for m in metrics:
+            first = m["envoy_stat"].split(".")[:2]
+            prefixes.add(".".join(first) + ".")
+    return sorted(prefixes)
+
+
+def proxy_config(exp):
+    """The `proxy.istio.io/config` of the pods that run the filters."""
+    return yaml.dump({"proxyStatsMatcher": {"inclusionPrefixes": filter_stat_prefixes(exp)}},
+                     Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+PROXY_CONFIG_INTRO = [
+    "Istio's proxies export no custom wasm stats unless proxyStatsMatcher",
+    "includes them: these prefixes are every stat the filters define (the",
+    "metric catalogue, tools/devstack metric-catalog). k8s/README.md,",
+    "\"The filters' stats in Istio\".",
+]
+
+
+def gen_proxy_config_workloads(exp):
+    pod_md = {"labels": dict(exp.deploy["workload_labels"]),
+              "annotations": {"proxy.istio.io/config": proxy_config(exp)}}
+    return dump([{"spec": {"template": {"metadata": pod_md}}}], PROXY_CONFIG_INTRO + [
+        "",
+        "A strategic merge patch for an application's Deployment: the workload",
+        "label that attaches the filters, and the stats. The annotation is",
+        "read when the proxy is injected, so the patch rolls the pods:",
+        "  kubectl -n <namespace> patch deployment <app> --patch-file k8s/proxy-config/workloads.yaml",
+        "(a pod that already has a proxy.istio.io/config needs the two merged).",
+    ])
+
+
+def gen_proxy_config_gateway(exp):
+    pod_md = {"annotations": {"proxy.istio.io/config": proxy_config(exp)}}
+    return dump([{"spec": {"template": {"metadata": pod_md}}}], PROXY_CONFIG_INTRO + [
+        "",
+        "For the ingress gateway's Deployment (the ingress overlays):",
+        "  kubectl -n istio-system patch deployment istio-ingressgateway --patch-file k8s/proxy-config/gateway.yaml",
+        "or, with the gateway's Helm chart, podAnnotations of the same key.",
+    ])
+
+
+def gen_proxy_config_mesh(exp):
+    doc = {"meshConfig": {"defaultConfig": {"proxyStatsMatcher": {
+        "inclusionPrefixes": filter_stat_prefixes(exp)}}}}
+    return dump([doc], PROXY_CONFIG_INTRO + [
+        "",
+        "Mesh-wide instead of per pod: values for istiod's Helm chart",
+        "(helm upgrade istiod istio/istiod -n istio-system -f k8s/proxy-config/mesh-config.yaml,",
+        "merged with your own meshConfig), or the same keys under",
+        "spec.meshConfig of an IstioOperator. Every proxy then keeps these stats.",
+    ])
+
+
 def generated(exp):
     out = {
+        "k8s/proxy-config/workloads.yaml": gen_proxy_config_workloads(exp),
+        "k8s/proxy-config/gateway.yaml": gen_proxy_config_gateway(exp),
+        "k8s/proxy-config/mesh-config.yaml": gen_proxy_config_mesh(exp),
         "k8s/base/policy-configmap.yaml": gen_policy_configmap(exp),
         "k8s/base/envoyfilter.yaml": gen_envoyfilter(exp),
         "k8s/overlays/wasmplugin/wasmplugins.yaml": gen_wasmplugins(exp),
@@ -1772,6 +1857,57 @@ def check_istio(o):
 # Drift and wiring
 
 
+def flags_env(settings, envs, flags):
+    """The sidecar's settings from its arguments and SIDECAR_* variables:
+    {--flag: value}."""
+    out = {f: envs[e] for f, e in flags.items() if e and e in envs and envs[e] is not None}
+    out.update(settings)
+    return out
+
+
+def check_sidecar_autoscaling(dep, hpas, settings, given):
+    """The HorizontalPodAutoscaler of the sidecar: one, on the Deployment,
+    from at least two replicas (the PodDisruptionBudget keeps one), on CPU
+    and on open WebSockets per pod, scaling down one pod at a time after a
+    quiet window; the Deployment leaves `replicas` to it; the shutdown's
+    close spread fits the drain, which fits the grace period."""
+    errs = []
+    if len(hpas) != 1:
+        return [f"want one HorizontalPodAutoscaler on Deployment {SIDECAR_NAME}, found {len(hpas)}"]
+    h = hpas[0]["spec"]
+    ref = h.get("scaleTargetRef") or {}
+    if (ref.get("apiVersion"), ref.get("kind")) != ("apps/v1", "Deployment"):
+        errs.append("HorizontalPodAutoscaler: scaleTargetRef must be the apps/v1 Deployment")
+    if "replicas" in dep["spec"]:
+        errs.append("Deployment: `replicas` is the HorizontalPodAutoscaler's (an apply would reset it)")
+    if h.get("minReplicas", 1) < 2:
+        errs.append("HorizontalPodAutoscaler: minReplicas below 2 (the PodDisruptionBudget keeps one available)")
+    kinds = {(m.get("type"), ((m.get("resource") or {}).get("name")
+                              or ((m.get("pods") or {}).get("metric") or {}).get("name")))
+             for m in h.get("metrics") or []}
+    for want in (("Resource", "cpu"), ("Pods", "sidecar_ws_connections")):
+        if want not in kinds:
+            errs.append(f"HorizontalPodAutoscaler: no {want[0]} metric {want[1]}")
+    down = (h.get("behavior") or {}).get("scaleDown") or {}
+    pols = down.get("policies") or []
+    if down.get("stabilizationWindowSeconds", 300) < 300 or not pols or \
+            any(p.get("type") != "Pods" or p.get("value", 0) > 1 for p in pols):
+        errs.append("HorizontalPodAutoscaler: scaleDown must remove one pod at a time after a quiet "
+                    "window of at least 300 s (a pod that goes closes its WebSockets; k8s/README.md)")
+    spread = int(given.get("--close-spread") or 0)
+    drain = int(given.get("--drain-timeout") or 10)
+    grace = dep["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+    if spread == 0:
+        errs.append("Deployment: SIDECAR_CLOSE_SPREAD unset: a pod that goes closes all its WebSockets at once")
+    # a connection closed last gets the session's close timeout (5 s) to finish
+    if spread + 5 > drain:
+        errs.append(f"Deployment: --close-spread ({spread} s) plus the 5 s close timeout must fit "
+                    f"--drain-timeout ({drain} s)")
+    if drain >= grace:
+        errs.append(f"Deployment: --drain-timeout ({drain} s) must be below terminationGracePeriodSeconds ({grace})")
+    return errs
+
+
 def sidecar_flags():
     """{--flag: SIDECAR_ENV} from sidecar/src/config.rs (clap derive)."""
     text = open(SIDECAR_CONFIG_RS).read()
@@ -2108,8 +2244,12 @@ def check_sidecar(objs, exp):
     res = c.get("resources") or {}
     if not (res.get("requests") and (res.get("limits") or {}).get("memory")):
         errs.append("Deployment: resources need requests and a memory limit")
-    if settings.get("--bus", "memory") == "memory" and dep["spec"].get("replicas", 1) > 1:
+    hpas = [o for o in by_kind(objs, "HorizontalPodAutoscaler")
+            if (o["spec"].get("scaleTargetRef") or {}).get("name") == SIDECAR_NAME]
+    most = max([dep["spec"].get("replicas", 1)] + [h["spec"].get("maxReplicas", 1) for h in hpas])
+    if settings.get("--bus", "memory") == "memory" and most > 1:
         errs.append("Deployment: several replicas need --bus nats (the memory bus is one replica's)")
+    errs += check_sidecar_autoscaling(dep, hpas, settings, flags_env(settings, envs, flags))
     plabels = (tmpl.get("metadata") or {}).get("labels") or {}
     for o in objs:
         o = o[1]
@@ -2644,7 +2784,22 @@ def self_test(envoy_doc, builds, exp):
     def set_(d, k, v):
         d[k] = v
 
+    def sidecar_env(objs, name, value):
+        c = find(objs, "Deployment", SIDECAR_NAME)["spec"]["template"]["spec"]["containers"][0]
+        for e in c["env"]:
+            if e["name"] == name:
+                e["value"] = value
+
     cases = [
+        ("HorizontalPodAutoscaler: scaling down five pods at a time",
+         k8s_case("k8s/base", lambda o: set_(find(o, "HorizontalPodAutoscaler")["spec"]["behavior"]["scaleDown"],
+                                             "policies", [{"type": "Pods", "value": 5, "periodSeconds": 60}]))),
+        ("HorizontalPodAutoscaler: without the WebSocket connections metric",
+         k8s_case("k8s/base", lambda o: find(o, "HorizontalPodAutoscaler")["spec"]["metrics"].pop())),
+        ("Deployment: replicas beside the HorizontalPodAutoscaler",
+         k8s_case("k8s/base", lambda o: set_(find(o, "Deployment", SIDECAR_NAME)["spec"], "replicas", 2))),
+        ("Deployment: a close spread longer than the drain",
+         k8s_case("k8s/base", lambda o: sidecar_env(o, "SIDECAR_CLOSE_SPREAD", "30"))),
         ("envoy.yaml: unknown field in the HttpConnectionManager",
          envoy_case(lambda d: set_(hcm(d), "stat_prefixx", "x"))),
         ("envoy.yaml: unknown field in a Wasm filter's config",
