@@ -16,6 +16,11 @@
 #                                     --start it also runs one on 127.0.0.1:9092
 #                                     (data in /tmp/254carbon-kafka), for the
 #                                     dev stack; the tests start their own.
+#   scripts/ensure-deps.sh promtool   promtool (Debian's prometheus package), for
+#                                     scripts/check-monitoring.sh; the package's
+#                                     own Prometheus server is stopped and
+#                                     disabled (nothing here needs it); prints
+#                                     its path
 #
 # Missing pieces are installed from Debian's packages (apt-get; root or
 # sudo needed) and started on loopback. Without root it says what is missing.
@@ -137,9 +142,34 @@ kafka() {
     fi
 }
 
+promtool_dep() {
+    if ! command -v promtool >/dev/null; then
+        echo "ensure-deps: installing prometheus (for promtool)" >&2
+        # The package's postinst starts its server where it can (systemd, or
+        # its init script through invoke-rc.d); a policy-rc.d that refuses
+        # keeps it from starting during the install, and it is disabled after.
+        local policy=/usr/sbin/policy-rc.d made=""
+        if [ ! -e "$policy" ]; then
+            printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+            as_root chmod +x "$policy"
+            made=1
+        fi
+        apt_install prometheus || { [ -n "$made" ] && as_root rm -f "$policy"; return 1; }
+        [ -n "$made" ] && as_root rm -f "$policy"
+        if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+            as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
+        elif [ -x /etc/init.d/prometheus ]; then
+            as_root /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+            command -v update-rc.d >/dev/null && as_root update-rc.d prometheus disable >/dev/null 2>&1 || true
+        fi
+    fi
+    command -v promtool
+}
+
 case "${1:-}" in
     tools) shift; tools "$@" ;;
     services) services ;;
     kafka) shift; kafka "$@" ;;
-    *) echo "usage: $0 tools [--node] [--musl] [--podman] | services | kafka [--start]" >&2; exit 2 ;;
+    promtool) promtool_dep ;;
+    *) echo "usage: $0 tools [--node] [--musl] [--podman] | services | kafka [--start] | promtool" >&2; exit 2 ;;
 esac

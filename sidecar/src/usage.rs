@@ -342,49 +342,55 @@ impl Usage {
         );
         w.sample("usage_rollup_rows", &[], (rows as u64).into());
         if let Some(p) = &self.pg {
-            let st = &p.stats;
-            w.family(
-                "usage_postgres_connected",
-                Kind::Gauge,
-                "1 while the rollup writer has a PostgreSQL connection.",
-            );
-            w.sample(
-                "usage_postgres_connected",
-                &[],
-                Value::Int(i64::from(st.connected.load(Ordering::Relaxed))),
-            );
-            for (name, help, v) in [
-                (
-                    "usage_postgres_transactions",
-                    "Transactions committed.",
-                    &st.transactions,
-                ),
-                (
-                    "usage_postgres_batches",
-                    "Batches written (new ids).",
-                    &st.batches,
-                ),
-                (
-                    "usage_postgres_duplicate_batches",
-                    "Batches whose id was written before.",
-                    &st.duplicates,
-                ),
-                ("usage_postgres_rows", "Rollup rows upserted.", &st.rows),
-                (
-                    "usage_postgres_errors",
-                    "Transactions that failed (their batches got 503).",
-                    &st.errors,
-                ),
-                (
-                    "usage_postgres_queue_full",
-                    "Batches refused because the writer's queue was full.",
-                    &st.queue_full,
-                ),
-            ] {
-                w.family(name, Kind::Counter, help);
-                w.sample(&format!("{name}_total"), &[], get(v));
-            }
+            render_postgres(&p.stats, w);
         }
+    }
+}
+
+/// Writes the PostgreSQL rollup writer's families (with `--usage-postgres`;
+/// public so the metric catalogue renders them from the same code).
+pub fn render_postgres(st: &pg::PgStats, w: &mut Writer<'_>) {
+    let get = |a: &AtomicU64| Value::from(a.load(Ordering::Relaxed));
+    w.family(
+        "usage_postgres_connected",
+        Kind::Gauge,
+        "1 while the rollup writer has a PostgreSQL connection.",
+    );
+    w.sample(
+        "usage_postgres_connected",
+        &[],
+        Value::Int(i64::from(st.connected.load(Ordering::Relaxed))),
+    );
+    for (name, help, v) in [
+        (
+            "usage_postgres_transactions",
+            "Transactions committed.",
+            &st.transactions,
+        ),
+        (
+            "usage_postgres_batches",
+            "Batches written (new ids).",
+            &st.batches,
+        ),
+        (
+            "usage_postgres_duplicate_batches",
+            "Batches whose id was written before.",
+            &st.duplicates,
+        ),
+        ("usage_postgres_rows", "Rollup rows upserted.", &st.rows),
+        (
+            "usage_postgres_errors",
+            "Transactions that failed (their batches got 503).",
+            &st.errors,
+        ),
+        (
+            "usage_postgres_queue_full",
+            "Batches refused because the writer's queue was full.",
+            &st.queue_full,
+        ),
+    ] {
+        w.family(name, Kind::Counter, help);
+        w.sample(&format!("{name}_total"), &[], get(v));
     }
 }
 

@@ -220,6 +220,11 @@ impl FakeHost {
         self.world.borrow().metrics.keys().cloned().collect()
     }
 
+    /// The kind a metric was defined with (`None`: never defined).
+    pub fn metric_kind(&self, name: &str) -> Option<MetricKind> {
+        self.world.borrow().metrics.get(name).map(|(k, _)| *k)
+    }
+
     pub fn shared_value(&self, key: &str) -> Option<Vec<u8>> {
         self.world.borrow().shared.get(key).map(|(v, _)| v.clone())
     }
