@@ -107,6 +107,7 @@ SIDECAR_IMAGE = "sidecar"  # its name under images.repository and in images.dige
 # workloads (the kind that does it, or None) and the ingress gateway (None,
 # "alone", or "both": beside the workloads' attachment, deploy.json's
 # ingress.with_sidecar_attachment deciding which filters run where).
+ADAPTER_VALUES = os.path.join(ROOT, "k8s", "autoscaling", "prometheus-adapter-values.yaml")
 KUSTOMIZATIONS = {
     "k8s/base": ("EnvoyFilter", None),
     "k8s/overlays/wasmplugin": ("WasmPlugin", None),
@@ -1303,7 +1304,7 @@ def filter_stat_prefixes(exp):
     cat = metric_catalogue()["filters"]
     prefixes = set()
     for f in exp.names:
-        metrics = cat.get(f) or []
+        metrics = (cat.get(f) or {}).get("metrics") or []
         msg = f"metric catalogue: the {f} filter defines no metrics"
         if not metrics and msg not in exp.errors:
             exp.errors.append(msg)
@@ -1894,6 +1895,23 @@ def check_sidecar_autoscaling(dep, hpas, settings, given):
             any(p.get("type") != "Pods" or p.get("value", 0) > 1 for p in pols):
         errs.append("HorizontalPodAutoscaler: scaleDown must remove one pod at a time after a quiet "
                     "window of at least 300 s (a pod that goes closes its WebSockets; k8s/README.md)")
+    # the custom metric: served by the adapter's rule, from a gauge the sidecar defines
+    values = load_yaml(ADAPTER_VALUES) or {}
+    served = {((r.get("name") or {}).get("as")): r for r in (values.get("rules") or {}).get("custom") or []}
+    gauges = {m["name"] for m in metric_catalogue()["sidecar"] if m.get("type") == "gauge"}
+    for m in h.get("metrics") or []:
+        if m.get("type") != "Pods":
+            continue
+        name = ((m.get("pods") or {}).get("metric") or {}).get("name")
+        rule = served.get(name)
+        series = re.match(r"\s*([a-zA-Z_:][a-zA-Z0-9_:]*)", (rule or {}).get("seriesQuery", ""))
+        if rule is None:
+            errs.append(f"HorizontalPodAutoscaler: Pods metric {name} is not served by "
+                        f"{rel(ADAPTER_VALUES)} (rules.custom[].name.as)")
+        elif not series or series.group(1) not in gauges:
+            errs.append(f"{rel(ADAPTER_VALUES)}: the rule for {name} reads "
+                        f"{series.group(1) if series else '?'}, not a gauge the sidecar defines "
+                        "(the metric catalogue)")
     spread = int(given.get("--close-spread") or 0)
     drain = int(given.get("--drain-timeout") or 10)
     grace = dep["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)

@@ -50,6 +50,15 @@ scripts/package-oci.sh
 scripts/test-image.sh
 scripts/check-deploy.sh
 
+step "monitoring files"
+# k8s/monitoring against the Prometheus Operator's CRD schemas, the alerts
+# through promtool (check rules, and the unit tests of
+# k8s/monitoring/tests), every dashboard query through promtool, every
+# metric and label they name against the code's metric catalogue
+# (devstack's metric-catalog). Installs Debian's prometheus for promtool
+# when missing (its server stays stopped).
+scripts/check-monitoring.sh
+
 step "tests"
 # shellcheck disable=SC2086
 cargo test --workspace $excl --locked
