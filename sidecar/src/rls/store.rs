@@ -2,7 +2,7 @@
 //! one server, a master found through Sentinel, or a Cluster.
 //!
 //! Each bucket is one key (so in a Cluster one slot), updated by one Lua
-//! script (GCRA, atomic in Redis, one round trip). The script is sent by
+//! script ([`GCRA_BATCH`], atomic in Redis, one round trip). The script is sent by
 //! its SHA1 (`EVALSHA`) and loaded again when a server answers `NOSCRIPT`
 //! (a restarted or failed-over server).
 //!
@@ -29,44 +29,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, OwnedMutexGuard};
 
-/// GCRA over one key holding the theoretical arrival time (µs, Redis'
-/// own clock, so replicas need not agree on time). ARGV: the emission
-/// interval (µs), the burst (the limit), the hits (negative: given back).
-/// Returns {admitted, remaining, µs until the bucket is full again, µs
-/// until one more request is admitted}.
-const GCRA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local hits = tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local window = interval * burst
-local new_tat = tat + interval * hits
-if new_tat < now then new_tat = now end
-local ahead = new_tat - now
-if ahead <= window then
-  if hits ~= 0 then
-    if ahead > 0 then
-      redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(ahead / 1000) + 1)
-    else
-      redis.call('DEL', KEYS[1])
-    end
-  end
-  local wait = 0
-  if ahead + interval > window then wait = ahead + interval - window end
-  return {1, math.floor((window - ahead) / interval), ahead, wait}
-end
-local wait = ahead - window
-local full = tat - now
-return {0, math.floor((window - full) / interval), full, wait}
-"#;
-
-/// [`GCRA`] over several keys in one call: KEYS[i] with ARGV[3i-2..3i].
-/// Each key's answer is its own array: the four numbers, or `{message}`
-/// when that key failed (a key of another type, say), so one bad bucket
-/// does not fail the others. One `TIME` for all of them.
+/// GCRA over each key of the call, in order: a key holds its bucket's
+/// theoretical arrival time (µs, Redis' own clock, so replicas need not
+/// agree on time). KEYS[i] with ARGV[3i-2..3i]: the emission interval
+/// (µs), the burst (the limit), the hits (negative: given back). Each key's
+/// answer is its own array: {admitted, remaining, µs until the bucket is
+/// full again, µs until one more request is admitted}, or `{message}` when
+/// that key failed (a key of another type, say), so one bad bucket does
+/// not fail the others. One `TIME` for all of them. A Cluster's calls
+/// carry one key (one slot).
 const GCRA_BATCH: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -266,7 +237,8 @@ struct Shared {
     connector: Arc<Connector>,
     slots: Arc<Vec<Slot>>,
     timeout: Duration,
-    batch_script: Script,
+    /// [`GCRA_BATCH`].
+    script: Script,
 }
 
 /// One hit waiting for its connection's next script call.
@@ -289,7 +261,6 @@ pub struct Store {
     shared: Arc<Shared>,
     next: AtomicUsize,
     prefix: String,
-    script: Script,
     /// Per connection slot, the hits waiting for its next script call;
     /// empty for a Cluster, whose calls go one by one (the keys of one
     /// call must share a slot).
@@ -448,11 +419,10 @@ impl Store {
                 }),
                 slots: Arc::new((0..n).map(|_| Slot::default()).collect()),
                 timeout: s.timeout,
-                batch_script: Script::new(GCRA_BATCH),
+                script: Script::new(GCRA_BATCH),
             }),
             next: AtomicUsize::new(0),
             prefix: s.prefix.clone(),
-            script: Script::new(GCRA),
             lanes: if batched {
                 (0..n).map(|_| Arc::new(Lane::default())).collect()
             } else {
@@ -537,8 +507,10 @@ impl Store {
             i64::try_from((per_us / u64::from(requests.max(1))).max(1)).unwrap_or(i64::MAX);
         let args = [interval, i64::from(requests), hits];
         let [admitted, remaining, full, next] = if self.lanes.is_empty() {
-            let reply = self.run(&self.script, key, &args, budget).await?;
-            four(&reply)?
+            match self.run(&self.shared.script, key, &args, budget).await? {
+                redis::Value::Array(items) if items.len() == 1 => four(&items[0])?,
+                other => return Err(StoreError::Reply(format!("{other:?}"))),
+            }
         } else {
             self.queued(key, args, budget).await?
         };
@@ -851,7 +823,7 @@ impl Shared {
         let started = Instant::now();
         let conn = self.conn(i, self.timeout).await?;
         let budget = self.timeout.saturating_sub(started.elapsed());
-        let mut inv = self.batch_script.prepare_invoke();
+        let mut inv = self.script.prepare_invoke();
         for j in jobs {
             inv.key(j.key.as_str());
             for a in j.args {
