@@ -83,6 +83,7 @@ TARGET = os.environ.get("TARGET_DIR") or os.path.join(ROOT, "target")
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 sys.dont_write_bytecode = True  # no __pycache__ in scripts/
 import oci_layout  # noqa: E402
+from k8s_schema import strictify  # noqa: E402
 
 def _crds():
     """Istio's CRD schemas: $ISTIO_CRDS, else ../shared/schemas next to the
@@ -1658,35 +1659,6 @@ def check_core(o):
 # Istio kinds: the CRDs' openAPIV3Schema, strict, with their CEL rules
 
 
-def _strictify(s):
-    """An OpenAPI v3 structural schema as JSON Schema (draft 4) with
-    Kubernetes' semantics made explicit: fields the schema does not name are
-    errors (what `kubectl apply --validate=strict` reports; the API server
-    would otherwise prune them silently), except below
-    x-kubernetes-preserve-unknown-fields; `nullable` admits null."""
-    if not isinstance(s, dict):
-        return s
-    s = dict(s)
-    for key in ("properties", "patternProperties"):
-        if key in s:
-            s[key] = {k: _strictify(v) for k, v in s[key].items()}
-    for key in ("items", "additionalProperties", "not"):
-        if isinstance(s.get(key), dict):
-            s[key] = _strictify(s[key])
-    for key in ("allOf", "anyOf", "oneOf"):
-        if key in s:
-            s[key] = [_strictify(x) for x in s[key]]
-    if s.get("nullable"):
-        if "type" in s:
-            s["type"] = [s["type"], "null"]
-        if "enum" in s:
-            s["enum"] = list(s["enum"]) + [None]
-    if s.get("type") == "object" and not s.get("x-kubernetes-preserve-unknown-fields") \
-            and "additionalProperties" not in s:
-        s["additionalProperties"] = False
-    return s
-
-
 def _norm(rule):
     return " ".join(rule.split())
 
@@ -1813,7 +1785,7 @@ def crd_validators():
             for v in spec["versions"]:
                 if not v.get("served"):
                     continue
-                schema = _strictify(v["schema"]["openAPIV3Schema"])
+                schema = strictify(v["schema"]["openAPIV3Schema"])
                 schema.setdefault("properties", {})
                 schema["properties"].update({"apiVersion": {"type": "string"}, "kind": {"type": "string"},
                                              "metadata": {"type": "object"}})

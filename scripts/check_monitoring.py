@@ -42,6 +42,8 @@ import sys
 import jsonschema
 import yaml
 
+from k8s_schema import strictify
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MON = os.path.join(ROOT, "k8s", "monitoring")
 TARGET = os.environ.get("TARGET_DIR") or os.path.join(ROOT, "target")
@@ -166,31 +168,6 @@ def compare_kubectl(objs):
 
 
 # ---------------------------------------------------------------- schemas
-
-def strictify(s):
-    """OpenAPI v3 structural schema as strict JSON Schema (see
-    check_deploy.py's _strictify): unknown fields are errors except under
-    x-kubernetes-preserve-unknown-fields; `nullable` admits null."""
-    if not isinstance(s, dict):
-        return s
-    s = dict(s)
-    for key in ("properties", "patternProperties"):
-        if key in s:
-            s[key] = {k: strictify(v) for k, v in s[key].items()}
-    for key in ("items", "additionalProperties", "not"):
-        if isinstance(s.get(key), dict):
-            s[key] = strictify(s[key])
-    for key in ("allOf", "anyOf", "oneOf"):
-        if key in s:
-            s[key] = [strictify(x) for x in s[key]]
-    if s.get("nullable"):
-        if "type" in s:
-            s["type"] = [s["type"], "null"]
-    if s.get("type") == "object" and not s.get("x-kubernetes-preserve-unknown-fields") \
-            and "additionalProperties" not in s and "properties" in s:
-        s["additionalProperties"] = False
-    return s
-
 
 def crd_validators(path):
     out = {}
